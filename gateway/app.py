@@ -1,0 +1,234 @@
+"""The gateway's aiohttp application: `POST /v1/requests` records and enqueues,
+`GET`/`DELETE /v1/requests/{id}` read and cancel, plus health, readiness,
+metrics and the OpenAPI document.
+
+A request is answered 202 only once Redis holds its record and the broker has
+acknowledged its message; if either fails the client gets a 503 and nothing
+is left half-written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from datetime import datetime, timezone
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from gateway.errors import HTTP_ERROR_TYPES, ApiError, error_response
+from gateway.metrics import GatewayMetrics
+from gateway.openapi import openapi_document
+from shared.kafka import JSON_HEADERS, ensure_topics, make_producer, start_with_retry
+from shared.keys import Keys
+from shared.schema import REQUEST_ID_PATTERN, RequestMessage, Status, SubmitRequest
+from shared.settings import Settings
+from shared.store import CompletionWaiter, RequestStore, base_fields, connect_redis
+
+log = structlog.get_logger(__name__)
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+
+
+def _redis_down(exc: Exception) -> ApiError:
+    log.warning("redis_unavailable", error=str(exc))
+    return ApiError(503, "redis_unavailable", "the result store is unreachable; try again shortly",
+                    headers={"Retry-After": "1"})
+
+
+class Gateway:
+    """Owns the gateway's clients and handlers; `app` is what aiohttp serves."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = GatewayMetrics()
+        self.producer = None
+        self.redis = None
+        self.store: RequestStore | None = None
+        self.waiter: CompletionWaiter | None = None
+        self.app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[self._errors_and_metrics])
+        self.app.add_routes([
+            web.post("/v1/requests", self.submit),
+            web.get("/v1/requests/{id}", self.get_request),
+            web.delete("/v1/requests/{id}", self.cancel),
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.get("/metrics", self.metrics_endpoint),
+            web.get("/openapi.json", self.openapi),
+        ])
+        self.app.on_startup.append(self._start)
+        self.app.on_cleanup.append(self._close)
+
+    async def _start(self, _app: web.Application) -> None:
+        s = self.settings
+        self.redis = connect_redis(s.redis_url)
+        self.store = RequestStore(self.redis, Keys(s.redis_prefix), s.result_ttl_seconds)
+        self.waiter = CompletionWaiter(self.store)
+        self.waiter.start()
+        self.producer = make_producer(s)
+        await start_with_retry(self.producer, "producer")
+        await ensure_topics(s)
+        log.info("gateway_started", topic=s.request_topic, port=s.http_port)
+
+    async def _close(self, _app: web.Application) -> None:
+        if self.waiter is not None:
+            await self.waiter.close()
+        if self.producer is not None:
+            await self.producer.stop()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    @web.middleware
+    async def _errors_and_metrics(self, request: web.Request, handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = exc.response()
+        except web.HTTPException as exc:
+            type_ = HTTP_ERROR_TYPES.get(exc.status, "http_error")
+            response = error_response(exc.status, type_, exc.reason)
+        except Exception:
+            log.exception("unhandled_error", path=request.path)
+            response = error_response(500, "internal_error", "internal error")
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "unmatched"
+        self.metrics.http_requests.labels(endpoint, request.method, str(response.status)).inc()
+        self.metrics.http_duration.labels(endpoint, request.method).observe(time.perf_counter() - started)
+        return response
+
+    # ---- /v1/requests ----------------------------------------------------------
+
+    async def submit(self, request: web.Request) -> web.Response:
+        # 1) validate: content type, size, JSON, schema, configured limits
+        if request.content_type != "application/json":
+            raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+        spec = self._validate(await request.read())
+
+        # 2) record it, then enqueue it; undo the record if the broker won't take it
+        request_id = uuid.uuid4().hex
+        submitted_at = time.time()
+        try:
+            await self.store.create(base_fields(request_id, spec, submitted_at, "http"))
+        except (RedisError, OSError) as exc:
+            raise _redis_down(exc) from exc
+        # Already validated: construct without validating a second time on the hot path.
+        message = RequestMessage.model_construct(
+            v=1, id=request_id, submitted_at=datetime.fromtimestamp(submitted_at, timezone.utc), **dict(spec)
+        )
+        try:
+            await asyncio.wait_for(
+                self.producer.send_and_wait(self.settings.request_topic, message.to_bytes(),
+                                            key=request_id.encode(), headers=JSON_HEADERS),
+                self.settings.produce_timeout_seconds,
+            )
+        except Exception as exc:
+            log.warning("broker_unavailable", request_id=request_id, error=repr(exc))
+            try:
+                await self.store.delete(request_id)
+            except (RedisError, OSError):
+                log.warning("record_cleanup_failed", request_id=request_id)
+            raise ApiError(503, "broker_unavailable", "the queue is unreachable; the request was not accepted",
+                           headers={"Retry-After": "1"}) from exc
+        self.metrics.enqueued.inc()
+
+        # 3) answer
+        status_url = f"/v1/requests/{request_id}"
+        body = {"id": request_id, "status": Status.queued.value, "status_url": status_url}
+        return web.json_response(body, status=202, headers={"Location": status_url})
+
+    def _validate(self, body: bytes) -> SubmitRequest:
+        try:
+            spec = SubmitRequest.model_validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            if first["type"] == "json_invalid":
+                raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+            field = ".".join(str(p) for p in first["loc"]) or None
+            raise ApiError(422, "invalid_request", f"{field or 'body'}: {first['msg']}", field) from None
+        if spec.prompt_chars() > self.settings.max_prompt_chars:
+            field = "input.prompt" if hasattr(spec.input, "prompt") else "input.messages"
+            raise ApiError(413, "prompt_too_large",
+                           f"the prompt is over the limit of {self.settings.max_prompt_chars} characters", field)
+        if spec.params.max_tokens > self.settings.max_tokens_limit:
+            raise ApiError(422, "invalid_request",
+                           f"params.max_tokens: must be at most {self.settings.max_tokens_limit}", "params.max_tokens")
+        return spec
+
+    @staticmethod
+    def _request_id(request: web.Request) -> str:
+        request_id = request.match_info["id"]
+        if not _REQUEST_ID.match(request_id):
+            raise ApiError(404, "not_found", "no such request")
+        return request_id
+
+    async def get_request(self, request: web.Request) -> web.Response:
+        request_id = self._request_id(request)
+        wait = self._wait_seconds(request)
+        try:
+            if wait > 0:
+                view = await self.waiter.wait(request_id, wait)
+            else:
+                view = await self.store.get(request_id)
+        except (RedisError, OSError) as exc:
+            raise _redis_down(exc) from exc
+        if view is None:
+            raise ApiError(404, "not_found", "no such request")
+        return web.json_response(text=view.model_dump_json())
+
+    def _wait_seconds(self, request: web.Request) -> float:
+        raw = request.query.get("wait")
+        if raw is None:
+            return 0.0
+        try:
+            wait = float(raw)
+        except ValueError:
+            wait = -1.0
+        if not 0 <= wait < float("inf"):
+            raise ApiError(422, "invalid_request", "wait: must be a non-negative number of seconds", "wait")
+        return min(wait, self.settings.max_wait_seconds)
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        request_id = self._request_id(request)
+        try:
+            outcome = await self.store.cancel(request_id)
+            view = await self.store.get(request_id) if outcome is not None else None
+        except (RedisError, OSError) as exc:
+            raise _redis_down(exc) from exc
+        if view is None:
+            raise ApiError(404, "not_found", "no such request")
+        if view.status is not Status.cancelled:
+            raise ApiError(409, "already_finished", f"the request already ended {view.status.value}")
+        log.info("request_cancelled", request_id=request_id)
+        return web.json_response(text=view.model_dump_json())
+
+    # ---- operations ------------------------------------------------------------
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        checks = {"redis": "ok", "kafka": "ok"}
+        try:
+            await asyncio.wait_for(self.redis.ping(), 2)
+        except Exception as exc:
+            checks["redis"] = f"unreachable: {type(exc).__name__}"
+        try:
+            if not await asyncio.wait_for(self.producer.client.force_metadata_update(), 2):
+                checks["kafka"] = "unreachable"
+        except Exception as exc:
+            checks["kafka"] = f"unreachable: {type(exc).__name__}"
+        ready = all(v == "ok" for v in checks.values())
+        return web.json_response({"status": "ready" if ready else "unavailable", "checks": checks},
+                                 status=200 if ready else 503)
+
+    async def metrics_endpoint(self, _request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(self, _request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(openapi_document()), content_type="application/json")

@@ -1,0 +1,34 @@
+"""`gateway`: serve the llmq HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+
+from aiohttp import web
+
+from gateway.app import Gateway
+from shared.logs import configure_logging
+from shared.settings import Settings
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    parser.add_argument("--host", dest="http_host", help="LLMQ_HTTP_HOST")
+    parser.add_argument("--port", dest="http_port", type=int, help="LLMQ_HTTP_PORT")
+    parser.add_argument("--kafka-bootstrap", help="LLMQ_KAFKA_BOOTSTRAP")
+    parser.add_argument("--redis-url", help="LLMQ_REDIS_URL")
+    parser.add_argument("--request-topic", help="LLMQ_REQUEST_TOPIC")
+    args = parser.parse_args(argv)
+    return Settings(**{k: v for k, v in vars(args).items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    configure_logging(settings.log_level, settings.log_format)
+    gateway = Gateway(settings)
+    web.run_app(gateway.app, host=settings.http_host, port=settings.http_port, print=None,
+                access_log=None, shutdown_timeout=10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Prometheus metrics of the gateway, in a registry of its own (one per app,
+so tests can run several gateways in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "llmq_gateway_http_requests_total", "HTTP requests answered, by endpoint, method and status code.",
+            ["endpoint", "method", "code"], registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "llmq_gateway_http_request_duration_seconds", "Time to answer an HTTP request.",
+            ["endpoint", "method"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.enqueued = Counter(
+            "llmq_gateway_requests_enqueued_total", "Generation requests acknowledged by the broker.",
+            registry=self.registry,
+        )

@@ -1,0 +1,96 @@
+"""The OpenAPI 3.1 document of the HTTP API, built from the same pydantic
+models that validate requests, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from pydantic.json_schema import models_json_schema
+
+from shared.schema import Accepted, ErrorBody, RequestView, SubmitRequest
+
+_REF = "#/components/schemas/{model}"
+
+
+def _error(description: str) -> dict:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": _REF.format(model="ErrorBody")}}}}
+
+
+def _json(description: str, model: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": _REF.format(model=model)}}}}
+
+
+_ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 128},
+             "description": "The request id from `POST /v1/requests`, or a Kafka producer's own id."}
+
+
+@cache
+def openapi_document() -> dict:
+    _, top = models_json_schema(
+        [(SubmitRequest, "validation"), (Accepted, "serialization"), (RequestView, "serialization"),
+         (ErrorBody, "serialization")],
+        ref_template=_REF,
+    )
+    unavailable = _error("Redis or the broker is unreachable; nothing was recorded.")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "llmq", "version": "1.0.0",
+                 "description": "Queue-backed LLM serving: submit a generation request, then poll, wait or cancel."},
+        "paths": {
+            "/v1/requests": {
+                "post": {
+                    "summary": "Submit a generation request",
+                    "operationId": "submitRequest",
+                    "requestBody": {"required": True,
+                                    "content": {"application/json": {"schema": {"$ref": _REF.format(model="SubmitRequest")}}}},
+                    "responses": {
+                        "202": {**_json("Accepted: the broker has the request.", "Accepted"),
+                                "headers": {"Location": {"schema": {"type": "string"}}}},
+                        "400": _error("The body is not JSON."),
+                        "413": _error("The body or the prompt is too large."),
+                        "415": _error("Content-Type is not application/json."),
+                        "422": _error("A field is missing, of the wrong type, unknown or out of range."),
+                        "503": unavailable,
+                    },
+                }
+            },
+            "/v1/requests/{id}": {
+                "get": {
+                    "summary": "Read a request's status and result",
+                    "operationId": "getRequest",
+                    "parameters": [_ID_PARAM, {
+                        "name": "wait", "in": "query", "required": False,
+                        "schema": {"type": "number", "minimum": 0},
+                        "description": "Hold the answer up to this many seconds (capped) until the request is finished.",
+                    }],
+                    "responses": {
+                        "200": _json("The request as it is now.", "RequestView"),
+                        "404": _error("No such request (or it expired)."),
+                        "422": _error("`wait` is not a non-negative number."),
+                        "503": unavailable,
+                    },
+                },
+                "delete": {
+                    "summary": "Cancel a request",
+                    "operationId": "cancelRequest",
+                    "parameters": [_ID_PARAM],
+                    "responses": {
+                        "200": _json("Cancelled (or already cancelled).", "RequestView"),
+                        "404": _error("No such request."),
+                        "409": _error("The request already finished."),
+                        "503": unavailable,
+                    },
+                },
+            },
+            "/healthz": {"get": {"summary": "The process is alive", "operationId": "healthz",
+                                 "responses": {"200": {"description": "Alive."}}}},
+            "/readyz": {"get": {"summary": "Redis and the broker are reachable", "operationId": "readyz",
+                                "responses": {"200": {"description": "Ready."},
+                                              "503": {"description": "A dependency is down."}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics",
+                                 "responses": {"200": {"description": "Prometheus text format.",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        },
+        "components": {"schemas": top["$defs"]},
+    }

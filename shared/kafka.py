@@ -1,0 +1,80 @@
+"""Kafka clients as llmq configures them, and the request topics' set-up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+
+from shared.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+JSON_HEADERS = [("content-type", b"application/json")]
+
+
+def make_producer(settings: Settings, **overrides) -> AIOKafkaProducer:
+    # acks="all" and no idempotence: the dev broker rejects InitProducerId
+    # (DESIGN.md), and workers dedupe by id anyway.
+    options = dict(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        linger_ms=settings.producer_linger_ms,
+        enable_idempotence=False,
+        request_timeout_ms=int(settings.produce_timeout_seconds * 1000),
+        retry_backoff_ms=100,
+    )
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def make_consumer(settings: Settings, **overrides) -> AIOKafkaConsumer:
+    options = dict(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=settings.consumer_group,
+        enable_auto_commit=False,  # offsets are committed only for finished work
+        auto_offset_reset="earliest",
+        max_poll_records=settings.fetch_max_records,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=max(settings.session_timeout_ms // 4, 250),
+    )
+    options.update(overrides)
+    return AIOKafkaConsumer(**options)
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Create the request and dead-letter topics if they don't exist yet.
+
+    Auto-creation on first produce would give the broker's default partition
+    count, which caps how many workers can share the load.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        topics = [
+            NewTopic(settings.request_topic, settings.request_partitions, 1),
+            NewTopic(settings.dlq_topic, 1, 1),
+        ]
+        try:
+            await admin.create_topics(topics)
+        except TopicAlreadyExistsError:
+            pass
+    finally:
+        await admin.close()
+
+
+async def start_with_retry(client, what: str, attempts: int = 30, delay: float = 1.0) -> None:
+    """Start a Kafka client, retrying while the broker is still coming up."""
+    for attempt in range(1, attempts + 1):
+        try:
+            await client.start()
+            return
+        except KafkaConnectionError as exc:
+            if attempt == attempts:
+                raise
+            log.warning("kafka_unreachable", client=what, attempt=attempt, error=str(exc))
+            await asyncio.sleep(delay)

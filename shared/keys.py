@@ -1,0 +1,23 @@
+"""Every Redis key and channel llmq uses, in one place.
+
+A request record is one hash `{prefix}:req:{id}`, expiring `result_ttl_seconds`
+(Settings, default 24 h) after its last change. Finished requests are
+announced on the channel `{prefix}:done` (message: the id) so long-polls wake
+without busy polling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "llmq"
+
+    def request(self, request_id: str) -> str:
+        return f"{self.prefix}:req:{request_id}"
+
+    @property
+    def done_channel(self) -> str:
+        return f"{self.prefix}:done"

@@ -1,0 +1,201 @@
+"""The wire contracts: what clients send over HTTP, the versioned Kafka request
+message, and the request record a client reads back.
+
+Every model here is pydantic; the Kafka message's JSON Schema is published at
+shared/schemas/request-v1.schema.json (regenerate: `make schema`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+RequestId = Annotated[str, StringConstraints(pattern=REQUEST_ID_PATTERN)]
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).parent / "schemas" / f"request-v{SCHEMA_VERSION}.schema.json"
+
+# Bounds that hold for every deployment; configurable limits (prompt size,
+# max_tokens) are checked against Settings by the gateway.
+MAX_STOP_SEQUENCES = 8
+MAX_METADATA_ITEMS = 16
+
+
+class Status(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    expired = "expired"
+
+    @property
+    def is_final(self) -> bool:
+        return self not in (Status.queued, Status.running)
+
+
+FINAL_STATUSES = frozenset(s.value for s in Status if s.is_final)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class PromptInput(_Strict):
+    prompt: str
+
+
+class ChatInput(_Strict):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class Params(_Strict):
+    max_tokens: int = Field(default=256, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(default=1.0, ge=0.0, le=5.0, description="0 means greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, description="0 disables top-k filtering.")
+    stop: list[Annotated[str, StringConstraints(min_length=1)]] = Field(
+        default_factory=list, max_length=MAX_STOP_SEQUENCES, description="Generation ends before any of these strings."
+    )
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Makes sampling repeatable.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stop_may_be_one_string(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("stop"), str):
+            data = {**data, "stop": [data["stop"]]}
+        return data
+
+
+class RequestSpec(_Strict):
+    """What to generate: shared by the HTTP body and the Kafka message."""
+
+    model: str | None = Field(default=None, max_length=256, description="Omitted: the worker's default model.")
+    adapter: str | None = Field(default=None, max_length=256, description="LoRA adapter name.")
+    input: PromptInput | ChatInput
+    params: Params = Field(default_factory=Params)
+    priority: int | None = Field(default=None, ge=-1000, le=1000, description="Lower runs first where supported.")
+    deadline: datetime | None = Field(default=None, description="RFC 3339; not started by then means `expired`.")
+    metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]] = Field(
+        default_factory=dict, max_length=MAX_METADATA_ITEMS
+    )
+
+    def prompt_chars(self) -> int:
+        if isinstance(self.input, PromptInput):
+            return len(self.input.prompt)
+        return sum(len(m.content) for m in self.input.messages)
+
+
+class SubmitRequest(RequestSpec):
+    """Body of `POST /v1/requests`."""
+
+
+class RequestMessage(RequestSpec):
+    """Kafka request message, version 1. Key: the id. Headers: traceparent, content-type."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="llmq request message v1")
+
+    v: Literal[1] = Field(description="Schema version.")
+    id: RequestId = Field(description="Chosen by the producer; the record and result live under it.")
+    reply_topic: str | None = Field(default=None, max_length=249, description="If set, the result is also produced here.")
+    submitted_at: datetime | None = None
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class MessageError(ValueError):
+    """A request message that cannot be served: bad bytes, JSON or schema."""
+
+
+def parse_message(value: bytes | None) -> RequestMessage:
+    if value is None:
+        raise MessageError("empty message")
+    try:
+        return RequestMessage.model_validate_json(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise MessageError(f"{where}: {first['msg']}") from exc
+
+
+def message_json_schema() -> dict:
+    schema = RequestMessage.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://llmq.dev/schemas/request-v{SCHEMA_VERSION}.schema.json"
+    return schema
+
+
+def write_message_schema(path: Path = SCHEMA_PATH) -> None:
+    path.write_text(json.dumps(message_json_schema(), indent=2, sort_keys=True) + "\n")
+
+
+# ---- what clients read back ------------------------------------------------
+
+
+class Output(BaseModel):
+    text: str
+    finish_reason: Literal["stop", "length", "error", "cancelled"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(BaseModel):
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    queue_seconds: float | None = Field(default=None, description="Submit to start of work.")
+    run_seconds: float | None = Field(default=None, description="Start of work to finish.")
+    total_seconds: float | None = Field(default=None, description="Submit to finish.")
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    field: str | None = None
+
+
+class RequestView(BaseModel):
+    """A request as `GET /v1/requests/{id}` shows it."""
+
+    id: str
+    status: Status
+    model: str | None = None
+    adapter: str | None = None
+    output: Output | None = None
+    usage: Usage | None = None
+    timings: Timings
+    error: ErrorDetail | None = None
+    attempts: int = 0
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class Accepted(BaseModel):
+    """Answer to `POST /v1/requests`."""
+
+    id: str
+    status: Status
+    status_url: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+if __name__ == "__main__":
+    write_message_schema()
+    print(SCHEMA_PATH)

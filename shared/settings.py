@@ -1,0 +1,90 @@
+"""Every llmq setting, declared once, typed, with its default.
+
+Read from `LLMQ_*` environment variables (pydantic-settings); command-line
+flags of each process override them by passing keyword arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLMQ_", extra="ignore")
+
+    # --- services -----------------------------------------------------------
+    # Kafka bootstrap servers, comma-separated host:port.
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    # Redis URL for request records and completion notifications.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Topic the gateway produces to and workers consume from.
+    request_topic: str = "llmq.requests"
+    # Where unparseable or schema-invalid request messages go, with the reason.
+    dlq_topic: str = "llmq.requests.dlq"
+    # Partitions of the request topic when llmq creates it (caps useful workers).
+    request_partitions: int = Field(default=8, ge=1)
+    # Kafka consumer group shared by all workers.
+    consumer_group: str = "llmq-workers"
+    # Prefix of every Redis key llmq writes (see shared/keys.py).
+    redis_prefix: str = "llmq"
+
+    # --- gateway ------------------------------------------------------------
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    # Largest accepted HTTP request body, bytes (413 above it).
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # Longest accepted prompt (or sum of chat message contents), characters (413 above it).
+    max_prompt_chars: int = Field(default=32_768, ge=1)
+    # Largest accepted params.max_tokens (422 above it).
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    # Cap on GET ?wait= seconds.
+    max_wait_seconds: float = Field(default=60.0, ge=0)
+    # How long the gateway waits for the broker to acknowledge a produce before answering 503.
+    produce_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Producer batching delay; small, since a request is answered only after its ack.
+    producer_linger_ms: int = Field(default=1, ge=0)
+
+    # --- records ------------------------------------------------------------
+    # How long a request record (and its result) stays readable in Redis.
+    result_ttl_seconds: int = Field(default=86_400, ge=1)
+
+    # --- worker -------------------------------------------------------------
+    # Engine the worker runs: a PyTorch/transformers model, vLLM, or echo (no model).
+    engine: Literal["torch", "vllm", "echo"] = "torch"
+    # Local path or hub name of the model the worker serves.
+    model: str = ".llmq/models/tiny-llama"
+    # Name clients use in `model`; defaults to the last part of `model`.
+    model_name: str | None = None
+    # torch engine: "auto" picks cuda when available, else cpu.
+    device: str = "auto"
+    # torch engine dtype: "auto" is bfloat16 on cuda, float32 on cpu.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Micro-batching: run up to this many requests together ...
+    batch_max_size: int = Field(default=32, ge=1)
+    # ... gathering for at most this long after the first one arrives.
+    batch_max_wait_ms: int = Field(default=5, ge=0)
+    # Most messages taken from Kafka per fetch.
+    fetch_max_records: int = Field(default=256, ge=1)
+    # How long a fetch waits on the broker for new records.
+    fetch_max_wait_ms: int = Field(default=50, ge=1)
+    # Kafka group session timeout: how soon a dead worker's partitions move on.
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    # echo engine: simulated time per output token (benchmarks, scaler tests).
+    echo_token_delay_ms: float = Field(default=0.0, ge=0)
+
+    # --- logs ---------------------------------------------------------------
+    log_level: str = "info"
+    # "auto" writes readable lines on a terminal and JSON lines otherwise.
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.engine == "echo":
+            return "echo"
+        return Path(self.model.rstrip("/")).name or self.model

@@ -1,0 +1,320 @@
+"""The request record in Redis: create, claim, finish, cancel, read, wait.
+
+Status only moves forward (queued → running → final). Each transition is one
+Lua script, so two workers or a worker and a cancelling client can't both win.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import redis.asyncio as aioredis
+import structlog
+
+from shared.keys import Keys
+from shared.schema import (
+    ErrorDetail,
+    Output,
+    RequestSpec,
+    RequestView,
+    Status,
+    Timings,
+    Usage,
+)
+
+log = structlog.get_logger(__name__)
+
+# Writes `fields` (a flat JSON array k1, v1, k2, v2 ...) as an HSET.
+_LUA_HSET_JSON = """
+local function hset_json(key, encoded)
+  local flat = cjson.decode(encoded)
+  if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
+end
+"""
+
+# KEYS: record. ARGV: now, worker, ttl, fields to create a missing record with.
+# Returns {verdict, attempts}: verdict 'run', or the final status to skip.
+_CLAIM = _LUA_HSET_JSON + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  hset_json(KEYS[1], ARGV[4])
+  status = 'queued'
+end
+if status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
+  local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return {'run', attempts}
+end
+return {status, 0}
+"""
+
+# KEYS: record, done channel. ARGV: ttl, result fields, fields to create a
+# missing record with, id. Returns 1 if written, 0 if the record was final.
+_FINISH = _LUA_HSET_JSON + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= 'queued' and status ~= 'running' then return 0 end
+if not status then hset_json(KEYS[1], ARGV[3]) end
+hset_json(KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('PUBLISH', KEYS[2], ARGV[4])
+return 1
+"""
+
+# KEYS: record, done channel. ARGV: now, ttl, id.
+# Returns 'cancelled' if this call cancelled it, the status if it was final, nil if unknown.
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'finish_reason', 'cancelled')
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('PUBLISH', KEYS[2], ARGV[3])
+  return 'cancelled'
+end
+return status
+"""
+
+
+def connect_redis(url: str, max_connections: int = 64) -> aioredis.Redis:
+    # A blocking pool: a burst of requests queues for a connection instead of
+    # failing with "Too many connections". Short timeouts: a dead Redis must
+    # turn into a quick 503, not a hung request.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=5,
+        decode_responses=True,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=15,
+    )
+    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+
+
+def _encode(fields: Mapping[str, object]) -> dict[str, str]:
+    """Hash fields as Redis stores them: None left out, dicts as JSON, the rest as str."""
+    return {
+        key: json.dumps(value) if isinstance(value, dict) else str(value)
+        for key, value in fields.items()
+        if value is not None
+    }
+
+
+def _flat(fields: Mapping[str, object]) -> str:
+    """Fields as the flat JSON array [k1, v1, k2, v2, ...] the Lua scripts take."""
+    return json.dumps([part for pair in _encode(fields).items() for part in pair])
+
+
+def base_fields(request_id: str, spec: RequestSpec, submitted_at: float, source: str) -> dict[str, object]:
+    """What a new record holds before any worker touches it."""
+    return {
+        "id": request_id,
+        "status": Status.queued.value,
+        "model": spec.model,
+        "adapter": spec.adapter,
+        "submitted_at": submitted_at,
+        "metadata": spec.metadata or None,
+        "source": source,
+        "attempts": 0,
+    }
+
+
+@dataclass
+class Outcome:
+    """How one request ended, as a worker reports it."""
+
+    request_id: str
+    status: Status
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error_type: str | None = None
+    error_message: str | None = None
+    finished_at: float = field(default_factory=time.time)
+
+    def fields(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "status": self.status.value,
+            "finished_at": self.finished_at,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "error_type": self.error_type,
+            "error_message": self.error_message,
+        }
+        if self.status is Status.succeeded:
+            out["prompt_tokens"] = self.prompt_tokens
+            out["completion_tokens"] = self.completion_tokens
+        return out
+
+
+class RequestStore:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, ttl_seconds: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_seconds = ttl_seconds
+        self._claim = redis.register_script(_CLAIM)
+        self._finish = redis.register_script(_FINISH)
+        self._cancel = redis.register_script(_CANCEL)
+
+    async def create(self, fields: Mapping[str, object]) -> None:
+        key = self.keys.request(str(fields["id"]))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=_encode(fields))
+            pipe.expire(key, self.ttl_seconds)
+            await pipe.execute()
+
+    async def delete(self, request_id: str) -> None:
+        await self.redis.delete(self.keys.request(request_id))
+
+    async def claim_many(
+        self, claims: Iterable[tuple[str, Mapping[str, object]]], worker: str
+    ) -> list[tuple[str, int]]:
+        """Mark each (id, create-fields) running. Returns (verdict, attempts) per id, in order."""
+        now = str(time.time())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id, create in claims:
+                await self._claim(
+                    keys=[self.keys.request(request_id)],
+                    args=[now, worker, self.ttl_seconds, _flat(create)],
+                    client=pipe,
+                )
+            return [(verdict, int(attempts)) for verdict, attempts in await pipe.execute()]
+
+    async def finish_many(self, outcomes: Iterable[tuple[Outcome, Mapping[str, object]]]) -> list[bool]:
+        """Write each outcome unless its record is already final. True where written."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for outcome, create in outcomes:
+                await self._finish(
+                    keys=[self.keys.request(outcome.request_id), self.keys.done_channel],
+                    args=[self.ttl_seconds, _flat(outcome.fields()), _flat(create), outcome.request_id],
+                    client=pipe,
+                )
+            return [bool(written) for written in await pipe.execute()]
+
+    async def cancel(self, request_id: str) -> str | None:
+        keys = [self.keys.request(request_id), self.keys.done_channel]
+        return await self._cancel(keys=keys, args=[time.time(), self.ttl_seconds, request_id])
+
+    async def get(self, request_id: str) -> RequestView | None:
+        record = await self.redis.hgetall(self.keys.request(request_id))
+        return view_of(record) if record else None
+
+
+def _ts(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+def _dt(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, tz=timezone.utc) if value is not None else None
+
+
+def _seconds(start: float | None, end: float | None) -> float | None:
+    return round(end - start, 6) if start is not None and end is not None else None
+
+
+def view_of(record: Mapping[str, str]) -> RequestView:
+    status = Status(record["status"])
+    submitted, started, finished = (_ts(record.get(k)) for k in ("submitted_at", "started_at", "finished_at"))
+    output = usage = error = None
+    if status is Status.succeeded:
+        output = Output(text=record.get("text", ""), finish_reason=record.get("finish_reason"))
+        prompt, completion = int(record.get("prompt_tokens", 0)), int(record.get("completion_tokens", 0))
+        usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    if record.get("error_type"):
+        error = ErrorDetail(type=record["error_type"], message=record.get("error_message", ""))
+    return RequestView(
+        id=record["id"],
+        status=status,
+        model=record.get("model"),
+        adapter=record.get("adapter"),
+        output=output,
+        usage=usage,
+        error=error,
+        attempts=int(record.get("attempts", 0)),
+        metadata=json.loads(record["metadata"]) if record.get("metadata") else {},
+        timings=Timings(
+            submitted_at=_dt(submitted),
+            started_at=_dt(started),
+            finished_at=_dt(finished),
+            queue_seconds=_seconds(submitted, started),
+            run_seconds=_seconds(started, finished),
+            total_seconds=_seconds(submitted, finished),
+        ),
+    )
+
+
+class CompletionWaiter:
+    """Wakes long-polls when a request finishes, from one pub/sub subscription.
+
+    One subscription per process rather than one per waiting client: a
+    thousand open `?wait=` requests cost one Redis connection.
+    """
+
+    def __init__(self, store: RequestStore) -> None:
+        self.store = store
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="completion-waiter")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async with self.store.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self.store.keys.done_channel)
+                    backoff = 0.1
+                    async for message in pubsub.listen():
+                        for fut in self._waiters.get(message["data"], ()):
+                            if not fut.done():
+                                fut.set_result(None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis gone: wake everyone so they re-read, then resubscribe.
+                log.warning("completion_listener_lost", error=str(exc), retry_in=backoff)
+                for futs in self._waiters.values():
+                    for fut in futs:
+                        if not fut.done():
+                            fut.set_result(None)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def wait(self, request_id: str, timeout: float) -> RequestView | None:
+        """The record once final, or as it is when `timeout` runs out."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(request_id, set()).add(fut)
+            try:
+                # Read after registering, so a finish between the two is not missed.
+                view = await self.store.get(request_id)
+                remaining = deadline - asyncio.get_running_loop().time()
+                if view is None or view.status.is_final or remaining <= 0:
+                    return view
+                try:
+                    await asyncio.wait_for(fut, remaining)
+                except TimeoutError:
+                    pass
+            finally:
+                futs = self._waiters.get(request_id)
+                if futs is not None:
+                    futs.discard(fut)
+                    if not futs:
+                        del self._waiters[request_id]

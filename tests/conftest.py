@@ -1,0 +1,88 @@
+"""Fixtures that start the real services: the Tansu Kafka-protocol broker and
+redis-server, each on a free port with a temporary directory, once per test
+session. Each test gets its own topic, consumer group and Redis key prefix,
+so tests never see each other's requests."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
+
+from gateway.app import Gateway
+from shared.devstack import Service, free_port, start_broker, start_redis
+from shared.settings import Settings
+from workers.worker import Worker
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory) -> Service:
+    service = start_broker(free_port(), tmp_path_factory.mktemp("broker") / "broker.log")
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Service:
+    service = start_redis(free_port(), tmp_path_factory.mktemp("redis"))
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def settings(broker: Service, redis_server: Service) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    return Settings(
+        kafka_bootstrap=broker.url,
+        redis_url=redis_server.url,
+        request_topic=f"llmq.requests.{tag}",
+        dlq_topic=f"llmq.requests.{tag}.dlq",
+        consumer_group=f"llmq-workers-{tag}",
+        redis_prefix=f"llmq-{tag}",
+        request_partitions=4,
+        engine="echo",
+        session_timeout_ms=6000,
+        log_format="console",
+    )
+
+
+@pytest.fixture
+async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    """A real gateway on a loopback port; `gateway.url` is its base URL."""
+    gw = Gateway(settings)
+    server = TestServer(gw.app, host="127.0.0.1")
+    await server.start_server()
+    gw.url = str(server.make_url("")).rstrip("/")
+    yield gw
+    await server.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[ClientSession]:
+    async with ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def start_worker(settings: Settings) -> AsyncIterator[Callable[..., Worker]]:
+    """Starts in-process workers (each its own consumer); all are stopped after the test."""
+    running: list[tuple[Worker, asyncio.Task]] = []
+
+    async def start(name: str | None = None, **overrides) -> Worker:
+        worker = Worker(settings.model_copy(update=overrides), name=name)
+        task = asyncio.create_task(worker.run())
+        running.append((worker, task))
+        while worker._consumer is None or not worker._consumer.assignment():
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.05)
+        return worker
+
+    yield start
+    for worker, _ in running:
+        worker.stop()
+    await asyncio.gather(*(task for _, task in running), return_exceptions=True)

@@ -1,0 +1,2 @@
+"""llmq workers: consume request messages from Kafka, run them on an engine,
+write results to Redis."""

@@ -1,0 +1,23 @@
+"""Engines behind one interface (workers/engines/base.py), chosen by LLMQ_ENGINE."""
+
+from __future__ import annotations
+
+from shared.settings import Settings
+from workers.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
+
+__all__ = ["Engine", "EngineError", "GenerationRequest", "GenerationResult", "load_engine"]
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Build the configured engine; heavy imports happen only for the one chosen."""
+    if settings.engine == "echo":
+        from workers.engines.echo import EchoEngine
+
+        return EchoEngine(settings)
+    if settings.engine == "torch":
+        from workers.engines.torch_engine import TorchEngine
+
+        return TorchEngine(settings)
+    if settings.engine == "vllm":
+        raise EngineError("the vllm engine is not available in this build; use LLMQ_ENGINE=torch or echo")
+    raise EngineError(f"unknown engine {settings.engine!r}")

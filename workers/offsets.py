@@ -1,0 +1,52 @@
+"""Which offsets a worker may commit.
+
+Requests finish out of order (a short one overtakes a long one in the same
+batch, or a later issue's continuous batch), so a partition is committed only
+up to its lowest unfinished offset: a worker that dies loses nothing, at the
+price of redelivering some finished requests, which the Redis record then
+skips as final.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from aiokafka import TopicPartition
+
+
+class OffsetTracker:
+    def __init__(self) -> None:
+        self._unfinished: dict[TopicPartition, set[int]] = {}
+        self._next: dict[TopicPartition, int] = {}  # one past the highest offset seen
+        self._committed: dict[TopicPartition, int] = {}
+
+    def track(self, tp: TopicPartition, offset: int) -> None:
+        self._unfinished.setdefault(tp, set()).add(offset)
+        self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+
+    def finish(self, tp: TopicPartition, offset: int) -> None:
+        self._unfinished.get(tp, set()).discard(offset)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(offsets) for offsets in self._unfinished.values())
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Per partition, the offset to commit (Kafka's "next to read"), where it moved."""
+        out = {}
+        for tp, next_offset in self._next.items():
+            unfinished = self._unfinished.get(tp)
+            offset = min(unfinished) if unfinished else next_offset
+            if offset > self._committed.get(tp, -1):
+                out[tp] = offset
+        return out
+
+    def committed(self, offsets: dict[TopicPartition, int]) -> None:
+        self._committed.update(offsets)
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop partitions this worker no longer owns (after a rebalance)."""
+        for tp in partitions:
+            self._unfinished.pop(tp, None)
+            self._next.pop(tp, None)
+            self._committed.pop(tp, None)
