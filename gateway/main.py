@@ -8,7 +8,7 @@ from aiohttp import web
 
 from gateway.app import Gateway
 from shared.logs import configure_logging
-from shared.settings import Settings
+from shared.settings import Settings, settings_from_cli
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -18,8 +18,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--kafka-bootstrap", help="LLMQ_KAFKA_BOOTSTRAP")
     parser.add_argument("--redis-url", help="LLMQ_REDIS_URL")
     parser.add_argument("--request-topic", help="LLMQ_REQUEST_TOPIC")
-    args = parser.parse_args(argv)
-    return Settings(**{k: v for k, v in vars(args).items() if v is not None})
+    return settings_from_cli(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

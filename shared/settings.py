@@ -6,6 +6,7 @@ flags of each process override them by passing keyword arguments.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Literal
 
@@ -88,3 +89,20 @@ class Settings(BaseSettings):
         if self.engine == "echo":
             return "echo"
         return Path(self.model.rstrip("/")).name or self.model
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as LLMQ_* variables, to hand to a child process."""
+        return {
+            f"LLMQ_{name.upper()}": str(value)
+            for name, value in self.model_dump().items()
+            if value is not None
+        }
+
+
+def settings_from_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Settings:
+    """Settings from LLMQ_* variables, with the flags given on the command line on top.
+
+    Each flag's `dest` is the Settings field it overrides.
+    """
+    args = parser.parse_args(argv)
+    return Settings(**{name: value for name, value in vars(args).items() if value is not None})

@@ -10,7 +10,7 @@ import sys
 import structlog
 
 from shared.logs import configure_logging
-from shared.settings import Settings
+from shared.settings import Settings, settings_from_cli
 from workers.engines import EngineError
 from workers.worker import Worker
 
@@ -23,8 +23,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--redis-url", help="LLMQ_REDIS_URL")
     parser.add_argument("--request-topic", help="LLMQ_REQUEST_TOPIC")
     parser.add_argument("--batch-max-size", type=int, help="LLMQ_BATCH_MAX_SIZE")
-    args = parser.parse_args(argv)
-    return Settings(**{k: v for k, v in vars(args).items() if v is not None})
+    return settings_from_cli(parser, argv)
 
 
 async def serve(settings: Settings) -> None:

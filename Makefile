@@ -1,0 +1,45 @@
+# The two commands: `make up` runs the whole stack locally, `make test` runs the tests.
+# Both install what they need first: a venv in .venv with the project, and redis-server.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch lies on these machines' disk; elsewhere pip fetches this
+# version from PyPI (CUDA on Linux). Installed before the project so that the
+# project's torch range is already met and pip pulls nothing bigger.
+TORCH  ?= torch==2.13.0
+
+.PHONY: up test install redis-server bench bench-pipeline schema clean
+
+up: install redis-server
+	$(BIN)/llmq up
+
+test: install redis-server
+	$(BIN)/python -m pytest
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+# redis-server from the system's packages when it is missing (Debian/Ubuntu).
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (apt-get)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+bench: bench-pipeline
+
+bench-pipeline: install redis-server
+	$(BIN)/python -m bench.pipeline
+
+schema: install
+	$(BIN)/llmq schema
+
+clean:
+	rm -rf $(VENV) .llmq .pytest_cache

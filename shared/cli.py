@@ -1,0 +1,185 @@
+"""`llmq`: the local stack and a small client.
+
+  llmq up            broker, Redis, gateway and a worker on this machine (what `make up` runs)
+  llmq submit TEXT   submit a prompt to a running gateway and wait for the answer
+  llmq build-model   build the tiny local model `make up` serves
+  llmq schema        rewrite the request message's JSON Schema file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from shared.devstack import Service, ServiceError, pick_port, python_env, start_broker, start_redis
+from shared.settings import Settings
+
+STATE_DIR = Path(".llmq")
+
+
+def _http_json(method: str, url: str, body: dict | None = None, timeout: float = 70) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise ServiceError("a process of the stack exited during start-up (see its log above)")
+        try:
+            if _http_json("GET", f"{url}/readyz", timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise ServiceError(f"the gateway was not ready within {timeout:.0f} s")
+
+
+def up(_args: argparse.Namespace) -> int:
+    settings = Settings()
+    services: list[Service] = []
+    children: list[subprocess.Popen] = []
+    stopping = False
+
+    def request_stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        # 1) services: the user's own if LLMQ_* points at them, else embedded ones
+        overrides: dict[str, object] = {}
+        if "LLMQ_KAFKA_BOOTSTRAP" not in os.environ:
+            (STATE_DIR / "logs").mkdir(parents=True, exist_ok=True)
+            services.append(start_broker(pick_port(9092), STATE_DIR / "logs" / "broker.log"))
+            overrides["kafka_bootstrap"] = services[-1].url
+        if "LLMQ_REDIS_URL" not in os.environ:
+            services.append(start_redis(pick_port(6379), STATE_DIR / "redis"))
+            overrides["redis_url"] = services[-1].url
+        settings = settings.model_copy(update=overrides)
+
+        # 2) the model: build the tiny local one on first run
+        if settings.engine == "torch" and settings.model == Settings.model_fields["model"].default:
+            from workers.tinymodel import build_tiny_model
+
+            build_tiny_model(Path(settings.model))
+
+        # 3) gateway and worker, with the same settings
+        env = python_env(**settings.to_env())
+        children.append(subprocess.Popen([sys.executable, "-m", "gateway.main"], env=env))
+        children.append(subprocess.Popen([sys.executable, "-m", "workers.main"], env=env))
+        url = f"http://{settings.http_host}:{settings.http_port}"
+        _wait_ready(url, children)
+        print(_banner(settings, url), flush=True)
+
+        # 4) run until Ctrl-C or a child dies
+        while not stopping:
+            if any(p.poll() is not None for p in children):
+                print("llmq: a process of the stack exited; stopping the rest", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    except ServiceError as exc:
+        print(f"llmq up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        # Workers drain on SIGTERM (finish the batch, commit, leave the group).
+        for proc in children:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in children:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for service in reversed(services):
+            service.stop()
+        print("llmq: stopped", file=sys.stderr)
+
+
+def _banner(settings: Settings, url: str) -> str:
+    model = "echo" if settings.engine == "echo" else f"{settings.served_model_name} ({settings.model})"
+    example = json.dumps({"input": {"prompt": "Hello"}, "params": {"max_tokens": 16}})
+    return f"""
+llmq is up.
+  gateway   {url}   (API: {url}/openapi.json, metrics: {url}/metrics)
+  broker    {settings.kafka_bootstrap}   topic {settings.request_topic}
+  redis     {settings.redis_url}
+  worker    engine {settings.engine}, model {model}
+  auth      off (local mode)
+
+Try:
+  curl -s -X POST {url}/v1/requests -H 'Content-Type: application/json' -d '{example}'
+  curl -s '{url}/v1/requests/<id>?wait=10'
+
+Ctrl-C stops everything.
+"""
+
+
+def submit(args: argparse.Namespace) -> int:
+    body: dict = {"input": {"prompt": args.prompt}, "params": {"max_tokens": args.max_tokens,
+                                                               "temperature": args.temperature}}
+    if args.model:
+        body["model"] = args.model
+    status, accepted = _http_json("POST", f"{args.url}/v1/requests", body)
+    if status != 202:
+        print(json.dumps(accepted, indent=2), file=sys.stderr)
+        return 1
+    status, view = _http_json("GET", f"{args.url}{accepted['status_url']}?wait={args.wait}")
+    print(json.dumps(view, indent=2))
+    return 0 if view.get("status") == "succeeded" else 1
+
+
+def build_model(args: argparse.Namespace) -> int:
+    from workers.tinymodel import build_tiny_model
+
+    print(build_tiny_model(Path(args.path), force=args.force))
+    return 0
+
+
+def schema(_args: argparse.Namespace) -> int:
+    from shared.schema import SCHEMA_PATH, write_message_schema
+
+    write_message_schema()
+    print(SCHEMA_PATH)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="llmq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("up", help="run the whole stack locally").set_defaults(run=up)
+    p = commands.add_parser("submit", help="submit a prompt and wait for the result")
+    p.add_argument("prompt")
+    p.add_argument("--url", default=f"http://127.0.0.1:{Settings().http_port}")
+    p.add_argument("--model")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--wait", type=float, default=60)
+    p.set_defaults(run=submit)
+    p = commands.add_parser("build-model", help="build the tiny local model")
+    p.add_argument("path", nargs="?", default=Settings.model_fields["model"].default)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(run=build_model)
+    commands.add_parser("schema", help="rewrite shared/schemas/request-v1.schema.json").set_defaults(run=schema)
+    args = parser.parse_args(argv)
+    sys.exit(args.run(args))
+
+
+if __name__ == "__main__":
+    main()
