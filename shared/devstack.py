@@ -101,6 +101,7 @@ def start_redis(port: int, workdir: Path, timeout: float = 10.0) -> Service:
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServiceError("redis-server not found: install it (Debian/Ubuntu: apt-get install redis-server)")
+    workdir = workdir.resolve()  # redis-server chdirs there before opening its log file
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
