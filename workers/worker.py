@@ -174,9 +174,16 @@ class Worker:
             submitted = message.submitted_at.timestamp() if message.submitted_at else record.timestamp / 1000
             jobs.append(Job(record, message, create_fields=base_fields(message.id, message, submitted, "kafka")))
 
-        # 3) requests that must not run: past their deadline, or for a model we don't serve
-        refused = [(job, outcome) for job in jobs if (outcome := self._refusal(job)) is not None]
-        to_claim = [job for job in jobs if all(job is not r for r, _ in refused)]
+        # 3) requests that must not run (past their deadline, or for a model we
+        #    don't serve) end here; the rest are claimed
+        refused: list[tuple[Job, Outcome]] = []
+        to_claim: list[Job] = []
+        for job in jobs:
+            outcome = self._refusal(job)
+            if outcome is None:
+                to_claim.append(job)
+            else:
+                refused.append((job, outcome))
         if refused:
             await self._finish(refused)
 
