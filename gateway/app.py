@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 
 import structlog
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from redis.exceptions import RedisError
@@ -30,6 +32,18 @@ from shared.keys import Keys
 from shared.schema import REQUEST_ID_PATTERN, RequestMessage, Status, SubmitRequest
 from shared.settings import Settings
 from shared.store import CompletionWaiter, RequestStore, base_fields, connect_redis
+from shared.telemetry import (
+    DESTINATION,
+    MESSAGE_KEY,
+    MESSAGING_SYSTEM,
+    OFFSET,
+    OPERATION_TYPE,
+    PARTITION,
+    REQUEST_ID,
+    extract_context,
+    inject_headers,
+    tracer,
+)
 
 log = structlog.get_logger(__name__)
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
@@ -85,19 +99,33 @@ class Gateway:
 
     @web.middleware
     async def _errors_and_metrics(self, request: web.Request, handler) -> web.StreamResponse:
+        # One middleware for the server span, JSON errors and metrics, so each
+        # sees the final status. (Hand-written rather than opentelemetry's
+        # aiohttp-server instrumentation: that would be a second middleware
+        # measuring the same thing.)
         started = time.perf_counter()
-        try:
-            response = await handler(request)
-        except ApiError as exc:
-            response = exc.response()
-        except web.HTTPException as exc:
-            type_ = HTTP_ERROR_TYPES.get(exc.status, "http_error")
-            response = error_response(exc.status, type_, exc.reason)
-        except Exception:
-            log.exception("unhandled_error", path=request.path)
-            response = error_response(500, "internal_error", "internal error")
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
+        parent = extract_context([(k.lower(), v.encode()) for k, v in request.headers.items()
+                                  if k.lower() in ("traceparent", "tracestate")])
+        with tracer.start_as_current_span(
+            f"{request.method} {endpoint}", context=parent, kind=SpanKind.SERVER,
+            attributes={"http.request.method": request.method, "http.route": endpoint, "url.path": request.path},
+        ) as span:
+            structlog.contextvars.clear_contextvars()
+            try:
+                response = await handler(request)
+            except ApiError as exc:
+                response = exc.response()
+            except web.HTTPException as exc:
+                type_ = HTTP_ERROR_TYPES.get(exc.status, "http_error")
+                response = error_response(exc.status, type_, exc.reason)
+            except Exception:
+                log.exception("unhandled_error", path=request.path)
+                response = error_response(500, "internal_error", "internal error")
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.set_status(trace.StatusCode.ERROR)
         self.metrics.http_requests.labels(endpoint, request.method, str(response.status)).inc()
         self.metrics.http_duration.labels(endpoint, request.method).observe(time.perf_counter() - started)
         return response
@@ -113,6 +141,8 @@ class Gateway:
         # 2) record it, then enqueue it; undo the record if the broker won't take it
         request_id = uuid.uuid4().hex
         submitted_at = time.time()
+        trace.get_current_span().set_attribute(REQUEST_ID, request_id)
+        structlog.contextvars.bind_contextvars(request_id=request_id)
         try:
             await self.store.create(base_fields(request_id, spec, submitted_at, "http"))
         except (RedisError, OSError) as exc:
@@ -122,11 +152,7 @@ class Gateway:
             v=1, id=request_id, submitted_at=datetime.fromtimestamp(submitted_at, timezone.utc), **dict(spec)
         )
         try:
-            await asyncio.wait_for(
-                self.producer.send_and_wait(self.settings.request_topic, message.to_bytes(),
-                                            key=request_id.encode(), headers=JSON_HEADERS),
-                self.settings.produce_timeout_seconds,
-            )
+            await self._publish(request_id, message.to_bytes())
         except Exception as exc:
             log.warning("broker_unavailable", request_id=request_id, error=repr(exc))
             try:
@@ -141,6 +167,21 @@ class Gateway:
         status_url = f"/v1/requests/{request_id}"
         body = {"id": request_id, "status": Status.queued.value, "status_url": status_url}
         return web.json_response(body, status=202, headers={"Location": status_url})
+
+    async def _publish(self, request_id: str, value: bytes) -> None:
+        """Produce the message and wait for the broker's ack, in a PRODUCER span
+        whose context travels in the message headers."""
+        topic = self.settings.request_topic
+        with tracer.start_as_current_span(
+            f"publish {topic}", kind=SpanKind.PRODUCER,
+            attributes={MESSAGING_SYSTEM: "kafka", DESTINATION: topic, MESSAGE_KEY: request_id,
+                        OPERATION_TYPE: "send", REQUEST_ID: request_id},
+        ) as span:
+            sent = await asyncio.wait_for(
+                self.producer.send_and_wait(topic, value, key=request_id.encode(), headers=inject_headers(JSON_HEADERS)),
+                self.settings.produce_timeout_seconds,
+            )
+            span.set_attributes({PARTITION: str(sent.partition), OFFSET: sent.offset})
 
     def _validate(self, body: bytes) -> SubmitRequest:
         try:
@@ -169,6 +210,7 @@ class Gateway:
 
     async def get_request(self, request: web.Request) -> web.Response:
         request_id = self._request_id(request)
+        trace.get_current_span().set_attribute(REQUEST_ID, request_id)
         wait = self._wait_seconds(request)
         try:
             if wait > 0:
@@ -195,6 +237,7 @@ class Gateway:
 
     async def cancel(self, request: web.Request) -> web.Response:
         request_id = self._request_id(request)
+        trace.get_current_span().set_attribute(REQUEST_ID, request_id)
         try:
             outcome = await self.store.cancel(request_id)
             view = await self.store.get(request_id) if outcome is not None else None

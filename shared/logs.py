@@ -1,5 +1,6 @@
 """structlog set-up shared by every llmq process: JSON lines off a terminal,
-readable lines on one. Prompts and outputs are never logged."""
+readable lines on one. Lines about a request carry its request_id, trace_id
+and span_id. Prompts and outputs are logged only with LLMQ_LOG_PROMPTS=1."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 
 import structlog
 
+from shared.telemetry import add_trace_ids
+
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -15,6 +18,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info if as_json else structlog.processors.StackInfoRenderer(),

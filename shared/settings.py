@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     log_level: str = "info"
     # "auto" writes readable lines on a terminal and JSON lines otherwise.
     log_format: Literal["auto", "json", "console"] = "auto"
+    # Log each request's prompt when a worker starts it (off: prompts are private).
+    log_prompts: bool = False
+
+    # --- metrics --------------------------------------------------------------
+    # Port of the worker's Prometheus /metrics (0: none). The gateway serves its own on LLMQ_HTTP_PORT.
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
 
     @property
     def served_model_name(self) -> str:

@@ -11,6 +11,7 @@ import structlog
 
 from shared.logs import configure_logging
 from shared.settings import Settings, settings_from_cli
+from shared.telemetry import configure_tracing, shutdown_tracing
 from workers.engines import EngineError
 from workers.worker import Worker
 
@@ -37,11 +38,14 @@ async def serve(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
+    tracing = configure_tracing("llmq-worker")
     try:
         asyncio.run(serve(settings))
     except EngineError as exc:
         structlog.get_logger("worker").error("engine_failed", error=str(exc))
         sys.exit(2)
+    finally:
+        shutdown_tracing(tracing)
 
 
 if __name__ == "__main__":

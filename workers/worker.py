@@ -23,6 +23,9 @@ from typing import TypeVar
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -32,7 +35,23 @@ from shared.keys import Keys
 from shared.schema import MessageError, PromptInput, RequestMessage, Status, parse_message
 from shared.settings import Settings
 from shared.store import Outcome, RequestStore, base_fields, connect_redis
+from shared.telemetry import (
+    BATCH_COUNT,
+    CONSUMER_GROUP,
+    DESTINATION,
+    MESSAGE_KEY,
+    MESSAGING_SYSTEM,
+    OFFSET,
+    OPERATION_TYPE,
+    PARTITION,
+    REQUEST_ID,
+    extract_context,
+    links_to,
+    log_ids,
+    tracer,
+)
 from workers.engines import Engine, EngineError, GenerationRequest, GenerationResult, load_engine
+from workers.metrics import WorkerMetrics
 from workers.offsets import OffsetTracker
 
 log = structlog.get_logger(__name__)
@@ -60,14 +79,26 @@ class WorkerStats:
 
 @dataclass
 class Job:
+    """One fetched message on its way through the worker, with its trace span."""
+
     record: ConsumerRecord
-    message: RequestMessage
+    message: RequestMessage | None  # None: it could not be parsed
+    span: Span  # `process <topic>`, child of the producer's context
+    error: str | None = None  # why it could not be parsed
     attempts: int = 0
     create_fields: dict = field(default_factory=dict)
+    fetched_at: float = field(default_factory=time.time)
 
     @property
     def tp(self) -> TopicPartition:
         return TopicPartition(self.record.topic, self.record.partition)
+
+    @property
+    def request_id(self) -> str:
+        return self.message.id if self.message else ""
+
+    def log_fields(self) -> dict[str, str]:
+        return {"request_id": self.request_id, **log_ids(self.span)}
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -89,6 +120,7 @@ class Worker:
         self.engine = engine or load_engine(settings)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.stats = WorkerStats()
+        self.metrics = WorkerMetrics()
         self.offsets = OffsetTracker()
         self._stopping = asyncio.Event()
         self._closed = False
@@ -110,6 +142,10 @@ class Worker:
         self._consumer = make_consumer(s)
         self._consumer.subscribe([s.request_topic], listener=_Rebalance(self))
         await start_with_retry(self._consumer, "consumer")
+        try:
+            self.metrics.serve(s.metrics_port, s.http_host)
+        except OSError as exc:  # e.g. several workers on one host with the same port
+            log.warning("metrics_port_unavailable", port=s.metrics_port, error=str(exc))
         log.info("worker_started", worker=self.name, engine=s.engine, model=self.engine.model_name,
                  topic=s.request_topic, group=s.consumer_group)
 
@@ -139,6 +175,7 @@ class Worker:
         if self._redis is not None:
             await self._redis.aclose()
         await self.engine.close()
+        self.metrics.close()
         log.info("worker_stopped", worker=self.name, **vars(self.stats))
 
     # ---- the loop ------------------------------------------------------------
@@ -160,25 +197,57 @@ class Worker:
     async def _process(self, records: list[ConsumerRecord]) -> None:
         self.stats.fetched += len(records)
         self.stats.batches += 1
-        for record in records:
-            self.offsets.track(TopicPartition(record.topic, record.partition), record.offset)
-
-        # 2) parse; garbage goes to the dead-letter topic
-        jobs: list[Job] = []
-        for record in records:
+        jobs = [self._receive(record) for record in records]
+        # The batch's own span links to every request's trace (messaging conventions).
+        with tracer.start_as_current_span(
+            f"process batch {self.settings.request_topic}", kind=SpanKind.CONSUMER,
+            links=links_to(extract_context(r.headers) for r in records),
+            attributes={MESSAGING_SYSTEM: "kafka", DESTINATION: self.settings.request_topic,
+                        CONSUMER_GROUP: self.settings.consumer_group, BATCH_COUNT: len(records)},
+        ):
             try:
-                message = parse_message(record.value)
-            except MessageError as exc:
-                await self._dead_letter(record, str(exc))
-                continue
-            submitted = message.submitted_at.timestamp() if message.submitted_at else record.timestamp / 1000
-            jobs.append(Job(record, message, create_fields=base_fields(message.id, message, submitted, "kafka")))
+                await self._serve(jobs)
+            finally:
+                for job in jobs:
+                    job.span.end()  # idempotent for the ones already ended
+        await self._commit()
+
+    def _receive(self, record: ConsumerRecord) -> Job:
+        """Track the offset, parse the message, and open its `process` span."""
+        tp = TopicPartition(record.topic, record.partition)
+        self.offsets.track(tp, record.offset)
+        parent = extract_context(record.headers)
+        span = tracer.start_span(
+            f"process {record.topic}", context=parent, kind=SpanKind.CONSUMER,
+            attributes={MESSAGING_SYSTEM: "kafka", DESTINATION: record.topic, PARTITION: str(record.partition),
+                        OFFSET: record.offset, CONSUMER_GROUP: self.settings.consumer_group, OPERATION_TYPE: "process"},
+        )
+        try:
+            message = parse_message(record.value)
+        except MessageError as exc:
+            span.set_status(trace.StatusCode.ERROR, str(exc))
+            return Job(record, None, span, error=str(exc))
+        submitted = message.submitted_at.timestamp() if message.submitted_at else record.timestamp / 1000
+        queued_for = max(time.time() - submitted, 0.0)  # in the topic, until this fetch
+        span.set_attributes({REQUEST_ID: message.id, MESSAGE_KEY: message.id, "llmq.queue_seconds": queued_for})
+        # Time in the queue, as a span of its own from enqueue to fetch.
+        tracer.start_span(f"queued {record.topic}", context=parent, start_time=int(submitted * 1e9),
+                          attributes={REQUEST_ID: message.id}).end()
+        return Job(record, message, span, create_fields=base_fields(message.id, message, submitted, "kafka"))
+
+    async def _serve(self, jobs: list[Job]) -> None:
+        # 2) garbage goes to the dead-letter topic
+        for job in jobs:
+            if job.message is None:
+                await self._dead_letter(job.record, job.error)
 
         # 3) requests that must not run (past their deadline, or for a model we
         #    don't serve) end here; the rest are claimed
         refused: list[tuple[Job, Outcome]] = []
         to_claim: list[Job] = []
         for job in jobs:
+            if job.message is None:
+                continue
             outcome = self._refusal(job)
             if outcome is None:
                 to_claim.append(job)
@@ -195,18 +264,26 @@ class Worker:
             if verdict == "run":
                 job.attempts = attempts
                 runnable.append(job)
+                if self.settings.log_prompts:
+                    log.info("request_started", prompt=job.message.input.model_dump(), **job.log_fields())
             else:
                 self.stats.skipped += 1
-                log.info("request_skipped", request_id=job.message.id, status=verdict)
+                log.info("request_skipped", status=verdict, **job.log_fields())
                 self.offsets.finish(job.tp, job.record.offset)
 
         # 4) + 5) run and write
         if runnable:
-            results = await self._generate(runnable)
+            started = time.time()
+            self.metrics.batch_size.observe(len(runnable))
+            self.metrics.running.set(len(runnable))
+            try:
+                results = await self._generate(runnable)
+            finally:
+                self.metrics.running.set(0)
+            self._trace_generation(runnable, results, started, time.time())
             await self._finish([(job, self._outcome(job, result)) for job, result in zip(runnable, results)])
-
-        # 6) commit
-        await self._commit()
+            for job, result in zip(runnable, results):
+                self._observe(job, result, started)
 
     def _refusal(self, job: Job) -> Outcome | None:
         message = job.message
@@ -233,6 +310,37 @@ class Worker:
             log.warning("batch_failed_retrying_singly", size=len(requests))
             return [result for job in jobs for result in await self._generate([job])]
 
+    def _trace_generation(self, jobs: list[Job], results: list[GenerationResult], start: float, end: float) -> None:
+        """One GenAI span per request, under its `process` span, covering the engine call."""
+        for job, result in zip(jobs, results):
+            params = job.message.params
+            operation = "text_completion" if isinstance(job.message.input, PromptInput) else "chat"
+            span = tracer.start_span(
+                f"{operation} {self.engine.model_name}", context=trace.set_span_in_context(job.span),
+                start_time=int(start * 1e9), kind=SpanKind.INTERNAL,
+                attributes={"gen_ai.operation.name": operation, "gen_ai.request.model": self.engine.model_name,
+                            "gen_ai.request.max_tokens": params.max_tokens,
+                            "gen_ai.request.temperature": params.temperature,
+                            "gen_ai.response.finish_reasons": [result.finish_reason or "error"],
+                            "gen_ai.usage.input_tokens": result.prompt_tokens,
+                            "gen_ai.usage.output_tokens": result.completion_tokens, REQUEST_ID: job.request_id},
+            )
+            if result.error is not None:
+                span.set_status(trace.StatusCode.ERROR, result.error)
+            span.end(end_time=int(end * 1e9))
+
+    def _observe(self, job: Job, result: GenerationResult, started: float) -> None:
+        if result.error is not None:
+            return
+        m = self.metrics
+        m.prompt_tokens.inc(result.prompt_tokens)
+        m.generation_tokens.inc(result.completion_tokens)
+        first = result.first_token_at
+        if first is not None:
+            m.time_to_first_token.observe(first - started)
+            if result.completion_tokens > 1 and result.finished_at is not None:
+                m.time_per_output_token.observe((result.finished_at - first) / (result.completion_tokens - 1))
+
     @staticmethod
     def _generation_request(message: RequestMessage) -> GenerationRequest:
         if isinstance(message.input, PromptInput):
@@ -248,19 +356,32 @@ class Worker:
                        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
 
     async def _finish(self, finished: list[tuple[Job, Outcome]]) -> None:
+        start = time.time_ns()
         written = await self._retry(
             "finish", lambda: self.store.finish_many([(o, j.create_fields) for j, o in finished])
         )
+        end = time.time_ns()
         for (job, outcome), was_written in zip(finished, written):
+            tracer.start_span("write result", context=trace.set_span_in_context(job.span), start_time=start,
+                              attributes={REQUEST_ID: job.request_id, "llmq.result.written": was_written,
+                                          "llmq.status": outcome.status.value}).end(end_time=end)
             if was_written:
                 self.stats.results_written += 1
                 self.stats.count_finished(outcome.status)
+                self.metrics.requests.labels(outcome.status.value).inc()
+                submitted = job.create_fields.get("submitted_at")
+                if isinstance(submitted, float):
+                    self.metrics.e2e_latency.observe(max(outcome.finished_at - submitted, 0.0))
+                    self.metrics.queue_time.observe(max(job.fetched_at - submitted, 0.0))
                 if job.message.reply_topic:
                     await self._reply(job)
             else:
                 self.stats.skipped += 1  # cancelled while it ran, or another worker finished it first
-            log.info("request_finished", request_id=job.message.id, status=outcome.status.value,
-                     written=was_written, attempts=job.attempts)
+            if outcome.status is not Status.succeeded:
+                job.span.set_status(trace.StatusCode.ERROR, outcome.error_type or outcome.status.value)
+            log.info("request_finished", status=outcome.status.value, written=was_written, attempts=job.attempts,
+                     **job.log_fields())
+            job.span.end()
             self.offsets.finish(job.tp, job.record.offset)
 
     async def _reply(self, job: Job) -> None:
@@ -278,6 +399,7 @@ class Worker:
         await self._retry("dead_letter", lambda: self._producer.send_and_wait(
             self.settings.dlq_topic, record.value, key=record.key, headers=headers))
         self.stats.dead_lettered += 1
+        self.metrics.dead_lettered.inc()
         log.warning("message_dead_lettered", partition=record.partition, offset=record.offset, reason=reason)
         self.offsets.finish(TopicPartition(record.topic, record.partition), record.offset)
 

@@ -35,6 +35,8 @@ class GenerationResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # set: this request failed, with this reason
+    first_token_at: float | None = None  # time.time() when its first token was chosen
+    finished_at: float | None = None  # time.time() when its last token was chosen
 
 
 class Engine(Protocol):

@@ -8,6 +8,7 @@ many. `LLMQ_ECHO_TOKEN_DELAY_MS` simulates generation time per token.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from shared.settings import Settings
 from workers.engines.base import GenerationRequest, GenerationResult
@@ -25,10 +26,14 @@ class EchoEngine:
         pass
 
     async def generate(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
+        started = time.time()
         results = [self._echo(request) for request in batch]
         if self.token_delay:
             # A batch takes as long as its longest member, as on a real engine.
             await asyncio.sleep(self.token_delay * max(r.completion_tokens for r in results))
+        for result in results:
+            result.first_token_at = started + self.token_delay
+            result.finished_at = started + self.token_delay * result.completion_tokens
         return results
 
     @staticmethod

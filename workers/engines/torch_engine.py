@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,8 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     text: str | None = None  # set when a stop string cut the text
     finish_reason: str | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
 
 class TorchEngine:
@@ -151,7 +154,8 @@ class TorchEngine:
         for row in rows:
             text = row.text if row.text is not None else self._decode_text(row.tokens)
             results[row.index] = GenerationResult(row.request.request_id, text, row.finish_reason,
-                                                  len(row.prompt_ids), len(row.tokens))
+                                                  len(row.prompt_ids), len(row.tokens),
+                                                  first_token_at=row.first_token_at, finished_at=row.finished_at)
         return results
 
     def _admit(self, request: GenerationRequest) -> tuple[list[int], str | None]:
@@ -204,9 +208,13 @@ class TorchEngine:
         sampling = _Sampling(rows, device)
         for _ in range(max(row.request.params.max_tokens for row in rows)):
             next_ids = sampling.pick(logits, rows)
+            now = time.time()
             for row, token in zip(rows, next_ids.tolist()):
                 if row.finish_reason is None:
                     self._append(row, token)
+                    row.first_token_at = row.first_token_at or now
+                    if row.finish_reason is not None:
+                        row.finished_at = now
             if all(row.finish_reason for row in rows):
                 break
             # Finished rows ride along (micro-batching); their positions are
