@@ -1,6 +1,6 @@
 """`llmq`: the local stack and a small client.
 
-  llmq up            broker, Redis, gateway and a worker on this machine (what `make up` runs)
+  llmq up            broker, Redis, gateway and the scaler with its workers (what `make up` runs)
   llmq submit TEXT   submit a prompt to a running gateway and wait for the answer
   llmq build-model   build the tiny local model `make up` serves
   llmq schema        rewrite the request message's JSON Schema file
@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from scaler.settings import ScalerSettings
 from shared.devstack import Service, ServiceError, pick_port, python_env, start_broker, start_redis
 from shared.settings import Settings
 
@@ -53,6 +54,7 @@ def up(_args: argparse.Namespace) -> int:
     settings = Settings()
     services: list[Service] = []
     children: list[subprocess.Popen] = []
+    scaler_settings = ScalerSettings()
     stopping = False
 
     def request_stop(*_):
@@ -71,6 +73,8 @@ def up(_args: argparse.Namespace) -> int:
         if "LLMQ_REDIS_URL" not in os.environ:
             services.append(start_redis(pick_port(6379), STATE_DIR / "redis"))
             overrides["redis_url"] = services[-1].url
+        if "LLMQ_AUTH" not in os.environ:
+            overrides["auth"] = False  # local mode (the banner says so)
         settings = settings.model_copy(update=overrides)
 
         # 2) the model: build the tiny local one on first run
@@ -79,13 +83,17 @@ def up(_args: argparse.Namespace) -> int:
 
             build_tiny_model(Path(settings.model))
 
-        # 3) gateway and worker, with the same settings
+        # 3) gateway and scaler, with the same settings; the scaler starts the
+        #    workers (at least one by default, so the first request is fast)
         env = python_env(**settings.to_env())
+        # One warm worker by default, so the first request is fast (LLMQ_SCALER_MIN=0: scale to zero).
+        scaler_settings = ScalerSettings(**({} if "LLMQ_SCALER_MIN" in os.environ else {"min": 1}))
         children.append(subprocess.Popen([sys.executable, "-m", "gateway.main"], env=env))
-        children.append(subprocess.Popen([sys.executable, "-m", "workers.main"], env=env))
+        children.append(subprocess.Popen([sys.executable, "-m", "scaler.main", "--backend", "local",
+                                          "--min", str(scaler_settings.min)], env=env))
         url = f"http://{settings.http_host}:{settings.http_port}"
         _wait_ready(url, children)
-        print(_banner(settings, url), flush=True)
+        print(_banner(settings, scaler_settings, url), flush=True)
 
         # 4) run until Ctrl-C or a child dies
         while not stopping:
@@ -98,13 +106,14 @@ def up(_args: argparse.Namespace) -> int:
         print(f"llmq up: {exc}", file=sys.stderr)
         return 1
     finally:
-        # Workers drain on SIGTERM (finish the batch, commit, leave the group).
+        # The scaler stops its workers on SIGTERM; each drains (finishes its batch,
+        # commits, leaves the group) within the scaler's grace period.
         for proc in children:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in children:
             try:
-                proc.wait(30)
+                proc.wait(30 + scaler_settings.grace_seconds)
             except subprocess.TimeoutExpired:
                 proc.kill()
         for service in reversed(services):
@@ -112,7 +121,7 @@ def up(_args: argparse.Namespace) -> int:
         print("llmq: stopped", file=sys.stderr)
 
 
-def _banner(settings: Settings, url: str) -> str:
+def _banner(settings: Settings, scaler_settings: ScalerSettings, url: str) -> str:
     model = "echo" if settings.engine == "echo" else f"{settings.served_model_name} ({settings.model})"
     example = json.dumps({"input": {"prompt": "Hello"}, "params": {"max_tokens": 16}})
     return f"""
@@ -120,8 +129,10 @@ llmq is up.
   gateway   {url}   (API: {url}/openapi.json, metrics: {url}/metrics)
   broker    {settings.kafka_bootstrap}   topic {settings.request_topic}
   redis     {settings.redis_url}
-  worker    engine {settings.engine}, model {model}
-  auth      off (local mode)
+  workers   engine {settings.engine}, model {model}
+  scaler    local, {scaler_settings.min} to {scaler_settings.max} workers from the queue's depth \
+(LLMQ_SCALER_MIN, LLMQ_SCALER_MAX, ...; `scaler --help`)
+  auth      {"on (keys: llmq keys create NAME)" if settings.auth else "off (local mode)"}
 
 Try:
   curl -s -X POST {url}/v1/requests -H 'Content-Type: application/json' -d '{example}'

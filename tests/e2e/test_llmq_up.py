@@ -1,6 +1,7 @@
 """`llmq up` (what `make up` runs) as a user runs it: from an empty directory
-it starts the broker, Redis, the gateway and a torch worker on the tiny model
-it builds, serves a request over HTTP, and Ctrl-C stops all of it."""
+it starts the broker, Redis, the gateway and the scaler, which starts a torch
+worker (min 1) on the tiny model it builds; it serves a request over HTTP, and
+Ctrl-C stops all of it, workers included."""
 
 from __future__ import annotations
 
@@ -73,6 +74,12 @@ def test_llmq_up_serves_a_request_and_stops_cleanly_on_ctrl_c(tmp_path):
         inputs = tokenizer("Hello", return_tensors="pt")
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         assert view["output"]["text"] == tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+        # The worker that served it was started by the scaler (min 1 by default), which records it.
+        assert "scaler    local, 1 to 4 workers" in banner
+        state = json.loads((tmp_path / ".llmq" / "scaler" / "local-workers.llmq-workers.json").read_text())
+        worker_pids = state["pids"]
+        assert len(worker_pids) == 1 and _is_worker(worker_pids[0])
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
@@ -84,3 +91,14 @@ def test_llmq_up_serves_a_request_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert code == 0, "".join(lines)
     for stopped in (port, broker_port, redis_port):
         assert not _listening(stopped), f"something still listens on port {stopped} after llmq up stopped"
+    # Ctrl-C leaves no worker process behind (they run in sessions of their own, stopped by the scaler).
+    assert not any(_is_worker(pid) for pid in worker_pids)
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return b"workers.main" in cmdline and state not in ("Z", "X")
