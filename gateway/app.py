@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 import uuid
@@ -27,9 +28,10 @@ from redis.exceptions import RedisError
 from gateway.errors import HTTP_ERROR_TYPES, ApiError, error_response
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_document
+from shared.apikeys import ApiKeyStore
 from shared.kafka import JSON_HEADERS, ensure_topics, make_producer, start_with_retry
 from shared.keys import Keys
-from shared.schema import REQUEST_ID_PATTERN, RequestMessage, Status, SubmitRequest
+from shared.schema import REQUEST_ID_PATTERN, RequestMessage, RequestView, Status, SubmitRequest
 from shared.settings import Settings
 from shared.store import CompletionWaiter, RequestStore, base_fields, connect_redis
 from shared.telemetry import (
@@ -43,6 +45,7 @@ from shared.telemetry import (
     extract_context,
     inject_headers,
     tracer,
+    tracing_configured,
 )
 
 log = structlog.get_logger(__name__)
@@ -65,7 +68,10 @@ class Gateway:
         self.redis = None
         self.store: RequestStore | None = None
         self.waiter: CompletionWaiter | None = None
-        self.app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[self._errors_and_metrics])
+        self.api_keys: ApiKeyStore | None = None
+        # Read once: with no OTLP endpoint the hot path skips span bookkeeping altogether.
+        self._tracing = tracing_configured()
+        self.app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[self._middleware])
         self.app.add_routes([
             web.post("/v1/requests", self.submit),
             web.get("/v1/requests/{id}", self.get_request),
@@ -83,7 +89,9 @@ class Gateway:
         self.redis = connect_redis(s.redis_url)
         self.store = RequestStore(self.redis, Keys(s.redis_prefix), s.result_ttl_seconds)
         self.waiter = CompletionWaiter(self.store)
-        self.waiter.start()
+        self.api_keys = ApiKeyStore(self.redis, self.store.keys)
+        if not s.auth:
+            log.warning("auth_off", detail="LLMQ_AUTH=false: every client can read every request")
         self.producer = make_producer(s)
         await start_with_retry(self.producer, "producer")
         await ensure_topics(s)
@@ -98,42 +106,80 @@ class Gateway:
             await self.redis.aclose()
 
     @web.middleware
-    async def _errors_and_metrics(self, request: web.Request, handler) -> web.StreamResponse:
-        # One middleware for the server span, JSON errors and metrics, so each
-        # sees the final status. (Hand-written rather than opentelemetry's
-        # aiohttp-server instrumentation: that would be a second middleware
-        # measuring the same thing.)
-        started = time.perf_counter()
+    async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        """The server span (when tracing is configured), JSON errors and metrics,
+        in one middleware so each sees the final status. Hand-written rather than
+        opentelemetry's aiohttp-server instrumentation, which would be a second
+        middleware timing the same thing."""
+        if not self._tracing:
+            return await self._answer(request, handler)
         route = request.match_info.route.resource
-        endpoint = route.canonical if route is not None else "unmatched"
         parent = extract_context([(k.lower(), v.encode()) for k, v in request.headers.items()
                                   if k.lower() in ("traceparent", "tracestate")])
+        endpoint = route.canonical if route is not None else "unmatched"
         with tracer.start_as_current_span(
             f"{request.method} {endpoint}", context=parent, kind=SpanKind.SERVER,
             attributes={"http.request.method": request.method, "http.route": endpoint, "url.path": request.path},
         ) as span:
-            structlog.contextvars.clear_contextvars()
-            try:
-                response = await handler(request)
-            except ApiError as exc:
-                response = exc.response()
-            except web.HTTPException as exc:
-                type_ = HTTP_ERROR_TYPES.get(exc.status, "http_error")
-                response = error_response(exc.status, type_, exc.reason)
-            except Exception:
-                log.exception("unhandled_error", path=request.path)
-                response = error_response(500, "internal_error", "internal error")
+            response = await self._answer(request, handler)
             span.set_attribute("http.response.status_code", response.status)
             if response.status >= 500:
                 span.set_status(trace.StatusCode.ERROR)
+        return response
+
+    async def _answer(self, request: web.Request, handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        structlog.contextvars.clear_contextvars()
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = exc.response()
+        except web.HTTPException as exc:
+            type_ = HTTP_ERROR_TYPES.get(exc.status, "http_error")
+            response = error_response(exc.status, type_, exc.reason)
+        except Exception:
+            log.exception("unhandled_error", path=request.path)
+            response = error_response(500, "internal_error", "internal error")
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "unmatched"
         self.metrics.http_requests.labels(endpoint, request.method, str(response.status)).inc()
         self.metrics.http_duration.labels(endpoint, request.method).observe(time.perf_counter() - started)
         return response
 
     # ---- /v1/requests ----------------------------------------------------------
 
+    async def _tenant(self, request: web.Request) -> str | None:
+        """The caller's API key name; None when auth is off. 401 without a valid key."""
+        if not self.settings.auth:
+            return None
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(401, "unauthorized", "send an API key: `Authorization: Bearer <key>`",
+                           headers={"WWW-Authenticate": "Bearer"})
+        try:
+            name = await self.api_keys.name_of(key.strip())
+        except (RedisError, OSError) as exc:
+            raise _redis_down(exc) from exc
+        if name is None:
+            raise ApiError(401, "unauthorized", "the API key is unknown or revoked",
+                           headers={"WWW-Authenticate": "Bearer"})
+        structlog.contextvars.bind_contextvars(tenant=name)
+        return name
+
+    async def _owned_view(self, request: web.Request, request_id: str, view_of) -> RequestView:
+        """The record if it exists and the caller owns it; 404 otherwise (no existence leak)."""
+        tenant = await self._tenant(request)
+        try:
+            view = await view_of()
+        except (RedisError, OSError) as exc:
+            raise _redis_down(exc) from exc
+        if view is None or (self.settings.auth and view.tenant != tenant):
+            raise ApiError(404, "not_found", "no such request")
+        return view
+
     async def submit(self, request: web.Request) -> web.Response:
-        # 1) validate: content type, size, JSON, schema, configured limits
+        # 1) authenticate, then validate: content type, size, JSON, schema, configured limits
+        tenant = await self._tenant(request)
         if request.content_type != "application/json":
             raise ApiError(415, "unsupported_media_type", "send the body as application/json")
         spec = self._validate(await request.read())
@@ -143,13 +189,19 @@ class Gateway:
         submitted_at = time.time()
         trace.get_current_span().set_attribute(REQUEST_ID, request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        rate = self.settings.rate_limit_rps if self.settings.auth else 0.0
         try:
-            await self.store.create(base_fields(request_id, spec, submitted_at, "http"))
+            retry_after = await self.store.create(base_fields(request_id, spec, submitted_at, "http", tenant),
+                                                  rate, self.settings.rate_limit_burst)
         except (RedisError, OSError) as exc:
             raise _redis_down(exc) from exc
+        if retry_after:
+            raise ApiError(429, "rate_limited", f"over {self.settings.rate_limit_rps:g} requests per second for this key",
+                           headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
         # Already validated: construct without validating a second time on the hot path.
         message = RequestMessage.model_construct(
-            v=1, id=request_id, submitted_at=datetime.fromtimestamp(submitted_at, timezone.utc), **dict(spec)
+            v=1, id=request_id, tenant=tenant, submitted_at=datetime.fromtimestamp(submitted_at, timezone.utc),
+            **dict(spec),
         )
         try:
             await self._publish(request_id, message.to_bytes())
@@ -172,16 +224,21 @@ class Gateway:
         """Produce the message and wait for the broker's ack, in a PRODUCER span
         whose context travels in the message headers."""
         topic = self.settings.request_topic
+        if not self._tracing:
+            await self._send(topic, request_id, value, JSON_HEADERS)
+            return
         with tracer.start_as_current_span(
             f"publish {topic}", kind=SpanKind.PRODUCER,
             attributes={MESSAGING_SYSTEM: "kafka", DESTINATION: topic, MESSAGE_KEY: request_id,
                         OPERATION_TYPE: "send", REQUEST_ID: request_id},
         ) as span:
-            sent = await asyncio.wait_for(
-                self.producer.send_and_wait(topic, value, key=request_id.encode(), headers=inject_headers(JSON_HEADERS)),
-                self.settings.produce_timeout_seconds,
-            )
+            sent = await self._send(topic, request_id, value, inject_headers(JSON_HEADERS))
             span.set_attributes({PARTITION: str(sent.partition), OFFSET: sent.offset})
+
+    async def _send(self, topic: str, request_id: str, value: bytes, headers: list):
+        # asyncio.timeout, not wait_for: wait_for makes a Task per call.
+        async with asyncio.timeout(self.settings.produce_timeout_seconds):
+            return await self.producer.send_and_wait(topic, value, key=request_id.encode(), headers=headers)
 
     def _validate(self, body: bytes) -> SubmitRequest:
         try:
@@ -212,15 +269,10 @@ class Gateway:
         request_id = self._request_id(request)
         trace.get_current_span().set_attribute(REQUEST_ID, request_id)
         wait = self._wait_seconds(request)
-        try:
-            if wait > 0:
-                view = await self.waiter.wait(request_id, wait)
-            else:
-                view = await self.store.get(request_id)
-        except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
-        if view is None:
-            raise ApiError(404, "not_found", "no such request")
+        if wait > 0:
+            view = await self._owned_view(request, request_id, lambda: self.waiter.wait(request_id, wait))
+        else:
+            view = await self._owned_view(request, request_id, lambda: self.store.get(request_id))
         return web.json_response(text=view.model_dump_json())
 
     def _wait_seconds(self, request: web.Request) -> float:
@@ -238,12 +290,13 @@ class Gateway:
     async def cancel(self, request: web.Request) -> web.Response:
         request_id = self._request_id(request)
         trace.get_current_span().set_attribute(REQUEST_ID, request_id)
+        await self._owned_view(request, request_id, lambda: self.store.get(request_id))
         try:
-            outcome = await self.store.cancel(request_id)
-            view = await self.store.get(request_id) if outcome is not None else None
+            await self.store.cancel(request_id)
+            view = await self.store.get(request_id)
         except (RedisError, OSError) as exc:
             raise _redis_down(exc) from exc
-        if view is None:
+        if view is None:  # expired in between
             raise ApiError(404, "not_found", "no such request")
         if view.status is not Status.cancelled:
             raise ApiError(409, "already_finished", f"the request already ended {view.status.value}")

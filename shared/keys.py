@@ -3,7 +3,9 @@
 A request record is one hash `{prefix}:req:{id}`, expiring `result_ttl_seconds`
 (Settings, default 24 h) after its last change. Finished requests are
 announced on the channel `{prefix}:done` (message: the id) so long-polls wake
-without busy polling.
+without busy polling. API keys live in the hash `{prefix}:apikeys` (SHA-256 of
+the key → its name and creation time; no expiry), and each key's rate-limit
+token bucket in `{prefix}:ratelimit:{name}` (expires once full again).
 """
 
 from __future__ import annotations
@@ -21,3 +23,10 @@ class Keys:
     @property
     def done_channel(self) -> str:
         return f"{self.prefix}:done"
+
+    @property
+    def api_keys(self) -> str:
+        return f"{self.prefix}:apikeys"
+
+    def rate_limit(self, tenant: str) -> str:
+        return f"{self.prefix}:ratelimit:{tenant}"

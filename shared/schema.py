@@ -108,6 +108,8 @@ class RequestMessage(RequestSpec):
     v: Literal[1] = Field(description="Schema version.")
     id: RequestId = Field(description="Chosen by the producer; the record and result live under it.")
     reply_topic: str | None = Field(default=None, max_length=249, description="If set, the result is also produced here.")
+    tenant: str | None = Field(default=None, max_length=64,
+                               description="Name of the API key that may read the result over HTTP.")
     submitted_at: datetime | None = None
 
     def to_bytes(self) -> bytes:
@@ -182,6 +184,8 @@ class RequestView(BaseModel):
     error: ErrorDetail | None = None
     attempts: int = 0
     metadata: dict[str, str] = Field(default_factory=dict)
+    # The API key name that owns it; never shown, used to answer 404 to other keys.
+    tenant: str | None = Field(default=None, exclude=True)
 
 
 class Accepted(BaseModel):

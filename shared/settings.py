@@ -46,8 +46,16 @@ class Settings(BaseSettings):
     max_wait_seconds: float = Field(default=60.0, ge=0)
     # How long the gateway waits for the broker to acknowledge a produce before answering 503.
     produce_timeout_seconds: float = Field(default=5.0, gt=0)
-    # Producer batching delay; small, since a request is answered only after its ack.
-    producer_linger_ms: int = Field(default=1, ge=0)
+    # Producer batching delay. 0: a request is answered only after its ack, so any
+    # linger is added latency; under load records batch anyway while a send is in flight.
+    producer_linger_ms: int = Field(default=0, ge=0)
+
+    # Require `Authorization: Bearer <key>` on /v1 (keys: `llmq keys create NAME`). `llmq up` turns it off.
+    auth: bool = True
+    # Requests per second each API key may submit (token bucket in Redis; 0: no limit; needs auth).
+    rate_limit_rps: float = Field(default=50.0, ge=0)
+    # How many submits a key may make at once above its rate.
+    rate_limit_burst: int = Field(default=100, ge=1)
 
     # --- records ------------------------------------------------------------
     # How long a request record (and its result) stays readable in Redis.
@@ -66,12 +74,14 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Micro-batching: run up to this many requests together ...
     batch_max_size: int = Field(default=32, ge=1)
-    # ... gathering for at most this long after the first one arrives.
-    batch_max_wait_ms: int = Field(default=5, ge=0)
+    # ... gathering for at most this long after the first one arrives. 0: run what
+    # has arrived; under load a batch still fills while the previous one runs.
+    batch_max_wait_ms: int = Field(default=0, ge=0)
     # Most messages taken from Kafka per fetch.
     fetch_max_records: int = Field(default=256, ge=1)
-    # How long a fetch waits on the broker for new records.
-    fetch_max_wait_ms: int = Field(default=50, ge=1)
+    # How long a fetch waits on the broker for new records. Kafka answers as soon as
+    # records arrive; the dev broker waits this out, so it bounds queue latency there.
+    fetch_max_wait_ms: int = Field(default=10, ge=1)
     # Kafka group session timeout: how soon a dead worker's partitions move on.
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     # echo engine: simulated time per output token (benchmarks, scaler tests).

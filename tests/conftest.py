@@ -47,6 +47,7 @@ def settings(broker: Service, redis_server: Service) -> Settings:
         engine="echo",
         session_timeout_ms=6000,
         log_format="console",
+        auth=False,  # tests/integration/test_auth.py turns it on
         metrics_port=0,  # tests that scrape a worker give it a free port
     )
 

@@ -118,7 +118,6 @@ async def test_one_request_is_one_trace_across_gateway_and_worker(stack, receive
     [server] = [s for s in receiver.named("POST /v1/requests") if s.attributes.get("llmq.request_id") == request_id]
     [publish] = receiver.named(f"publish {topic}")
     [process] = receiver.named(f"process {topic}")
-    [queued] = receiver.named(f"queued {topic}")
     [generate] = receiver.named("text_completion echo")
     [write] = receiver.named("write result")
     [batch] = receiver.named(f"process batch {topic}")
@@ -126,11 +125,10 @@ async def test_one_request_is_one_trace_across_gateway_and_worker(stack, receive
     assert {server.service, publish.service} == {"llmq-gateway"}
     assert {process.service, generate.service, write.service, batch.service} == {"llmq-worker"}
     trace_id = server.trace_id
-    assert {s.trace_id for s in (publish, process, queued, generate, write)} == {trace_id}
+    assert {s.trace_id for s in (publish, process, generate, write)} == {trace_id}
     # gateway server span → PRODUCER → (Kafka headers) → CONSUMER process → engine, result write
     assert publish.parent_id == server.span_id and publish.kind == 4  # SPAN_KIND_PRODUCER
     assert process.parent_id == publish.span_id and process.kind == 5  # SPAN_KIND_CONSUMER
-    assert queued.parent_id == publish.span_id
     assert generate.parent_id == process.span_id and write.parent_id == process.span_id
     assert (trace_id, publish.span_id) in batch.links
     assert batch.attributes["messaging.batch.message_count"] == 1

@@ -1,0 +1,779 @@
+"""Pipeline benchmark: gateway overhead against a bare floor, and end-to-end throughput and latency.
+
+    python -m bench.pipeline [--duration S] [--connections N] [--json out.json]
+
+One run starts its own broker (Tansu) and redis-server on free loopback ports
+in a temporary directory, then measures:
+
+1. baseline: `bench.baseline_gateway`, the floor of a gateway's work (parse
+   JSON, one HSET, one acknowledged produce, 202), under closed-loop load
+   from `wrk -t1 -c<connections>`; accepted (2xx) requests/s;
+2. gateway: the llmq `gateway` process under the same wrk load; accepted
+   requests/s and the ratio gateway/baseline. No worker runs during 1 and 2,
+   so neither server shares the CPUs with one;
+3. end to end, a fresh gateway + one echo `worker` on a new topic:
+   (a) completed requests/s: N requests submitted by 64 concurrent aiohttp
+       submitters, completions counted from the `{prefix}:done` pub/sub
+       channel (published in the same Lua script that writes the result, so a
+       message means the result is readable);
+   (b) latency at a fixed offered rate: open loop (submits on a fixed
+       schedule, whatever the answers), submit → result p50/p99, both times
+       taken with time.perf_counter in this process.
+
+Only the LLMQ_* settings that wire the processes together are set; every other
+setting keeps its default (or what the caller's environment says: such
+overrides are printed with the results). A benchmark, never part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from shared.devstack import ServiceError, free_port, python_env, start_broker, start_redis, wait_for_port
+
+REPO = Path(__file__).resolve().parents[1]
+BODY = {"input": {"prompt": "hello world from the bench"}, "params": {"max_tokens": 8}}
+BODY_BYTES = json.dumps(BODY).encode()
+JSON_CT = {"Content-Type": "application/json"}
+
+# wrk posts the same body on every request. No response() callback: that would
+# make wrk run Lua per response, and with one thread wrk shares the two cores
+# with the servers it measures; it costs the same for both sides, but less is better.
+WRK_SCRIPT = f"""
+wrk.method = "POST"
+wrk.body = '{json.dumps(BODY)}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+# The settings the bench sets for its llmq processes; everything else is default.
+WIRING = ("LLMQ_KAFKA_BOOTSTRAP", "LLMQ_REDIS_URL", "LLMQ_REQUEST_TOPIC", "LLMQ_CONSUMER_GROUP",
+          "LLMQ_REDIS_PREFIX", "LLMQ_HTTP_PORT", "LLMQ_ENGINE", "LLMQ_LOG_LEVEL", "LLMQ_AUTH")
+
+
+# ---- child processes -----------------------------------------------------------
+
+
+class Children:
+    """Every process the bench starts, stopped in reverse order whatever happens."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.services = []
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        # Own session: a Ctrl-C in the terminal reaches only the bench, which then
+        # stops the children in order (workers drain, gateways close their producers).
+        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen, grace: float = 10.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop_all(self) -> None:
+        for _name, proc in reversed(self.procs):
+            self.stop(proc)
+        for service in reversed(self.services):
+            service.stop()
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.log_dir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def console_script(name: str, module: str) -> list[str]:
+    """The venv's console script (`gateway`, `worker`) if present, else `python -m module`."""
+    script = Path(sys.executable).parent / name
+    return [str(script)] if script.exists() else [sys.executable, "-m", module]
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds a process has used so far; None: this process.
+
+    CPU per request is the steadier number on a shared machine: a noisy
+    neighbour moves requests/s a lot more than it moves what each request costs.
+    """
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+class CpuMeter:
+    """CPU seconds used by each named process between start() and stop()."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = pids
+        self._at_start: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._at_start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) - self._at_start[name] for name, pid in self.pids.items()}
+
+
+def http_status(method: str, url: str, body: bytes | None = None, timeout: float = 5) -> int:
+    request = urllib.request.Request(url, data=body, method=method, headers=JSON_CT)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            resp.read()
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def wait_accepting(base: str, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
+    """Until a POST is answered 202: the server is up, and its producer knows the topic."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"{what} exited with code {proc.returncode} during start-up")
+        if http_status("POST", f"{base}/v1/requests", BODY_BYTES) == 202:
+            return
+        time.sleep(0.2)
+    raise ServiceError(f"{what} did not accept a request within {timeout:.0f} s")
+
+
+# ---- closed-loop load: wrk -------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    requests_per_s: float  # wrk's own "Requests/sec", errors included
+    non_2xx: int
+    socket_errors: int
+    accepted_per_s: float
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    server_cpu_us_per_request: float | None = None
+
+
+_UNIT_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _wrk_latency(output: str, pct: str) -> float | None:
+    match = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.M)
+    return round(float(match.group(1)) * _UNIT_S[match.group(2)] * 1000, 3) if match else None
+
+
+def run_wrk(url: str, script: Path, connections: int, seconds: int, server_pid: int | None = None) -> WrkResult:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "--latency",
+            "-s", str(script), url]
+    meter = CpuMeter({"server": server_pid}) if server_pid else None
+    if meter:
+        meter.start()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=seconds + 30)
+    finally:
+        # Also on Ctrl-C: subprocess.run would leave wrk unreaped (a zombie) there.
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk exited with code {proc.returncode}: {(err or out).strip()[:500]}")
+    server_cpu = meter.stop()["server"] if meter else None
+    match = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)", out)
+    if match is None:
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    total, elapsed = int(match.group(1)), float(match.group(2)) * _UNIT_S[match.group(3)]
+    # wrk counts status >= 400 here; a POST to either server answers 202 or an error status.
+    non_2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return WrkResult(
+        requests=total,
+        seconds=round(elapsed, 3),
+        requests_per_s=float(m.group(1)) if (m := re.search(r"Requests/sec:\s+([\d.]+)", out)) else 0.0,
+        non_2xx=non_2xx,
+        socket_errors=sum(int(g) for g in errors.groups()) if errors else 0,
+        accepted_per_s=round((total - non_2xx) / elapsed, 1),
+        latency_p50_ms=_wrk_latency(out, "50"),
+        latency_p99_ms=_wrk_latency(out, "99"),
+        server_cpu_us_per_request=round(server_cpu * 1e6 / total, 1) if server_cpu is not None and total else None,
+    )
+
+
+# ---- end to end: Python client + pub/sub completions --------------------------------
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * pct // 100))  # ceil(n * pct / 100)
+    return ordered[int(rank) - 1]
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+class Completions:
+    """Completion times (perf_counter) per request id, from the `{prefix}:done` channel."""
+
+    def __init__(self, redis: aioredis.Redis, channel: str) -> None:
+        self.redis = redis
+        self.channel = channel
+        self.at: dict[str, float] = {}
+        self._pubsub = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._pubsub = self.redis.pubsub()
+        await self._pubsub.subscribe(self.channel)
+        # subscribe() only sends the command: wait for Redis' confirmation, so
+        # that no completion published after this returns can be missed.
+        while True:
+            message = await self._pubsub.get_message(timeout=5)
+            if message is not None and message["type"] == "subscribe":
+                break
+        self._task = asyncio.create_task(self._listen())
+
+    async def _listen(self) -> None:
+        async for message in self._pubsub.listen():
+            if message["type"] == "message":
+                # Stamp on receipt; ids may arrive before their POST's answer does.
+                self.at.setdefault(message["data"], time.perf_counter())
+
+    async def wait_for(self, ids: list[str], timeout: float) -> int:
+        """Until every id completed or `timeout` passed; how many completed."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self._task.done():
+                self._task.result()  # the subscription failed: raise its error
+            if all(i in self.at for i in ids):
+                break
+            await asyncio.sleep(0.02)
+        return sum(i in self.at for i in ids)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+
+
+async def post(http: aiohttp.ClientSession, url: str) -> tuple[int, str | None]:
+    async with http.post(url, data=BODY_BYTES, headers=JSON_CT) as resp:
+        payload = await resp.read()
+        return resp.status, json.loads(payload)["id"] if resp.status == 202 else None
+
+
+async def wait_worker(http, url: str, done: Completions, timeout: float = 60) -> float:
+    """Seconds until a probe request completes: the worker has joined the group and works."""
+    started = time.perf_counter()
+    deadline = started + timeout
+    while time.perf_counter() < deadline:
+        _status, request_id = await post(http, url)
+        if request_id is not None and await done.wait_for([request_id], min(5, deadline - time.perf_counter())):
+            return time.perf_counter() - started
+        if request_id is None:
+            await asyncio.sleep(0.2)
+    raise ServiceError(f"no probe request completed within {timeout:.0f} s (is the worker running?)")
+
+
+async def throughput(http, url: str, done: Completions, redis, prefix: str, meter: CpuMeter,
+                     total: int, concurrency: int, max_seconds: float) -> dict:
+    """(a) As fast as `concurrency` closed-loop submitters can: completed requests/s end to end."""
+    ids: list[str] = []
+    refused: dict[int, int] = {}
+    issued = 0
+
+    async def submitter() -> None:
+        nonlocal issued
+        while issued < total and time.perf_counter() < stop_at:
+            issued += 1
+            status, request_id = await post(http, url)
+            if request_id is not None:
+                ids.append(request_id)
+            else:
+                refused[status] = refused.get(status, 0) + 1
+
+    meter.start()
+    first_submit = time.perf_counter()
+    stop_at = first_submit + max_seconds
+    await asyncio.gather(*(submitter() for _ in range(concurrency)))
+    submitted_s = time.perf_counter() - first_submit
+    completed = await done.wait_for(ids, timeout=30)
+    cpu = meter.stop()
+    last = max((done.at[i] for i in ids if i in done.at), default=first_submit)
+
+    # Belt and braces: the results are really in Redis, and they succeeded.
+    async with redis.pipeline(transaction=False) as pipe:
+        for request_id in ids:
+            pipe.hget(f"{prefix}:req:{request_id}", "status")
+        statuses = await pipe.execute()
+    return {
+        "submitted": issued,
+        "accepted": len(ids),
+        "refused": refused,
+        "accepted_per_s": round(len(ids) / submitted_s, 1),
+        "completed": completed,
+        "succeeded_in_redis": sum(s == "succeeded" for s in statuses),
+        "seconds": round(last - first_submit, 3),
+        "completed_per_s": round(completed / (last - first_submit), 1) if completed else 0.0,
+        # Where the CPU went, per completed request: what caps requests/s on a small machine.
+        "cpu_ms_per_request": {name: round(sec * 1000 / max(completed, 1), 3) for name, sec in cpu.items()},
+    }
+
+
+async def latency(http, url: str, done: Completions, redis, prefix: str, rate: float, seconds: float) -> dict:
+    """(b) Open loop at `rate`/s: submit → result latency, same clock for both ends."""
+    count = int(rate * seconds)
+    sent: dict[str, float] = {}
+    accepted_after: list[float] = []
+    lateness: list[float] = []  # how far behind schedule each submit went out: the client's own health
+    refused = 0
+
+    async def one(scheduled: float) -> None:
+        nonlocal refused
+        submit = time.perf_counter()
+        lateness.append(submit - scheduled)
+        status, request_id = await post(http, url)
+        if request_id is None:
+            refused += 1
+            return
+        sent[request_id] = submit
+        accepted_after.append(time.perf_counter() - submit)
+
+    tasks = []
+    start = time.perf_counter() + 0.05
+    for i in range(count):
+        scheduled = start + i / rate
+        if (delay := scheduled - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(scheduled)))
+    await asyncio.gather(*tasks)
+    ids = list(sent)
+    completed = await done.wait_for(ids, timeout=15)
+    latencies = [done.at[i] - sent[i] for i in ids if i in done.at]
+
+    # Where the time goes, from the record's own wall-clock stamps: the gateway's
+    # submitted_at, the worker's started_at (claim) and finished_at (result).
+    async with redis.pipeline(transaction=False) as pipe:
+        for request_id in ids:
+            pipe.hmget(f"{prefix}:req:{request_id}", "submitted_at", "started_at", "finished_at")
+        stamps = [tuple(map(float, s)) for s in await pipe.execute() if all(s)]
+    to_claim = [started - submitted for submitted, started, _ in stamps]
+    to_finish = [finished - started for _, started, finished in stamps]
+
+    return {
+        "offered": count,
+        "offered_per_s": rate,
+        "accepted": len(ids),
+        "refused": refused,
+        "completed": completed,
+        "p50_ms": ms(percentile(latencies, 50)),
+        "p90_ms": ms(percentile(latencies, 90)),
+        "p99_ms": ms(percentile(latencies, 99)),
+        "max_ms": ms(max(latencies, default=None)),
+        "accept_p50_ms": ms(percentile(accepted_after, 50)),
+        "accept_p99_ms": ms(percentile(accepted_after, 99)),
+        "gateway_to_claim_p50_ms": ms(percentile(to_claim, 50)),
+        "gateway_to_claim_p99_ms": ms(percentile(to_claim, 99)),
+        "claim_to_result_p50_ms": ms(percentile(to_finish, 50)),
+        "client_lateness_p99_ms": ms(percentile(lateness, 99)),
+    }
+
+
+async def end_to_end(base: str, redis_url: str, prefix: str, pids: dict[str, int | None],
+                     args: argparse.Namespace) -> dict:
+    url = f"{base}/v1/requests"
+    redis = aioredis.from_url(redis_url, decode_responses=True)
+    done = Completions(redis, f"{prefix}:done")
+    connector = aiohttp.TCPConnector(limit=max(args.submitters, 64))  # a pooled connection per submitter
+    try:
+        await done.start()  # subscribed before the first submit
+        async with aiohttp.ClientSession(connector=connector) as http:
+            result = {"worker_ready_s": round(await wait_worker(http, url, done), 2)}
+            result["throughput"] = await throughput(http, url, done, redis, prefix, CpuMeter(pids),
+                                                    args.requests, args.submitters, args.duration)
+            result["latency"] = await latency(http, url, done, redis, prefix, args.rate, args.latency_duration)
+            return result
+    finally:
+        await done.close()
+        await redis.aclose()
+
+
+# ---- the run ----------------------------------------------------------------------
+
+
+def machine() -> dict:
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": model,
+        "loadavg_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+    }
+
+
+def llmq_env(stack: dict, tag: str, port: int) -> dict[str, str]:
+    """The wiring for one llmq process (or the baseline); every other setting stays default."""
+    return python_env(
+        LLMQ_KAFKA_BOOTSTRAP=stack["bootstrap"],
+        LLMQ_REDIS_URL=stack["redis_url"],
+        LLMQ_REQUEST_TOPIC=f"bench.{stack['run']}.{tag}",
+        LLMQ_CONSUMER_GROUP=f"bench-{stack['run']}-{tag}",
+        LLMQ_REDIS_PREFIX=f"bench-{stack['run']}-{tag}",
+        LLMQ_HTTP_PORT=str(port),
+        LLMQ_ENGINE="echo",
+        LLMQ_LOG_LEVEL="warning",
+        LLMQ_AUTH="false",  # the local mode of `make up`; keys are cached in-process when on
+    )
+
+
+def traced(env: dict[str, str], sink_url: str | None, service: str) -> dict[str, str]:
+    """`env` with OpenTelemetry export to the bench's OTLP sink turned on."""
+    if sink_url is None:
+        return env
+    return {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url, "OTEL_SERVICE_NAME": service}
+
+
+def run_load(args: argparse.Namespace, children: Children, stack: dict, tmp: Path) -> dict:
+    """1 + 2: baseline and gateway under the same wrk load, no worker running
+    (with --tracing, also the gateway exporting its traces to the OTLP sink)."""
+    base_port, gw_port = free_port(), free_port()
+    baseline = children.spawn("baseline", [sys.executable, "-m", "bench.baseline_gateway", "--port", str(base_port)],
+                              llmq_env(stack, "baseline", base_port))
+    gateway = children.spawn("gateway-load", console_script("gateway", "gateway.main") + ["--port", str(gw_port)],
+                             llmq_env(stack, "load", gw_port))
+    servers = {"baseline": (baseline, f"http://127.0.0.1:{base_port}"),
+               "gateway": (gateway, f"http://127.0.0.1:{gw_port}")}
+    if stack.get("sink_url"):
+        traced_port = free_port()
+        env = traced(llmq_env(stack, "load-traced", traced_port), stack["sink_url"], "llmq-gateway")
+        proc = children.spawn("gateway-traced", console_script("gateway", "gateway.main") + ["--port", str(traced_port)],
+                              env)
+        servers["gateway_traced"] = (proc, f"http://127.0.0.1:{traced_port}")
+    for name, (proc, url) in servers.items():
+        wait_accepting(url, proc, name)
+
+    script = tmp / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    results: dict[str, list[dict]] = {name: [] for name in servers}
+    # Alternate the two sides, so that a noisy neighbour's drift hits both alike.
+    for r in range(args.rounds):
+        for name, (proc, url) in servers.items():
+            if args.warmup > 0:
+                run_wrk(f"{url}/v1/requests", script, args.connections, args.warmup)
+            result = run_wrk(f"{url}/v1/requests", script, args.connections, args.duration, proc.pid)
+            results[name].append(asdict(result))
+            log(f"round {r + 1} {name}: {result.accepted_per_s:.0f} accepted/s, "
+                f"{result.server_cpu_us_per_request} µs CPU/request, p50 {result.latency_p50_ms} ms, "
+                f"non-2xx {result.non_2xx}")
+    # Stopped before the end-to-end phase, so they don't share the CPUs with it.
+    for proc, _url in servers.values():
+        children.stop(proc)
+    return results
+
+
+def run_e2e(args: argparse.Namespace, children: Children, stack: dict, sink_url: str | None = None) -> dict:
+    """3: a fresh gateway and one echo worker, on a fresh topic (no backlog from the load phase);
+    with `sink_url`, both export their traces there."""
+    port = free_port()
+    tag = "e2e-traced" if sink_url else "e2e"
+    env = llmq_env(stack, tag, port)
+    gateway = children.spawn(f"gateway-{tag}", console_script("gateway", "gateway.main") + ["--port", str(port)],
+                             traced(env, sink_url, "llmq-gateway"))
+    worker = children.spawn(f"worker-{tag}", console_script("worker", "workers.main"),
+                            traced(env, sink_url, "llmq-worker"))
+    url = f"http://127.0.0.1:{port}"
+    wait_accepting(url, gateway, "e2e gateway")
+    log("waiting for the worker to join its group")
+    pids = {"gateway": gateway.pid, "worker": worker.pid, "bench client": None,
+            "redis": stack["redis_pid"], "broker": stack["broker_pid"]}
+    result = asyncio.run(end_to_end(url, stack["redis_url"], env["LLMQ_REDIS_PREFIX"], pids, args))
+    if worker.poll() is not None:
+        raise ServiceError(f"the worker exited with code {worker.returncode}")
+    log(f"{tag}: {result['throughput']['completed_per_s']:.0f} completed/s, "
+        f"latency p50 {result['latency']['p50_ms']} ms")
+    children.stop(gateway)
+    children.stop(worker)
+    return result
+
+
+def run(args: argparse.Namespace, children: Children, tmp: Path) -> dict:
+    info = machine()
+    # Children inherit this environment: say so when it changes what is measured
+    # (an LLMQ_* setting off its default, or OTEL_* turning tracing on).
+    overrides = {k: v for k, v in sorted(os.environ.items())
+                 if k.startswith(("LLMQ_", "OTEL_")) and k not in WIRING}
+    log(f"starting broker and redis in {tmp}")
+    broker = start_broker(free_port(), tmp / "broker.log")
+    children.services.append(broker)
+    redis_service = start_redis(free_port(), tmp / "redis")
+    children.services.append(redis_service)
+    stack = {"run": uuid.uuid4().hex[:8], "bootstrap": broker.url, "redis_url": redis_service.url,
+             "broker_pid": broker.proc.pid, "redis_pid": redis_service.proc.pid, "sink_url": None}
+    if args.tracing:
+        sink_port = free_port()
+        sink = children.spawn("otlp-sink", [sys.executable, "-m", "bench.otlp_sink", "--port", str(sink_port)],
+                              python_env())
+        stack["sink_url"] = f"http://127.0.0.1:{sink_port}"
+        wait_for_port(sink_port, 30, sink, "OTLP sink")
+
+    result: dict = {
+        "machine": info,
+        "config": {
+            "phases": args.phases, "duration_s": args.duration, "warmup_s": args.warmup,
+            "connections": args.connections, "rounds": args.rounds, "load_generator": "wrk -t1 (closed loop)",
+            "worker_during_load": False, "e2e_requests": args.requests, "e2e_submitters": args.submitters,
+            "latency_rate_per_s": args.rate, "latency_duration_s": args.latency_duration,
+            "env_overrides": overrides, "tracing_compared": args.tracing,
+        },
+    }
+    if args.phases in ("all", "load"):
+        result.update(run_load(args, children, stack, tmp))
+    if args.phases in ("all", "e2e"):
+        result["e2e"] = run_e2e(args, children, stack)
+        if args.tracing:
+            result["e2e_traced"] = run_e2e(args, children, stack, stack["sink_url"])
+    info["loadavg_at_end"] = os.getloadavg()
+    return result
+
+
+# ---- the report -------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+@dataclass
+class Row:
+    metric: str
+    value: object
+    target: str = "—"
+    ok: bool | None = None
+
+    @property
+    def verdict(self) -> str:
+        return "—" if self.ok is None else ("pass" if self.ok else "FAIL")
+
+
+def load_rows(result: dict) -> list[Row]:
+    cfg = result["config"]
+    load = f"wrk -t1 -c{cfg['connections']}, {cfg['duration_s']:g} s" + (
+        f", median of {cfg['rounds']}" if cfg["rounds"] > 1 else "") + ", no worker"
+    out = []
+    for name in ("baseline", "gateway"):
+        runs = result[name]
+        out += [
+            Row(f"{name} accepted req/s ({load})", f"{median([r['accepted_per_s'] for r in runs]):.0f}"),
+            Row(f"{name} latency p50 / p99 (wrk)", f"{median([r['latency_p50_ms'] or 0 for r in runs]):.1f} / "
+                                                   f"{median([r['latency_p99_ms'] or 0 for r in runs]):.1f} ms"),
+            Row(f"{name} CPU per request (server process)",
+                f"{median([r['server_cpu_us_per_request'] or 0 for r in runs]):.0f} µs"),
+        ]
+    base = median([r["accepted_per_s"] for r in result["baseline"]])
+    gw = median([r["accepted_per_s"] for r in result["gateway"]])
+    ratio = gw / base if base else 0.0
+    errors = sum(r["non_2xx"] + r["socket_errors"] for name in ("baseline", "gateway") for r in result[name])
+    out += [
+        Row("gateway / baseline (accepted req/s)", f"{ratio:.2f}", "≥ 0.80", ratio >= 0.80),
+        Row("non-2xx + socket errors under wrk load", errors, "0", errors == 0),
+    ]
+    if "gateway_traced" in result:
+        traced_rate = median([r["accepted_per_s"] for r in result["gateway_traced"]])
+        traced_ratio = traced_rate / gw if gw else 0.0
+        out += [
+            Row(f"gateway with tracing on accepted req/s ({load})", f"{traced_rate:.0f}"),
+            Row("gateway traced / untraced (accepted req/s)", f"{traced_ratio:.2f}", "≥ 0.90", traced_ratio >= 0.90),
+        ]
+    return out
+
+
+def e2e_rows(result: dict) -> list[Row]:
+    cfg, nproc = result["config"], result["machine"]["nproc"]
+    t, lat = result["e2e"]["throughput"], result["e2e"]["latency"]
+    cpu = t["cpu_ms_per_request"]
+    cpu_total = sum(cpu.values())
+    lost = (t["accepted"] - t["completed"]) + (lat["accepted"] - lat["completed"])
+    p50 = lat["p50_ms"]
+    return [
+        Row(f"e2e completed req/s ({t['accepted']} requests, {cfg['e2e_submitters']} submitters, 1 echo worker)",
+            f"{t['completed_per_s']:.0f}", "≥ 1000", t["completed_per_s"] >= 1000),
+        Row("e2e submit rate reached (accepted req/s)", f"{t['accepted_per_s']:.0f}"),
+        Row("e2e CPU per completed request, by process",
+            " · ".join(f"{name} {v:.2f}" for name, v in cpu.items()) + f" = {cpu_total:.2f} ms"),
+        Row(f"e2e ceiling from CPU alone ({nproc} cores / CPU per request)",
+            f"{nproc * 1000 / cpu_total:.0f} req/s" if cpu_total else "—"),
+        Row(f"e2e latency p50 submit→result (open loop {lat['offered_per_s']:g}/s)", f"{p50} ms", "≤ 15 ms",
+            p50 is not None and p50 <= 15),
+        Row("e2e latency p90 / p99 / max", f"{lat['p90_ms']} / {lat['p99_ms']} / {lat['max_ms']} ms"),
+        Row("  of which: POST answered (202) p50 / p99", f"{lat['accept_p50_ms']} / {lat['accept_p99_ms']} ms"),
+        Row("  of which: gateway record → worker claim p50 / p99",
+            f"{lat['gateway_to_claim_p50_ms']} / {lat['gateway_to_claim_p99_ms']} ms"),
+        Row("  of which: worker claim → result p50", f"{lat['claim_to_result_p50_ms']} ms"),
+        Row("client lateness vs schedule p99 (the client's own health)", f"{lat['client_lateness_p99_ms']} ms"),
+        Row("accepted but never completed (e2e)", lost, "0", lost == 0),
+        Row("succeeded in Redis / accepted (e2e throughput)", f"{t['succeeded_in_redis']} / {t['accepted']}",
+            "all", t["succeeded_in_redis"] == t["accepted"]),
+    ]
+
+
+def tracing_rows(result: dict) -> list[Row]:
+    plain, traced_run = result["e2e"]["throughput"], result["e2e_traced"]["throughput"]
+    ratio = traced_run["completed_per_s"] / plain["completed_per_s"] if plain["completed_per_s"] else 0.0
+    return [
+        Row("e2e completed req/s with tracing on (gateway + worker exporting)",
+            f"{traced_run['completed_per_s']:.0f}"),
+        Row("e2e traced / untraced (completed req/s)", f"{ratio:.2f}", "≥ 0.90", ratio >= 0.90),
+        Row("e2e latency p50 with tracing on", f"{result['e2e_traced']['latency']['p50_ms']} ms"),
+    ]
+
+
+def report(result: dict) -> tuple[str, list[Row]]:
+    m, cfg = result["machine"], result["config"]
+    table = ((load_rows(result) if "gateway" in result else []) + (e2e_rows(result) if "e2e" in result else [])
+             + (tracing_rows(result) if "e2e_traced" in result else []))
+    lines = [
+        f"machine: {m['nproc']} CPUs ({m['cpu_model']}), python {m['python']}, "
+        f"load average at start {m['loadavg_at_start'][0]:.2f}, at end {m['loadavg_at_end'][0]:.2f}",
+        "settings: llmq defaults" + (f", with environment overrides {cfg['env_overrides']}"
+                                     if cfg["env_overrides"] else " (no LLMQ_*/OTEL_* overrides beyond the wiring)"),
+    ]
+    if "gateway" in result:
+        lines.append("wrk runs: no worker running (neither for the baseline nor for the gateway)")
+    if "e2e" in result:
+        lines.append(f"e2e: 1 gateway + 1 echo worker; worker ready {result['e2e']['worker_ready_s']} s after start")
+    lines += [
+        "",
+        "| metric | value | target | result |",
+        "|---|---|---|---|",
+        *(f"| {r.metric} | {r.value} | {r.target} | {r.verdict} |" for r in table),
+    ]
+    return "\n".join(lines), table
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _whole_seconds(text: str) -> int:
+    seconds = int(text)
+    if seconds < 1:
+        raise argparse.ArgumentTypeError("at least 1 second")
+    return seconds
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Whole seconds: wrk takes no fractions.
+    parser.add_argument("--duration", type=_whole_seconds, default=10,
+                        help="seconds of each measured wrk run; also caps the e2e throughput submits (10)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk warm-up before each run, 0 for none (2)")
+    parser.add_argument("--rounds", type=int, default=1, help="baseline/gateway wrk rounds, alternated (1)")
+    parser.add_argument("--requests", type=int, default=5000, help="e2e throughput: requests to submit (5000)")
+    parser.add_argument("--submitters", type=int, default=64, help="e2e throughput: concurrent submitters (64)")
+    parser.add_argument("--rate", type=float, default=200.0, help="e2e latency: offered requests/s (200)")
+    parser.add_argument("--latency-duration", type=float, default=10.0, help="e2e latency: seconds (10)")
+    parser.add_argument("--phases", choices=["all", "load", "e2e"], default="all",
+                        help="load: wrk baseline vs gateway only; e2e: gateway + worker only (all)")
+    parser.add_argument("--tracing", action="store_true",
+                        help="also run the gateway (and e2e) with OpenTelemetry export to a local OTLP sink")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (child logs)")
+    return parser.parse_args(argv)
+
+
+def _interrupt(_signum, _frame) -> None:
+    # SIGTERM as Ctrl-C, so that main's `finally` stops every child either way.
+    # Re-sent as SIGINT rather than raised here: inside asyncio.run, SIGINT
+    # cancels the main task cleanly instead of interrupting whichever task runs.
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None and args.phases != "e2e":
+        print("bench: wrk not found (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
+        return 2
+    # Ctrl-C works even when started from a script as a background job (which
+    # inherits SIGINT ignored); SIGTERM does the same as Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    tmp = Path(tempfile.mkdtemp(prefix="llmq-bench-"))
+    children = Children(tmp)
+    keep = args.keep
+    try:
+        result = run(args, children, tmp)
+        text, table = report(result)
+        print(text, flush=True)
+        if args.json:
+            result["table"] = [asdict(r) | {"result": r.verdict} for r in table]
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    except (ServiceError, subprocess.SubprocessError, RuntimeError) as exc:
+        keep = True  # the children's logs say why
+        print(f"bench: {exc}", file=sys.stderr)
+        for name, _proc in children.procs:
+            if tail := children.log_tail(name):
+                print(f"--- {name}.log (last lines) ---\n{tail}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        children.stop_all()
+        if keep:
+            print(f"bench: logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
