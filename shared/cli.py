@@ -4,6 +4,7 @@
   llmq submit TEXT   submit a prompt to a running gateway and wait for the answer
   llmq build-model   build the tiny local model `make up` serves
   llmq schema        rewrite the request message's JSON Schema file
+  llmq keys create NAME | list | revoke NAME    API keys, in the Redis at LLMQ_REDIS_URL
 """
 
 from __future__ import annotations
@@ -163,6 +164,43 @@ def build_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def keys(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from shared.apikeys import ApiKeyStore
+    from shared.keys import Keys
+    from shared.store import connect_redis
+
+    async def run() -> int:
+        settings = Settings()
+        redis = connect_redis(settings.redis_url)
+        store = ApiKeyStore(redis, Keys(settings.redis_prefix))
+        try:
+            if args.action == "create":
+                key = await store.create(args.name)
+                print(key)
+                print(f"API key for {args.name!r}: shown once, store it now. Use: Authorization: Bearer <key>",
+                      file=sys.stderr)
+            elif args.action == "list":
+                for entry in await store.list():
+                    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["created_at"]))
+                    print(f"{entry['name']}\tcreated {created}")
+            elif not await store.revoke(args.name):
+                print(f"no key named {args.name!r}", file=sys.stderr)
+                return 1
+            return 0
+        except ValueError as exc:
+            print(f"llmq keys: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await redis.aclose()
+
+    if args.action in ("create", "revoke") and not args.name:
+        print(f"llmq keys {args.action}: give the key's NAME", file=sys.stderr)
+        return 2
+    return asyncio.run(run())
+
+
 def schema(_args: argparse.Namespace) -> int:
     from shared.schema import SCHEMA_PATH, write_message_schema
 
@@ -188,6 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true")
     p.set_defaults(run=build_model)
     commands.add_parser("schema", help="rewrite shared/schemas/request-v1.schema.json").set_defaults(run=schema)
+    p = commands.add_parser("keys", help="create, list or revoke API keys")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("name", nargs="?")
+    p.set_defaults(run=keys)
     args = parser.parse_args(argv)
     sys.exit(args.run(args))
 

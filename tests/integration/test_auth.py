@@ -1,0 +1,106 @@
+"""API keys: no key, no access; each request belongs to the key that made it
+(another key gets 404, as for an id that doesn't exist); per-key rate limits.
+Keys are made with the real `llmq keys` command against the test's Redis."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from gateway.app import Gateway
+from shared.devstack import python_env
+from tests.integration.helpers import wait_final
+
+BODY = {"input": {"prompt": "mine alone"}, "params": {"max_tokens": 4}}
+
+
+def llmq_keys(settings, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared.cli", "keys", *args], env=python_env(**settings.to_env()),
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def auth_settings(settings):
+    return settings.model_copy(update={"auth": True, "rate_limit_rps": 1.0, "rate_limit_burst": 3})
+
+
+@pytest.fixture
+async def secured(auth_settings):
+    gateway = Gateway(auth_settings)
+    server = TestServer(gateway.app, host="127.0.0.1")
+    await server.start_server()
+    gateway.url = str(server.make_url("")).rstrip("/")
+    yield gateway
+    await server.close()
+
+
+@pytest.fixture
+def alice_and_bob(auth_settings):
+    keys = {}
+    for name in ("alice", "bob"):
+        made = llmq_keys(auth_settings, "create", name)
+        assert made.returncode == 0, made.stderr
+        keys[name] = {"Authorization": f"Bearer {made.stdout.strip()}"}
+    return keys
+
+
+async def test_no_or_wrong_key_is_401(secured, http):
+    for headers in ({}, {"Authorization": "Bearer llmq_not-a-real-key"}, {"Authorization": "Basic abc"}):
+        async with http.post(f"{secured.url}/v1/requests", json=BODY, headers=headers) as resp:
+            assert resp.status == 401
+            assert resp.headers["WWW-Authenticate"] == "Bearer"
+            assert (await resp.json())["error"]["type"] == "unauthorized"
+        async with http.get(f"{secured.url}/v1/requests/anything", headers=headers) as resp:
+            assert resp.status == 401
+    async with http.get(f"{secured.url}/healthz") as resp:
+        assert resp.status == 200  # operational endpoints stay open
+
+
+async def test_a_request_is_visible_only_to_its_key(secured, http, alice_and_bob, start_worker):
+    alice, bob = alice_and_bob["alice"], alice_and_bob["bob"]
+    async with http.post(f"{secured.url}/v1/requests", json=BODY, headers=alice) as resp:
+        assert resp.status == 202
+        request_id = (await resp.json())["id"]
+
+    for method in ("GET", "DELETE"):
+        async with http.request(method, f"{secured.url}/v1/requests/{request_id}", headers=bob) as resp:
+            assert resp.status == 404
+            assert (await resp.json()) == {"error": {"type": "not_found", "message": "no such request"}}
+
+    await start_worker()
+    http.headers.update(alice)  # wait_final polls with alice's key
+    view = await wait_final(http, secured.url, request_id)
+    assert view["status"] == "succeeded" and view["output"]["text"] == "mine alone"
+    assert "tenant" not in view
+
+
+async def test_revoked_key_stops_working(secured, http, alice_and_bob, auth_settings):
+    secured.api_keys.cache_seconds = 0  # no wait for the in-process cache to lapse
+    async with http.post(f"{secured.url}/v1/requests", json=BODY, headers=alice_and_bob["bob"]) as resp:
+        assert resp.status == 202
+    listed = llmq_keys(auth_settings, "list")
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["alice", "bob"]
+    assert llmq_keys(auth_settings, "revoke", "bob").returncode == 0
+    async with http.post(f"{secured.url}/v1/requests", json=BODY, headers=alice_and_bob["bob"]) as resp:
+        assert resp.status == 401
+    assert llmq_keys(auth_settings, "revoke", "bob").returncode == 1  # no such key any more
+
+
+async def test_rate_limit_per_key_answers_429_with_retry_after(secured, http, alice_and_bob):
+    statuses = []
+    for _ in range(6):
+        async with http.post(f"{secured.url}/v1/requests", json=BODY, headers=alice_and_bob["alice"]) as resp:
+            statuses.append(resp.status)
+            if resp.status == 429:
+                assert int(resp.headers["Retry-After"]) >= 1
+                assert (await resp.json())["error"]["type"] == "rate_limited"
+    assert statuses[:3] == [202, 202, 202]  # the burst
+    assert 429 in statuses[3:]
+    # Another key has its own bucket.
+    async with http.post(f"{secured.url}/v1/requests", json=BODY, headers=alice_and_bob["bob"]) as resp:
+        assert resp.status == 202
+    keys = [k async for k in secured.redis.scan_iter(match=f"{secured.settings.redis_prefix}:req:*")]
+    assert len(keys) == statuses.count(202) + 1  # a refused request leaves no record
