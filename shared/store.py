@@ -185,7 +185,7 @@ class RequestStore:
         self._finish = redis.register_script(_FINISH)
         self._cancel = redis.register_script(_CANCEL)
         self._admit = redis.register_script(_ADMIT)
-        self._admissions = _AutoPipeline(redis, self._admit)
+        self._admissions = _AutoPipeline(self._admit)
 
     async def create(self, fields: Mapping[str, object], rate: float = 0.0, burst: int = 1) -> float:
         """Create a new record, after taking a token from its tenant's bucket when
@@ -205,25 +205,16 @@ class RequestStore:
     ) -> list[tuple[str, int]]:
         """Mark each (id, create-fields) running. Returns (verdict, attempts) per id, in order."""
         now = str(time.time())
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for request_id, create in claims:
-                await self._claim(
-                    keys=[self.keys.request(request_id)],
-                    args=[now, worker, self.ttl_seconds, _flat(create)],
-                    client=pipe,
-                )
-            return [(verdict, int(attempts)) for verdict, attempts in await pipe.execute()]
+        calls = [([self.keys.request(request_id)], [now, worker, self.ttl_seconds, _flat(create)])
+                 for request_id, create in claims]
+        return [(verdict, int(attempts)) for verdict, attempts in await run_script_batch(self._claim, calls)]
 
     async def finish_many(self, outcomes: Iterable[tuple[Outcome, Mapping[str, object]]]) -> list[bool]:
         """Write each outcome unless its record is already final. True where written."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for outcome, create in outcomes:
-                await self._finish(
-                    keys=[self.keys.request(outcome.request_id), self.keys.done_channel],
-                    args=[self.ttl_seconds, _flat(outcome.fields()), _flat(create), outcome.request_id],
-                    client=pipe,
-                )
-            return [bool(written) for written in await pipe.execute()]
+        calls = [([self.keys.request(outcome.request_id), self.keys.done_channel],
+                  [self.ttl_seconds, _flat(outcome.fields()), _flat(create), outcome.request_id])
+                 for outcome, create in outcomes]
+        return [bool(written) for written in await run_script_batch(self._finish, calls)]
 
     async def cancel(self, request_id: str) -> str | None:
         keys = [self.keys.request(request_id), self.keys.done_channel]
@@ -234,19 +225,43 @@ class RequestStore:
         return view_of(record) if record else None
 
 
+async def run_script_batch(script, calls: list[tuple[list, list]], raise_on_error: bool = True) -> list:
+    """Run one Lua script once per (keys, args) in a single pipeline round trip.
+
+    EVALSHA directly rather than redis-py's pipelined Script, which asks SCRIPT
+    EXISTS before every pipeline (a second round trip); the script is loaded
+    again only when Redis says it doesn't know it (after a restart or flush).
+    """
+    async def execute() -> list:
+        async with script.registered_client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            results = await pipe.execute(raise_on_error=False)
+        if any(isinstance(r, NoScriptError) for r in results):
+            raise NoScriptError("script not loaded")
+        return results
+
+    try:
+        results = await execute()
+    except NoScriptError:
+        script.sha = await script.registered_client.script_load(script.script)
+        results = await execute()
+    if raise_on_error:
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+    return results
+
+
 class _AutoPipeline:
     """Runs the calls of one Lua script that arrive in the same event-loop turn
     as one pipeline: one round trip and one pass through the client for many
     concurrent HTTP requests (ioredis calls this auto-pipelining; redis-py has
     none). Measured on the gateway's submit path, the per-request Redis
-    client cost is most of its CPU time.
-
-    EVALSHA directly rather than redis-py's pipelined Script, which asks
-    SCRIPT EXISTS before every pipeline: a second round trip.
+    client cost was most of its CPU time.
     """
 
-    def __init__(self, redis: aioredis.Redis, script) -> None:
-        self.redis = redis
+    def __init__(self, script) -> None:
         self.script = script
         self._pending: list[tuple[list, list, asyncio.Future]] = []
         self._flushing: set[asyncio.Task] = set()
@@ -266,16 +281,10 @@ class _AutoPipeline:
 
     async def _run(self, batch: list) -> None:
         try:
-            try:
-                results = await self._execute(batch)
-            except NoScriptError:  # Redis restarted or flushed its scripts
-                self.script.sha = await self.redis.script_load(self.script.script)
-                results = await self._execute(batch)
+            results = await run_script_batch(self.script, [(keys, args) for keys, args, _ in batch],
+                                             raise_on_error=False)
         except Exception as exc:
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
+            results = [exc] * len(batch)
         for (*_, future), result in zip(batch, results):
             if future.done():
                 continue
@@ -283,15 +292,6 @@ class _AutoPipeline:
                 future.set_exception(result)
             else:
                 future.set_result(result)
-
-    async def _execute(self, batch: list) -> list:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, args, _ in batch:
-                pipe.evalsha(self.script.sha, len(keys), *keys, *args)
-            results = await pipe.execute(raise_on_error=False)
-        if any(isinstance(r, NoScriptError) for r in results):
-            raise NoScriptError("script not loaded")
-        return results
 
 
 def _ts(value: str | None) -> float | None:

@@ -131,3 +131,14 @@ async def test_two_workers_share_200_requests_each_run_exactly_once(gateway, htt
     assert first.stats.results_written + second.stats.results_written == 200
     assert first.stats.results_written > 0 and second.stats.results_written > 0
     assert all(v["attempts"] == 1 for v in views)
+
+
+async def test_requests_succeed_after_redis_forgets_its_scripts(gateway, http, start_worker):
+    # A Redis restart (or SCRIPT FLUSH) drops the Lua scripts; gateway and worker load them again.
+    await start_worker()
+    first = await submit(http, gateway.url, {"input": {"prompt": "before the flush"}})
+    assert (await wait_final(http, gateway.url, first))["status"] == "succeeded"
+    await gateway.redis.script_flush()
+    second = await submit(http, gateway.url, {"input": {"prompt": "after the flush"}})
+    view = await wait_final(http, gateway.url, second)
+    assert view["status"] == "succeeded" and view["output"]["text"] == "after the flush"
