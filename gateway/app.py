@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 import structlog
 from aiohttp import web
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
@@ -42,7 +42,6 @@ from shared.telemetry import (
     OPERATION_TYPE,
     PARTITION,
     REQUEST_ID,
-    extract_context,
     inject_headers,
     tracer,
     tracing_configured,
@@ -56,6 +55,12 @@ def _redis_down(exc: Exception) -> ApiError:
     log.warning("redis_unavailable", error=str(exc))
     return ApiError(503, "redis_unavailable", "the result store is unreachable; try again shortly",
                     headers={"Retry-After": "1"})
+
+
+def _endpoint(request: web.Request) -> str:
+    """The route's template (`/v1/requests/{id}`), so metrics and spans don't explode per id."""
+    route = request.match_info.route.resource
+    return route.canonical if route is not None else "unmatched"
 
 
 class Gateway:
@@ -113,12 +118,9 @@ class Gateway:
         middleware timing the same thing."""
         if not self._tracing:
             return await self._answer(request, handler)
-        route = request.match_info.route.resource
-        parent = extract_context([(k.lower(), v.encode()) for k, v in request.headers.items()
-                                  if k.lower() in ("traceparent", "tracestate")])
-        endpoint = route.canonical if route is not None else "unmatched"
+        endpoint = _endpoint(request)
         with tracer.start_as_current_span(
-            f"{request.method} {endpoint}", context=parent, kind=SpanKind.SERVER,
+            f"{request.method} {endpoint}", context=propagate.extract(request.headers), kind=SpanKind.SERVER,
             attributes={"http.request.method": request.method, "http.route": endpoint, "url.path": request.path},
         ) as span:
             response = await self._answer(request, handler)
@@ -140,8 +142,7 @@ class Gateway:
         except Exception:
             log.exception("unhandled_error", path=request.path)
             response = error_response(500, "internal_error", "internal error")
-        route = request.match_info.route.resource
-        endpoint = route.canonical if route is not None else "unmatched"
+        endpoint = _endpoint(request)
         self.metrics.http_requests.labels(endpoint, request.method, str(response.status)).inc()
         self.metrics.http_duration.labels(endpoint, request.method).observe(time.perf_counter() - started)
         return response
