@@ -183,6 +183,9 @@ class Gateway:
         tenant = await self._tenant(request)
         if request.content_type != "application/json":
             raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+        if (request.content_length or 0) > self.settings.max_body_bytes:
+            # From the header alone: don't hold the connection for a body we'd refuse.
+            raise ApiError(413, "body_too_large", f"the body is over the limit of {self.settings.max_body_bytes} bytes")
         spec = self._validate(await request.read())
 
         # 2) record it, then enqueue it; undo the record if the broker won't take it

@@ -20,6 +20,19 @@ RequestId = Annotated[str, StringConstraints(pattern=REQUEST_ID_PATTERN)]
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schemas" / f"request-v{SCHEMA_VERSION}.schema.json"
 
+def _whole_numbers(data, fields: tuple[str, ...]):
+    """JSON has one number type: 4.0 is the integer 4 (JSON Schema agrees), so integral
+    floats in these integer fields become ints; strict validation then still refuses
+    "4", true and 4.5. (A model-level hook rather than a field validator, which would
+    make pydantic write the fields' bounds into the JSON Schema as unknown keywords.)"""
+    if isinstance(data, dict) and any(isinstance(data.get(f), float) for f in fields):
+        data = dict(data)
+        for f in fields:
+            value = data.get(f)
+            if isinstance(value, float) and value.is_integer():
+                data[f] = int(value)
+    return data
+
 # Bounds that hold for every deployment; configurable limits (prompt size,
 # max_tokens) are checked against Settings by the gateway.
 MAX_STOP_SEQUENCES = 8
@@ -63,7 +76,7 @@ class Params(_Strict):
     max_tokens: int = Field(default=256, ge=1, description="Most tokens to generate.")
     temperature: float = Field(default=1.0, ge=0.0, le=5.0, description="0 means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="0 disables top-k filtering.")
+    top_k: int = Field(default=0, ge=0, le=1_000_000, description="0 disables top-k filtering.")
     stop: list[Annotated[str, StringConstraints(min_length=1)]] = Field(
         default_factory=list, max_length=MAX_STOP_SEQUENCES, description="Generation ends before any of these strings."
     )
@@ -71,10 +84,10 @@ class Params(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _stop_may_be_one_string(cls, data):
+    def _normalise(cls, data):
         if isinstance(data, dict) and isinstance(data.get("stop"), str):
             data = {**data, "stop": [data["stop"]]}
-        return data
+        return _whole_numbers(data, ("max_tokens", "top_k", "seed"))
 
 
 class RequestSpec(_Strict):
@@ -85,10 +98,17 @@ class RequestSpec(_Strict):
     input: PromptInput | ChatInput
     params: Params = Field(default_factory=Params)
     priority: int | None = Field(default=None, ge=-1000, le=1000, description="Lower runs first where supported.")
-    deadline: datetime | None = Field(default=None, description="RFC 3339; not started by then means `expired`.")
+    # strict=False: RFC 3339 strings must parse also after the model-level hooks
+    # hand pydantic a Python dict (strict Python mode takes only datetime objects).
+    deadline: datetime | None = Field(default=None, strict=False, description="RFC 3339; not started by then means `expired`.")
     metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]] = Field(
         default_factory=dict, max_length=MAX_METADATA_ITEMS
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _priority_is_whole(cls, data):
+        return _whole_numbers(data, ("priority",))
 
     def prompt_chars(self) -> int:
         if isinstance(self.input, PromptInput):
@@ -110,7 +130,7 @@ class RequestMessage(RequestSpec):
     reply_topic: str | None = Field(default=None, max_length=249, description="If set, the result is also produced here.")
     tenant: str | None = Field(default=None, max_length=64,
                                description="Name of the API key that may read the result over HTTP.")
-    submitted_at: datetime | None = None
+    submitted_at: datetime | None = Field(default=None, strict=False)
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
