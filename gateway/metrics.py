@@ -3,12 +3,16 @@ so tests can run several gateways in one process)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import Counter, Histogram
+
+from shared.metrics import ServedMetrics
 
 
-class GatewayMetrics:
+class GatewayMetrics(ServedMetrics):
+    """Served by the gateway's own HTTP server at /metrics."""
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.http_requests = Counter(
             "llmq_gateway_http_requests_total", "HTTP requests answered, by endpoint, method and status code.",
             ["endpoint", "method", "code"], registry=self.registry,

@@ -12,12 +12,13 @@ import time
 from dataclasses import dataclass
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 
 from scaler.backends import Backend
 from scaler.lag import LagReader
 from scaler.policy import Decision, PolicyConfig, ScalingPolicy
 from scaler.settings import ScalerSettings
+from shared.metrics import ServedMetrics
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -32,11 +33,11 @@ class ScalerStats:
     peak_workers: int = 0
 
 
-class ScalerMetrics:
+class ScalerMetrics(ServedMetrics):
     """Gauges on a registry of their own (the process may host other metrics)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.queue_depth = Gauge("llmq_scaler_queue_depth", "Lag of the worker group on the request topic(s)",
                                  registry=self.registry)
         self.desired = Gauge("llmq_scaler_desired_workers", "Workers the policy asks for", registry=self.registry)
@@ -49,16 +50,6 @@ class ScalerMetrics:
                                     ["direction"], registry=self.registry)
         self.errors = Counter("llmq_scaler_errors", "Turns skipped on a failed lag read or backend call",
                               registry=self.registry)
-        self._server = None
-
-    def serve(self, host: str, port: int) -> None:
-        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
 
 class Scaler:
@@ -96,7 +87,7 @@ class Scaler:
     async def start(self) -> None:
         s = self.scaler_settings
         if s.metrics_port:
-            self.metrics.serve(s.metrics_host, s.metrics_port)
+            self.metrics.serve(s.metrics_port, s.metrics_host)
         await self.backend.start()
         await self.lag.start()
         log.info("scaler_started", topic=self.settings.request_topic, group=self.settings.consumer_group,

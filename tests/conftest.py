@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp import ClientSession
@@ -33,34 +34,48 @@ def redis_server(tmp_path_factory) -> Service:
     service.stop()
 
 
+def isolated_settings(broker: Service, redis_server: Service, **overrides) -> Settings:
+    """Settings on the test services with a topic, group and Redis prefix of their own."""
+    tag = uuid.uuid4().hex[:8]
+    return Settings(**{
+        "kafka_bootstrap": broker.url,
+        "redis_url": redis_server.url,
+        "request_topic": f"llmq.requests.{tag}",
+        "dlq_topic": f"llmq.requests.{tag}.dlq",
+        "consumer_group": f"llmq-workers-{tag}",
+        "redis_prefix": f"llmq-{tag}",
+        "request_partitions": 4,
+        "engine": "echo",
+        "session_timeout_ms": 6000,
+        "log_format": "console",
+        "auth": False,  # tests/integration/test_auth.py turns it on
+        "metrics_port": 0,  # tests that scrape a worker give it a free port
+        **overrides,
+    })
+
+
 @pytest.fixture
 def settings(broker: Service, redis_server: Service) -> Settings:
-    tag = uuid.uuid4().hex[:8]
-    return Settings(
-        kafka_bootstrap=broker.url,
-        redis_url=redis_server.url,
-        request_topic=f"llmq.requests.{tag}",
-        dlq_topic=f"llmq.requests.{tag}.dlq",
-        consumer_group=f"llmq-workers-{tag}",
-        redis_prefix=f"llmq-{tag}",
-        request_partitions=4,
-        engine="echo",
-        session_timeout_ms=6000,
-        log_format="console",
-        auth=False,  # tests/integration/test_auth.py turns it on
-        metrics_port=0,  # tests that scrape a worker give it a free port
-    )
+    return isolated_settings(broker, redis_server)
 
 
-@pytest.fixture
-async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
+@asynccontextmanager
+async def serve_gateway(settings: Settings) -> AsyncIterator[Gateway]:
     """A real gateway on a loopback port; `gateway.url` is its base URL."""
     gw = Gateway(settings)
     server = TestServer(gw.app, host="127.0.0.1")
     await server.start_server()
     gw.url = str(server.make_url("")).rstrip("/")
-    yield gw
-    await server.close()
+    try:
+        yield gw
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    async with serve_gateway(settings) as gw:
+        yield gw
 
 
 @pytest.fixture

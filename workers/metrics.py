@@ -4,15 +4,18 @@ in a registry of its own, served on LLMQ_METRICS_PORT."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared.metrics import ServedMetrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
-class WorkerMetrics:
+class WorkerMetrics(ServedMetrics):
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        super().__init__()
+        r = self.registry
         self.requests = Counter("llmq_worker_requests_total", "Requests finished, by final status.", ["status"], registry=r)
         self.dead_lettered = Counter("llmq_worker_dead_lettered_total", "Messages sent to the dead-letter topic.", registry=r)
         self.queue_time = Histogram("llmq_worker_request_queue_time_seconds", "Submit to start of work.",
@@ -30,15 +33,3 @@ class WorkerMetrics:
         self.prompt_tokens = Counter("llmq_worker_prompt_tokens_total", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("llmq_worker_generation_tokens_total", "Tokens generated.", registry=r)
         self.running = Gauge("llmq_worker_num_requests_running", "Requests in the engine now.", registry=r)
-        self.waiting = Gauge("llmq_worker_num_requests_waiting", "Requests fetched, waiting for the engine.", registry=r)
-        self._server = None
-
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        if port:
-            self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -24,7 +24,6 @@ from typing import TypeVar
 import structlog
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError

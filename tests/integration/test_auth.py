@@ -8,10 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from aiohttp.test_utils import TestServer
-
-from gateway.app import Gateway
 from shared.devstack import python_env
+from tests.conftest import serve_gateway
 from tests.integration.helpers import wait_final
 
 BODY = {"input": {"prompt": "mine alone"}, "params": {"max_tokens": 4}}
@@ -29,12 +27,8 @@ def auth_settings(settings):
 
 @pytest.fixture
 async def secured(auth_settings):
-    gateway = Gateway(auth_settings)
-    server = TestServer(gateway.app, host="127.0.0.1")
-    await server.start_server()
-    gateway.url = str(server.make_url("")).rstrip("/")
-    yield gateway
-    await server.close()
+    async with serve_gateway(auth_settings) as gateway:
+        yield gateway
 
 
 @pytest.fixture

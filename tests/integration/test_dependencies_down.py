@@ -4,10 +4,8 @@ nothing it cannot record and enqueue, and leaves nothing half-written."""
 from __future__ import annotations
 
 import pytest
-from aiohttp.test_utils import TestServer
-
-from gateway.app import Gateway
 from shared.devstack import free_port, start_broker, start_redis
+from tests.conftest import serve_gateway
 
 
 @pytest.fixture
@@ -24,12 +22,8 @@ async def own_services(settings, tmp_path):
 @pytest.fixture
 async def own_gateway(own_services):
     settings, broker, redis = own_services
-    gateway = Gateway(settings)
-    server = TestServer(gateway.app, host="127.0.0.1")
-    await server.start_server()
-    gateway.url = str(server.make_url("")).rstrip("/")
-    yield gateway, broker, redis
-    await server.close()
+    async with serve_gateway(settings) as gateway:
+        yield gateway, broker, redis
 
 
 async def _submit(http, gateway):

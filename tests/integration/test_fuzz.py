@@ -23,7 +23,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,6 +49,7 @@ from schemathesis.specs.openapi.checks import (
 
 from shared.devstack import Service, free_port, python_env, wait_for_port
 from shared.settings import Settings
+from tests.conftest import isolated_settings
 from tests.integration.helpers import wait_final
 
 # Examples per operation and generation mode: small and fixed, so CI is fast and
@@ -75,23 +75,8 @@ class RunningGateway:
 @pytest.fixture(scope="module")
 def served(broker: Service, redis_server: Service, tmp_path_factory) -> Iterator[RunningGateway]:
     """`python -m gateway.main` on a free port, for the whole module."""
-    tag = uuid.uuid4().hex[:8]
     port = free_port()
-    settings = Settings(
-        kafka_bootstrap=broker.url,
-        redis_url=redis_server.url,
-        request_topic=f"llmq.requests.{tag}",
-        dlq_topic=f"llmq.requests.{tag}.dlq",
-        consumer_group=f"llmq-workers-{tag}",
-        redis_prefix=f"llmq-{tag}",
-        request_partitions=1,
-        engine="echo",
-        log_format="console",
-        auth=False,
-        metrics_port=0,
-        http_host="127.0.0.1",
-        http_port=port,
-    )
+    settings = isolated_settings(broker, redis_server, request_partitions=1, http_host="127.0.0.1", http_port=port)
     log_path = tmp_path_factory.mktemp("fuzz-gateway") / "gateway.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "gateway.main"], env=python_env(**settings.to_env()),
