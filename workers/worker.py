@@ -24,6 +24,7 @@ from typing import TypeVar
 import structlog
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -83,7 +84,9 @@ class Job:
     record: ConsumerRecord
     message: RequestMessage | None  # None: it could not be parsed
     span: Span  # `process <topic>`, child of the producer's context
+    parent: Context  # the trace context the message carried
     error: str | None = None  # why it could not be parsed
+    span_ended: bool = False
     attempts: int = 0
     create_fields: dict = field(default_factory=dict)
     fetched_at: float = field(default_factory=time.time)
@@ -98,6 +101,11 @@ class Job:
 
     def log_fields(self) -> dict[str, str]:
         return {"request_id": self.request_id, **log_ids(self.span)}
+
+    def end_span(self) -> None:
+        if not self.span_ended:  # the SDK warns on a second end()
+            self.span_ended = True
+            self.span.end()
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -213,7 +221,7 @@ class Worker:
         # The batch's own span links to every request's trace (messaging conventions).
         with tracer.start_as_current_span(
             f"process batch {self.settings.request_topic}", kind=SpanKind.CONSUMER,
-            links=links_to(extract_context(r.headers) for r in records),
+            links=links_to(job.parent for job in jobs),
             attributes={MESSAGING_SYSTEM: "kafka", DESTINATION: self.settings.request_topic,
                         CONSUMER_GROUP: self.settings.consumer_group, BATCH_COUNT: len(records)},
         ):
@@ -221,7 +229,7 @@ class Worker:
                 await self._serve(jobs)
             finally:
                 for job in jobs:
-                    job.span.end()  # idempotent for the ones already ended
+                    job.end_span()  # those that didn't finish (dead-lettered, skipped, or an error)
         await self._commit()
 
     def _receive(self, record: ConsumerRecord) -> Job:
@@ -238,13 +246,14 @@ class Worker:
             message = parse_message(record.value)
         except MessageError as exc:
             span.set_status(trace.StatusCode.ERROR, str(exc))
-            return Job(record, None, span, error=str(exc))
+            return Job(record, None, span, parent, error=str(exc))
         submitted = message.submitted_at.timestamp() if message.submitted_at else record.timestamp / 1000
         queued_for = max(time.time() - submitted, 0.0)  # in the topic, until this fetch
         # Time in the queue is an attribute rather than a span of its own: spans
         # cost real CPU in the Python SDK (see the tracing figures in the README).
         span.set_attributes({REQUEST_ID: message.id, MESSAGE_KEY: message.id, "llmq.queue_seconds": queued_for})
-        return Job(record, message, span, create_fields=base_fields(message.id, message, submitted, "kafka", message.tenant))
+        return Job(record, message, span, parent,
+                   create_fields=base_fields(message.id, message, submitted, "kafka", message.tenant))
 
     async def _serve(self, jobs: list[Job]) -> None:
         # 2) garbage goes to the dead-letter topic
@@ -392,7 +401,7 @@ class Worker:
                 job.span.set_status(trace.StatusCode.ERROR, outcome.error_type or outcome.status.value)
             log.info("request_finished", status=outcome.status.value, written=was_written, attempts=job.attempts,
                      **job.log_fields())
-            job.span.end()
+            job.end_span()
             self.offsets.finish(job.tp, job.record.offset)
 
     async def _reply(self, job: Job) -> None:
