@@ -51,6 +51,32 @@ def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 120) -
     raise ServiceError(f"the gateway was not ready within {timeout:.0f} s")
 
 
+def _wait_for_a_worker(settings: Settings, procs: list[subprocess.Popen], timeout: float = 180) -> None:
+    """Until the worker group has a member with partitions: the first request won't wait then."""
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def wait() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if any(p.poll() is not None for p in procs):
+                    raise ServiceError("a process of the stack exited during start-up (see its log above)")
+                for response in await admin.describe_consumer_groups([settings.consumer_group]):
+                    for _error, _group, state, _type, _protocol, members in response.groups:
+                        if state == "Stable" and members:
+                            return
+                await asyncio.sleep(0.5)
+            raise ServiceError(f"no worker joined group {settings.consumer_group!r} within {timeout:.0f} s")
+        finally:
+            await admin.close()
+
+    asyncio.run(wait())
+
+
 def up(_args: argparse.Namespace) -> int:
     settings = Settings()
     services: list[Service] = []
@@ -94,6 +120,9 @@ def up(_args: argparse.Namespace) -> int:
                                           "--min", str(scaler_settings.min)], env=env))
         url = f"http://{settings.http_host}:{settings.http_port}"
         _wait_ready(url, children)
+        if scaler_settings.min > 0:
+            print("llmq: waiting for the first worker (model load, joining the group) ...", file=sys.stderr, flush=True)
+            _wait_for_a_worker(settings, children)
         print(_banner(settings, scaler_settings, url), flush=True)
 
         # 4) run until Ctrl-C or a child dies
