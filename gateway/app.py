@@ -74,6 +74,8 @@ class Gateway:
         self.store: RequestStore | None = None
         self.waiter: CompletionWaiter | None = None
         self.api_keys: ApiKeyStore | None = None
+        self.queue_depth = 0  # the workers' lag, read by _watch_queue when LLMQ_MAX_QUEUE_DEPTH is set
+        self._queue_watch: asyncio.Task | None = None
         # Read once: with no OTLP endpoint the hot path skips span bookkeeping altogether.
         self._tracing = tracing_configured()
         self.app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[self._middleware])
@@ -100,9 +102,30 @@ class Gateway:
         self.producer = make_producer(s)
         await start_with_retry(self.producer, "producer")
         await ensure_topics(s)
+        if s.max_queue_depth:
+            self._queue_watch = asyncio.create_task(self._watch_queue(), name="queue-watch")
         log.info("gateway_started", topic=s.request_topic, port=s.http_port)
 
+    async def _watch_queue(self) -> None:
+        """Keep `queue_depth` current for admission: the same lag the scaler reads
+        (right on the dev broker too), once a second, off the request path."""
+        from scaler.lag import LagReader
+
+        reader = LagReader(self.settings)
+        try:
+            while True:
+                try:
+                    self.queue_depth = (await reader.read()).depth
+                except Exception as exc:  # keep the last reading; the broker may be back soon
+                    log.warning("queue_depth_unreadable", error=str(exc))
+                await asyncio.sleep(1.0)
+        finally:
+            await reader.close()
+
     async def _close(self, _app: web.Application) -> None:
+        if self._queue_watch is not None:
+            self._queue_watch.cancel()
+            await asyncio.gather(self._queue_watch, return_exceptions=True)
         if self.waiter is not None:
             await self.waiter.close()
         if self.producer is not None:
@@ -187,6 +210,9 @@ class Gateway:
             # From the header alone: don't hold the connection for a body we'd refuse.
             raise ApiError(413, "body_too_large", f"the body is over the limit of {self.settings.max_body_bytes} bytes")
         spec = self._validate(await request.read())
+        if self.settings.max_queue_depth and self.queue_depth >= self.settings.max_queue_depth:
+            raise ApiError(429, "queue_full", f"the queue holds {self.queue_depth} requests; try again later",
+                           headers={"Retry-After": "5"})
 
         # 2) record it, then enqueue it; undo the record if the broker won't take it
         request_id = uuid.uuid4().hex

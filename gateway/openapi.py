@@ -33,10 +33,12 @@ def openapi_document() -> dict:
         ref_template=_REF,
     )
     unavailable = _error("Redis or the broker is unreachable; nothing was recorded.")
+    unauthorized = _error("No API key, or an unknown or revoked one (when auth is on).")
     return {
         "openapi": "3.1.0",
         "info": {"title": "llmq", "version": "1.0.0",
-                 "description": "Queue-backed LLM serving: submit a generation request, then poll, wait or cancel."},
+                 "description": "Queue-backed LLM serving: submit a generation request, then poll, wait or cancel. "
+                                "With auth on, /v1 calls need `Authorization: Bearer <key>`."},
         "paths": {
             "/v1/requests": {
                 "post": {
@@ -49,8 +51,11 @@ def openapi_document() -> dict:
                                 "headers": {"Location": {"schema": {"type": "string"}}}},
                         "400": _error("The body is not JSON."),
                         "413": _error("The body or the prompt is too large."),
+                        "401": unauthorized,
                         "415": _error("Content-Type is not application/json."),
                         "422": _error("A field is missing, of the wrong type, unknown or out of range."),
+                        "429": _error("Over this key's rate (`rate_limited`) or the queue is full (`queue_full`); "
+                                      "see Retry-After."),
                         "503": unavailable,
                     },
                 }
@@ -66,6 +71,7 @@ def openapi_document() -> dict:
                     }],
                     "responses": {
                         "200": _json("The request as it is now.", "RequestView"),
+                        "401": unauthorized,
                         "404": _error("No such request (or it expired)."),
                         "422": _error("`wait` is not a non-negative number."),
                         "503": unavailable,
@@ -77,6 +83,7 @@ def openapi_document() -> dict:
                     "parameters": [_ID_PARAM],
                     "responses": {
                         "200": _json("Cancelled (or already cancelled).", "RequestView"),
+                        "401": unauthorized,
                         "404": _error("No such request."),
                         "409": _error("The request already finished."),
                         "503": unavailable,

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # How many submits a key may make at once above its rate.
     rate_limit_burst: int = Field(default=100, ge=1)
 
+    # Queue admission: refuse submits (429 queue_full) while the workers' lag is at or
+    # above this many requests (0: no bound). The gateway reads the lag once a second.
+    max_queue_depth: int = Field(default=0, ge=0)
+
     # --- records ------------------------------------------------------------
     # How long a request record (and its result) stays readable in Redis.
     result_ttl_seconds: int = Field(default=86_400, ge=1)

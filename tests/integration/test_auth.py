@@ -1,16 +1,18 @@
 """API keys: no key, no access; each request belongs to the key that made it
-(another key gets 404, as for an id that doesn't exist); per-key rate limits.
+(another key gets 404, as for an id that doesn't exist); per-key rate limits;
+queue admission.
 Keys are made with the real `llmq keys` command against the test's Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
 import pytest
 from shared.devstack import python_env
 from tests.conftest import serve_gateway
-from tests.integration.helpers import wait_final
+from tests.integration.helpers import wait_final, wait_until
 
 BODY = {"input": {"prompt": "mine alone"}, "params": {"max_tokens": 4}}
 
@@ -98,3 +100,22 @@ async def test_rate_limit_per_key_answers_429_with_retry_after(secured, http, al
         assert resp.status == 202
     keys = [k async for k in secured.redis.scan_iter(match=f"{secured.settings.redis_prefix}:req:*")]
     assert len(keys) == statuses.count(202) + 1  # a refused request leaves no record
+
+
+async def test_submits_are_refused_while_the_queue_is_over_its_bound(settings, http, start_worker):
+    bounded = settings.model_copy(update={"max_queue_depth": 5})
+    async with serve_gateway(bounded) as gateway:
+        for i in range(5):
+            async with http.post(f"{gateway.url}/v1/requests", json=BODY) as resp:
+                assert resp.status == 202
+        # The gateway reads the workers' lag once a second.
+        await wait_until(lambda: asyncio.sleep(0, gateway.queue_depth >= 5), 15, "the gateway to see the backlog")
+        async with http.post(f"{gateway.url}/v1/requests", json=BODY) as resp:
+            assert resp.status == 429
+            assert resp.headers["Retry-After"] == "5"
+            assert (await resp.json())["error"]["type"] == "queue_full"
+
+        await start_worker()  # drains the backlog; admission opens again
+        await wait_until(lambda: asyncio.sleep(0, gateway.queue_depth == 0), 30, "the backlog to drain")
+        async with http.post(f"{gateway.url}/v1/requests", json=BODY) as resp:
+            assert resp.status == 202
