@@ -9,6 +9,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from aiohttp import ClientSession
@@ -18,6 +19,14 @@ from gateway.app import Gateway
 from shared.devstack import Service, free_port, start_broker, start_redis
 from shared.settings import Settings
 from workers.worker import Worker
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama checkpoint (built once per run, a few seconds on CPU)."""
+    from workers import tinymodel
+
+    return tinymodel.build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")

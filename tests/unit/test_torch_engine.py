@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from shared.schema import ChatMessage, Params
 from shared.settings import Settings
 from workers import tinymodel
-from workers.engines.base import EngineError, GenerationRequest
+from workers.engines.base import EngineError, GenerationRequest, collect
 from workers.engines.torch_engine import TorchEngine
 
 PROMPTS = [
@@ -26,8 +26,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tinymodel.build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,12 @@ def greedy(prompt, rid="r", max_tokens=32, **params):
 
 
 async def run_one(engine, req):
-    [result] = await engine.generate([req])
-    return result
+    return await collect(engine, req)
+
+
+async def run_batch(engine, reqs):
+    """Submitted together: they share the running batch (joining it step by step)."""
+    return await asyncio.gather(*(collect(engine, req) for req in reqs))
 
 
 def generate_directly(reference, input_ids: list[int], n: int) -> tuple[str, list[int]]:
@@ -98,7 +102,7 @@ async def test_greedy_text_equals_model_generate(engine, reference, prompt):
 async def test_padded_batch_gives_each_row_its_solo_text(engine):
     # Prompts of 2..25 tokens, so the short ones sit behind a lot of left padding.
     alone = [await run_one(engine, greedy(p, max_tokens=48)) for p in PROMPTS]
-    batch = await engine.generate([greedy(p, rid=str(i), max_tokens=48) for i, p in enumerate(PROMPTS)])
+    batch = await run_batch(engine, [greedy(p, rid=str(i), max_tokens=48) for i, p in enumerate(PROMPTS)])
 
     assert [r.request_id for r in batch] == [str(i) for i in range(len(PROMPTS))]
     assert [r.text for r in batch] == [r.text for r in alone]
@@ -108,7 +112,7 @@ async def test_padded_batch_gives_each_row_its_solo_text(engine):
 
 @pytest.mark.asyncio
 async def test_rows_with_different_max_tokens_finish_on_their_own(engine):
-    batch = await engine.generate([greedy(PROMPTS[0], rid="short", max_tokens=3),
+    batch = await run_batch(engine, [greedy(PROMPTS[0], rid="short", max_tokens=3),
                                    greedy(PROMPTS[1], rid="long", max_tokens=30)])
     assert [(r.finish_reason, r.completion_tokens) for r in batch] == [("length", 3), ("length", 30)]
     # The short row's text is its own first 3 tokens, not cut from a longer run.
@@ -123,7 +127,7 @@ async def test_same_seed_same_text_whatever_the_batch_mates(engine):
     sampled = dict(max_tokens=40, temperature=1.0, seed=1234)
     alone = await run_one(engine, request(PROMPTS[0], **sampled))
     again = await run_one(engine, request(PROMPTS[0], **sampled))
-    in_batch = await engine.generate([
+    in_batch = await run_batch(engine, [
         request(PROMPTS[3], rid="mate1", max_tokens=20, temperature=0.7, seed=1),
         request(PROMPTS[0], rid="seeded", **sampled),
         greedy(PROMPTS[1], rid="mate2", max_tokens=50),
@@ -149,7 +153,7 @@ async def test_filters_that_leave_one_token_are_greedy(engine):
 async def test_top_k_and_top_p_runs_are_repeatable(engine):
     params = dict(max_tokens=30, temperature=1.2, top_k=50, top_p=0.9, seed=99)
     first = await run_one(engine, request(PROMPTS[2], **params))
-    second = (await engine.generate([greedy(PROMPTS[3]), request(PROMPTS[2], rid="x", **params)]))[1]
+    second = (await run_batch(engine, [greedy(PROMPTS[3]), request(PROMPTS[2], rid="x", **params)]))[1]
     assert first.text == second.text
     assert first.completion_tokens == 30 or first.finish_reason == "stop"
 
@@ -210,7 +214,7 @@ async def test_too_long_prompt_fails_alone_and_its_batch_mate_runs(engine, refer
     n_tokens = len(tokenizer(long_prompt).input_ids)
     assert n_tokens > engine.context
 
-    results = await engine.generate([greedy(long_prompt, rid="long", max_tokens=8),
+    results = await run_batch(engine, [greedy(long_prompt, rid="long", max_tokens=8),
                                      greedy(PROMPTS[0], rid="ok", max_tokens=8)])
 
     failed, ok = results
@@ -332,4 +336,4 @@ async def test_generate_before_start_is_an_engine_error(model_dir):
     engine = TorchEngine(Settings(engine="torch", model=str(model_dir)))
     assert engine.model_name == "tiny-llama"
     with pytest.raises(EngineError):
-        await engine.generate([greedy("Hi")])
+        await run_one(engine, greedy("Hi"))

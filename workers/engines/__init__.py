@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from shared.settings import Settings
-from workers.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
+from workers.engines.base import Engine, EngineError, GenerationOutput, GenerationRequest, GenerationResult, collect
 
-__all__ = ["Engine", "EngineError", "GenerationRequest", "GenerationResult", "load_engine"]
+__all__ = ["Engine", "EngineError", "GenerationOutput", "GenerationRequest", "GenerationResult", "collect",
+           "load_engine"]
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -19,5 +20,7 @@ def load_engine(settings: Settings) -> Engine:
 
         return TorchEngine(settings)
     if settings.engine == "vllm":
-        raise EngineError("the vllm engine is not available in this build; use LLMQ_ENGINE=torch or echo")
+        from workers.engines.vllm_engine import VllmEngine
+
+        return VllmEngine(settings)
     raise EngineError(f"unknown engine {settings.engine!r}")

@@ -2,22 +2,33 @@
 benchmarks, where the queue, not the model, is what's measured.
 
 Tokens are whitespace-separated words; `max_tokens` cuts the answer to that
-many. `LLMQ_ECHO_TOKEN_DELAY_MS` simulates generation time per token.
+many. `LLMQ_ECHO_TOKEN_DELAY_MS` simulates generation time per token. Each
+request runs on its own, as in a continuous batch: a short one never waits
+for a long one, and abort() stops one at its next token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from collections.abc import AsyncIterator
 
 from shared.settings import Settings
-from workers.engines.base import GenerationRequest, GenerationResult
+from workers.engines.base import GenerationOutput, GenerationRequest, GenerationResult
+
+_TOKEN = re.compile(r"\s*\S+")
 
 
 class EchoEngine:
     def __init__(self, settings: Settings) -> None:
         self.model_name = settings.served_model_name
+        self.max_running = settings.batch_max_size
         self.token_delay = settings.echo_token_delay_ms / 1000
+        self.running = 0
+        self._aborted: set[str] = set()
+        self._live: set[str] = set()
+        self._slots: asyncio.Semaphore | None = None  # max_running at once, as in a real batch
 
     async def start(self) -> None:
         pass
@@ -25,16 +36,43 @@ class EchoEngine:
     async def close(self) -> None:
         pass
 
-    async def generate(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._live:
+            self._aborted.add(request_id)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        request_id = request.request_id
+        result = self._echo(request)
         started = time.time()
-        results = [self._echo(request) for request in batch]
-        if self.token_delay:
-            # A batch takes as long as its longest member, as on a real engine.
-            await asyncio.sleep(self.token_delay * max(r.completion_tokens for r in results))
-        for result in results:
-            result.first_token_at = started + self.token_delay
-            result.finished_at = started + self.token_delay * result.completion_tokens
-        return results
+        if not self.token_delay:
+            result.first_token_at = result.finished_at = started
+            yield GenerationOutput(request_id, result.text, result.completion_tokens, result)
+            return
+        self._live.add(request_id)
+        self._slots = self._slots or asyncio.Semaphore(self.max_running)
+        await self._slots.acquire()
+        self.running += 1
+        try:
+            pieces = _TOKEN.findall(result.text)
+            for count, piece in enumerate(pieces[:-1], start=1):
+                await asyncio.sleep(self.token_delay)
+                result.first_token_at = result.first_token_at or time.time()
+                if request_id in self._aborted:
+                    result.text, result.finish_reason = "".join(pieces[:count - 1]), "abort"
+                    result.completion_tokens, result.finished_at = count - 1, time.time()
+                    yield GenerationOutput(request_id, "", count - 1, result)
+                    return
+                yield GenerationOutput(request_id, piece, count)
+            await asyncio.sleep(self.token_delay)
+            result.finished_at = time.time()
+            result.first_token_at = result.first_token_at or result.finished_at
+            last = result.text[len("".join(pieces[:-1])):]
+            yield GenerationOutput(request_id, last, result.completion_tokens, result)
+        finally:
+            self.running -= 1
+            self._slots.release()
+            self._live.discard(request_id)
+            self._aborted.discard(request_id)
 
     @staticmethod
     def _echo(request: GenerationRequest) -> GenerationResult:
