@@ -86,7 +86,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 0
 """
 
-# KEYS: record, done channel. ARGV: now, ttl, id.
+# KEYS: record, done channel, cancel channel. ARGV: now, ttl, id.
 # Returns 'cancelled' if this call cancelled it, the status if it was final, nil if unknown.
 _CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -95,6 +95,7 @@ if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'finish_reason', 'cancelled')
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   redis.call('PUBLISH', KEYS[2], ARGV[3])
+  redis.call('PUBLISH', KEYS[3], ARGV[3])
   return 'cancelled'
 end
 return status
@@ -217,7 +218,7 @@ class RequestStore:
         return [bool(written) for written in await run_script_batch(self._finish, calls)]
 
     async def cancel(self, request_id: str) -> str | None:
-        keys = [self.keys.request(request_id), self.keys.done_channel]
+        keys = [self.keys.request(request_id), self.keys.done_channel, self.keys.cancel_channel]
         return await self._cancel(keys=keys, args=[time.time(), self.ttl_seconds, request_id])
 
     async def get(self, request_id: str) -> RequestView | None:

@@ -28,8 +28,11 @@ class WorkerMetrics(ServedMetrics):
         self.time_per_output_token = Histogram("llmq_worker_time_per_output_token_seconds",
                                                "Time per generated token after the first.",
                                                buckets=TOKEN_BUCKETS, registry=r)
-        self.batch_size = Histogram("llmq_worker_batch_size", "Requests run together in one engine batch.",
+        self.batch_size = Histogram("llmq_worker_batch_size", "Requests in the engine when one more starts.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.prompt_tokens = Counter("llmq_worker_prompt_tokens_total", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("llmq_worker_generation_tokens_total", "Tokens generated.", registry=r)
-        self.running = Gauge("llmq_worker_num_requests_running", "Requests in the engine now.", registry=r)
+        self.running = Gauge("llmq_worker_num_requests_running", "Requests in the engine's running batch now.",
+                             registry=r)
+        self.waiting = Gauge("llmq_worker_num_requests_waiting", "Requests handed to the engine, waiting for a slot.",
+                             registry=r)

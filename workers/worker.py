@@ -1,14 +1,20 @@
 """The worker: one member of the Kafka consumer group `llmq-workers`.
 
-Each turn of its loop:
-  1) gathers a micro-batch (up to LLMQ_BATCH_MAX_SIZE messages, or what came
-     within LLMQ_BATCH_MAX_WAIT_MS of the first);
-  2) sends undecodable or schema-invalid messages to the dead-letter topic;
-  3) claims the rest in Redis (running), skipping any already final (cancelled,
+Its fetch loop takes messages while it holds fewer than its limit
+(LLMQ_MAX_IN_FLIGHT) and pauses its partitions while it is full. Each group of
+fetched messages:
+  1) goes through the dead-letter topic if undecodable or schema-invalid;
+  2) ends at once if it must not run (deadline passed, another model), or if
+     it was started too often already (a poison message: dead-lettered);
+  3) is claimed in Redis (running), skipping any already final (cancelled,
      or finished before a redelivery);
-  4) runs the claimed ones on the engine, together;
-  5) writes each result (only over a non-final record, so at most once);
-  6) commits each partition up to its lowest unfinished offset.
+  4) runs on the engine, each request on its own: the engine batches per
+     decoding step, so a short request never waits for a long one.
+As each request finishes, its result is written (only over a non-final
+record, so at most once; finishes that arrive together share one Redis round
+trip) and each partition is committed up to its lowest unfinished offset.
+A DELETE of a running request reaches the worker on a Redis channel and
+aborts it in the engine.
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ from typing import TypeVar
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from opentelemetry import trace
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -49,6 +55,7 @@ from shared.telemetry import (
     links_to,
     log_ids,
     tracer,
+    tracing_configured,
 )
 from workers.engines import Engine, EngineError, GenerationRequest, GenerationResult, load_engine
 from workers.metrics import WorkerMetrics
@@ -64,13 +71,14 @@ TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, KafkaError, OSError
 @dataclass
 class WorkerStats:
     fetched: int = 0
-    batches: int = 0
     succeeded: int = 0
     failed: int = 0
     expired: int = 0
     skipped: int = 0  # already final when fetched (cancelled, or a redelivery)
+    aborted: int = 0  # stopped in the engine: cancelled by a client, or handed back on shutdown
     dead_lettered: int = 0
     results_written: int = 0
+    peak_in_flight: int = 0  # most requests held at once (never above the limit)
 
     def count_finished(self, status: Status) -> None:
         name = status.value
@@ -88,6 +96,7 @@ class Job:
     error: str | None = None  # why it could not be parsed
     span_ended: bool = False
     attempts: int = 0
+    cancelled: bool = False  # a client cancelled it while it ran
     create_fields: dict = field(default_factory=dict)
     fetched_at: float = field(default_factory=time.time)
 
@@ -118,6 +127,8 @@ class _Rebalance(ConsumerRebalanceListener):
         self.worker.offsets.forget(revoked)
 
     async def on_partitions_assigned(self, assigned):
+        if self.worker._paused:  # full: new partitions wait too
+            self.worker._consumer.pause(*assigned)
         log.info("partitions_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
 
 
@@ -126,6 +137,7 @@ class Worker:
         self.settings = settings
         self.engine = engine or load_engine(settings)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.max_in_flight = settings.max_in_flight or 2 * self.engine.max_running
         self.stats = WorkerStats()
         self.metrics = WorkerMetrics()
         self.offsets = OffsetTracker()
@@ -135,6 +147,14 @@ class Worker:
         self._producer = None
         self._redis = None
         self.store: RequestStore | None = None
+        self._paused = False
+        self._in_flight = 0  # fetched and not yet finished
+        self._room = asyncio.Event()  # set when _in_flight drops below the limit
+        self._running: dict[str, Job] = {}  # in the engine, by request id
+        self._tasks: set[asyncio.Task] = set()  # one per running request
+        self._finished: asyncio.Queue[tuple[Job, Outcome]] = asyncio.Queue()
+        self._background: list[asyncio.Task] = []  # result writer, cancel listener
+        self._fatal: EngineError | None = None
 
     # ---- lifecycle -----------------------------------------------------------
 
@@ -149,15 +169,17 @@ class Worker:
         self._consumer = make_consumer(s)
         self._consumer.subscribe([s.request_topic], listener=_Rebalance(self))
         await start_with_retry(self._consumer, "consumer")
+        self._background = [asyncio.create_task(self._write_results(), name="llmq-result-writer"),
+                            asyncio.create_task(self._listen_for_cancels(), name="llmq-cancel-listener")]
         try:
             self.metrics.serve(s.metrics_port, s.http_host)
         except OSError as exc:  # e.g. several workers on one host with the same port
             log.warning("metrics_port_unavailable", port=s.metrics_port, error=str(exc))
         log.info("worker_started", worker=self.name, engine=s.engine, model=self.engine.model_name,
-                 topic=s.request_topic, group=s.consumer_group)
+                 topic=s.request_topic, group=s.consumer_group, max_in_flight=self.max_in_flight)
 
     def stop(self) -> None:
-        """Ask the loop to finish its current batch, commit and leave. Safe from a signal handler."""
+        """Ask the worker to drain and leave. Safe from a signal handler."""
         self._stopping.set()
 
     async def run(self) -> None:
@@ -177,16 +199,34 @@ class Worker:
                 return
             starting.result()  # raises what made start fail
             while not self._stopping.is_set():
-                records = await self._gather_batch()
-                if records:
-                    await self._process(records)
+                await self._fetch()
+            await self._drain()
+            if self._fatal is not None:
+                raise self._fatal
         finally:
             await self.close()
+
+    async def _drain(self) -> None:
+        """Stop fetching, let running requests finish within the grace period, hand back the rest."""
+        if self._tasks and self._fatal is None:
+            log.info("worker_draining", running=len(self._tasks), grace_seconds=self.settings.drain_seconds)
+            await asyncio.wait(self._tasks, timeout=self.settings.drain_seconds)
+        for request_id in list(self._running):
+            await self.engine.abort(request_id)  # handed back: no result, offset left uncommitted
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._finished.join()  # every result that was produced is written
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        for task in self._tasks | set(self._background):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         if self._consumer is not None:
             await self._commit()
             await self._consumer.stop()  # leaves the group: partitions move on at once
@@ -198,39 +238,44 @@ class Worker:
         self.metrics.close()
         log.info("worker_stopped", worker=self.name, **vars(self.stats))
 
-    # ---- the loop ------------------------------------------------------------
+    # ---- fetching, with back-pressure ----------------------------------------
 
-    async def _gather_batch(self) -> list[ConsumerRecord]:
-        limit = self.settings.batch_max_size
-        fetched = await self._consumer.getmany(timeout_ms=200, max_records=limit)
+    async def _fetch(self) -> None:
+        room = self.max_in_flight - self._in_flight
+        if room <= 0:
+            if not self._paused:
+                # Stop fetching: what stays in Kafka is for whichever worker has room.
+                self._consumer.pause(*self._consumer.assignment())
+                self._paused = True
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), timeout=1.0)
+            except TimeoutError:
+                # A poll with everything paused returns nothing, but tells the
+                # group this member is alive (max_poll_interval_ms).
+                await self._consumer.getmany(timeout_ms=0, max_records=1)
+            return
+        if self._paused:
+            self._consumer.resume(*self._consumer.paused())
+            self._paused = False
+        fetched = await self._consumer.getmany(timeout_ms=200, max_records=room)
         records = [r for batch in fetched.values() for r in batch]
-        if not records:
-            return records
-        deadline = time.monotonic() + self.settings.batch_max_wait_ms / 1000
-        while len(records) < limit and (remaining := deadline - time.monotonic()) > 0:
-            more = await self._consumer.getmany(timeout_ms=int(remaining * 1000) or 1, max_records=limit - len(records))
-            if not more:
-                break
-            records += [r for batch in more.values() for r in batch]
-        return records
+        if records:
+            await self._accept(records)
 
-    async def _process(self, records: list[ConsumerRecord]) -> None:
+    async def _accept(self, records: list[ConsumerRecord]) -> None:
         self.stats.fetched += len(records)
-        self.stats.batches += 1
+        self._in_flight += len(records)
+        self.stats.peak_in_flight = max(self.stats.peak_in_flight, self._in_flight)
         jobs = [self._receive(record) for record in records]
-        # The batch's own span links to every request's trace (messaging conventions).
+        # The fetch's own span links to every request's trace (messaging conventions).
         with tracer.start_as_current_span(
             f"process batch {self.settings.request_topic}", kind=SpanKind.CONSUMER,
             links=links_to(job.parent for job in jobs),
             attributes={MESSAGING_SYSTEM: "kafka", DESTINATION: self.settings.request_topic,
                         CONSUMER_GROUP: self.settings.consumer_group, BATCH_COUNT: len(records)},
         ):
-            try:
-                await self._serve(jobs)
-            finally:
-                for job in jobs:
-                    job.end_span()  # those that didn't finish (dead-lettered, skipped, or an error)
-        await self._commit()
+            await self._admit(jobs)
 
     def _receive(self, record: ConsumerRecord) -> Job:
         """Track the offset, parse the message, and open its `process` span."""
@@ -255,15 +300,14 @@ class Worker:
         return Job(record, message, span, parent,
                    create_fields=base_fields(message.id, message, submitted, "kafka", message.tenant))
 
-    async def _serve(self, jobs: list[Job]) -> None:
-        # 2) garbage goes to the dead-letter topic
+    async def _admit(self, jobs: list[Job]) -> None:
+        # 1) garbage goes to the dead-letter topic
         for job in jobs:
             if job.message is None:
-                await self._dead_letter(job.record, job.error)
+                await self._dead_letter(job, job.error)
 
-        # 3) requests that must not run (past their deadline, or for a model we
+        # 2) requests that must not run (past their deadline, or for a model we
         #    don't serve) end here; the rest are claimed
-        refused: list[tuple[Job, Outcome]] = []
         to_claim: list[Job] = []
         for job in jobs:
             if job.message is None:
@@ -272,38 +316,27 @@ class Worker:
             if outcome is None:
                 to_claim.append(job)
             else:
-                refused.append((job, outcome))
-        if refused:
-            await self._finish(refused)
+                self._finished.put_nowait((job, outcome))
+        if not to_claim:
+            return
 
+        # 3) claim; 4) start each on the engine
         verdicts = await self._retry(
-            "claim", lambda: self.store.claim_many([(j.message.id, j.create_fields) for j in to_claim], self.name)
-        ) if to_claim else []
-        runnable = []
+            "claim", lambda: self.store.claim_many([(j.message.id, j.create_fields) for j in to_claim], self.name))
         for job, (verdict, attempts) in zip(to_claim, verdicts):
-            if verdict == "run":
-                job.attempts = attempts
-                runnable.append(job)
-                if self.settings.log_prompts:
-                    log.info("request_started", prompt=job.message.input.model_dump(), **job.log_fields())
-            else:
+            job.attempts = attempts
+            if verdict != "run":
                 self.stats.skipped += 1
                 log.info("request_skipped", status=verdict, **job.log_fields())
-                self.offsets.finish(job.tp, job.record.offset)
-
-        # 4) + 5) run and write
-        if runnable:
-            started = time.time()
-            self.metrics.batch_size.observe(len(runnable))
-            self.metrics.running.set(len(runnable))
-            try:
-                results = await self._generate(runnable)
-            finally:
-                self.metrics.running.set(0)
-            self._trace_generation(runnable, results, started, time.time())
-            await self._finish([(job, self._outcome(job, result)) for job, result in zip(runnable, results)])
-            for job, result in zip(runnable, results):
-                self._observe(job, result, started)
+                self._done(job)
+            elif attempts > self.settings.max_attempts:
+                await self._give_up(job)
+            else:
+                if self.settings.log_prompts:
+                    log.info("request_started", prompt=job.message.input.model_dump(), **job.log_fields())
+                task = asyncio.create_task(self._generate(job), name=f"llmq-request-{job.request_id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     def _refusal(self, job: Job) -> Outcome | None:
         message = job.message
@@ -315,41 +348,91 @@ class Worker:
                            error_message=f"model {message.model!r} is not served here (this worker serves {self.engine.model_name!r})")
         return None
 
-    async def _generate(self, jobs: list[Job]) -> list[GenerationResult]:
-        requests = [self._generation_request(job.message) for job in jobs]
+    async def _give_up(self, job: Job) -> None:
+        """A message whose every earlier attempt died with its worker: dead-letter it and fail it."""
+        reason = (f"started {job.attempts - 1} times without finishing (a worker died each time); "
+                  f"the limit is LLMQ_MAX_ATTEMPTS={self.settings.max_attempts}")
+        await self._dead_letter(job, reason, finish_offset=False)
+        self._finished.put_nowait((job, Outcome(job.message.id, Status.failed, finish_reason="error",
+                                                error_type="too_many_attempts", error_message=reason)))
+
+    # ---- running a request -----------------------------------------------------
+
+    async def _generate(self, job: Job) -> None:
+        request = self._generation_request(job)
+        started = time.time()
+        self._running[job.request_id] = job
+        self._update_gauges()
+        self.metrics.batch_size.observe(len(self._running))
+        result: GenerationResult | None = None
         try:
-            return await self.engine.generate(requests)
-        except EngineError:
-            raise  # the engine is dead: stop the process, nothing is committed
+            # Deltas are read as they come (a later streaming API publishes them);
+            # the last output carries the result.
+            async for output in self.engine.generate(request):
+                result = output.result
+        except EngineError as exc:
+            self._fatal = exc  # the engine is dead: stop the process, leave this uncommitted
+            log.error("engine_died", error=str(exc), **job.log_fields())
+            self.stop()
+            return
         except Exception:
-            if len(requests) == 1:
-                log.exception("request_failed_in_engine", request_id=requests[0].request_id)
-                return [GenerationResult(requests[0].request_id, finish_reason="error",
-                                         error="the engine failed on this request")]
-            # One bad request must not fail its batch mates: run them one by one.
-            log.warning("batch_failed_retrying_singly", size=len(requests))
-            return [result for job in jobs for result in await self._generate([job])]
+            log.exception("request_failed_in_engine", **job.log_fields())
+            result = GenerationResult(job.request_id, finish_reason="error", error="the engine failed on this request")
+        finally:
+            self._running.pop(job.request_id, None)
+            self._update_gauges()
+        if result is None:
+            result = GenerationResult(job.request_id, finish_reason="error", error="the engine returned no result")
+        self._trace_generation(job, result, started, time.time())
+        if result.finish_reason == "abort":
+            self.stats.aborted += 1
+            if job.cancelled:  # the record is final already: nothing to write
+                log.info("request_aborted", reason="cancelled", **job.log_fields())
+                self._done(job)
+            else:  # shutting down: another worker runs it again
+                log.info("request_handed_back", **job.log_fields())
+                job.end_span()
+                self._release()
+            return
+        self._observe(result, started)
+        self._finished.put_nowait((job, self._outcome(job, result)))
 
-    def _trace_generation(self, jobs: list[Job], results: list[GenerationResult], start: float, end: float) -> None:
-        """One GenAI span per request, under its `process` span, covering the engine call."""
-        for job, result in zip(jobs, results):
-            params = job.message.params
-            operation = "text_completion" if isinstance(job.message.input, PromptInput) else "chat"
-            span = tracer.start_span(
-                f"{operation} {self.engine.model_name}", context=trace.set_span_in_context(job.span),
-                start_time=int(start * 1e9), kind=SpanKind.INTERNAL,
-                attributes={"gen_ai.operation.name": operation, "gen_ai.request.model": self.engine.model_name,
-                            "gen_ai.request.max_tokens": params.max_tokens,
-                            "gen_ai.request.temperature": params.temperature,
-                            "gen_ai.response.finish_reasons": [result.finish_reason or "error"],
-                            "gen_ai.usage.input_tokens": result.prompt_tokens,
-                            "gen_ai.usage.output_tokens": result.completion_tokens, REQUEST_ID: job.request_id},
-            )
-            if result.error is not None:
-                span.set_status(trace.StatusCode.ERROR, result.error)
-            span.end(end_time=int(end * 1e9))
+    def _update_gauges(self) -> None:
+        # The engine says how many of the requests it holds are in its running
+        # batch; the rest wait there for a slot.
+        running = min(getattr(self.engine, "running", len(self._running)), len(self._running))
+        self.metrics.running.set(running)
+        self.metrics.waiting.set(len(self._running) - running)
 
-    def _observe(self, job: Job, result: GenerationResult, started: float) -> None:
+    def _generation_request(self, job: Job) -> GenerationRequest:
+        message = job.message
+        trace_headers: dict[str, str] = {}
+        if tracing_configured():
+            propagate.inject(trace_headers, context=trace.set_span_in_context(job.span))
+        prompt, messages = (message.input.prompt, None) if isinstance(message.input, PromptInput) \
+            else (None, message.input.messages)
+        return GenerationRequest(message.id, message.params, prompt=prompt, messages=messages,
+                                 adapter=message.adapter, priority=message.priority or 0, trace_headers=trace_headers)
+
+    def _trace_generation(self, job: Job, result: GenerationResult, start: float, end: float) -> None:
+        """One GenAI span per request, under its `process` span, covering its time in the engine."""
+        params = job.message.params
+        operation = "text_completion" if isinstance(job.message.input, PromptInput) else "chat"
+        span = tracer.start_span(
+            f"{operation} {self.engine.model_name}", context=trace.set_span_in_context(job.span),
+            start_time=int(start * 1e9), kind=SpanKind.INTERNAL,
+            attributes={"gen_ai.operation.name": operation, "gen_ai.request.model": self.engine.model_name,
+                        "gen_ai.request.max_tokens": params.max_tokens,
+                        "gen_ai.request.temperature": params.temperature,
+                        "gen_ai.response.finish_reasons": [result.finish_reason or "error"],
+                        "gen_ai.usage.input_tokens": result.prompt_tokens,
+                        "gen_ai.usage.output_tokens": result.completion_tokens, REQUEST_ID: job.request_id},
+        )
+        if result.error is not None:
+            span.set_status(trace.StatusCode.ERROR, result.error)
+        span.end(end_time=int(end * 1e9))
+
+    def _observe(self, result: GenerationResult, started: float) -> None:
         if result.error is not None:
             return
         m = self.metrics
@@ -357,15 +440,9 @@ class Worker:
         m.generation_tokens.inc(result.completion_tokens)
         first = result.first_token_at
         if first is not None:
-            m.time_to_first_token.observe(first - started)
+            m.time_to_first_token.observe(max(first - started, 0.0))
             if result.completion_tokens > 1 and result.finished_at is not None:
                 m.time_per_output_token.observe((result.finished_at - first) / (result.completion_tokens - 1))
-
-    @staticmethod
-    def _generation_request(message: RequestMessage) -> GenerationRequest:
-        if isinstance(message.input, PromptInput):
-            return GenerationRequest(message.id, message.params, prompt=message.input.prompt, adapter=message.adapter)
-        return GenerationRequest(message.id, message.params, messages=message.input.messages, adapter=message.adapter)
 
     @staticmethod
     def _outcome(job: Job, result: GenerationResult) -> Outcome:
@@ -374,6 +451,47 @@ class Worker:
                            error_type="generation_failed", error_message=result.error)
         return Outcome(job.message.id, Status.succeeded, text=result.text, finish_reason=result.finish_reason,
                        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+
+    # ---- cancels -----------------------------------------------------------------
+
+    async def _listen_for_cancels(self) -> None:
+        """Abort requests this worker is running when a client cancels them."""
+        backoff = 0.1
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self.store.keys.cancel_channel)
+                    backoff = 0.1
+                    async for message in pubsub.listen():
+                        job = self._running.get(message["data"].decode() if isinstance(message["data"], bytes)
+                                                else str(message["data"]))
+                        if job is not None:
+                            job.cancelled = True
+                            await self.engine.abort(job.request_id)
+            except TRANSIENT_ERRORS as exc:
+                # A cancel missed while Redis is down only costs the work: the
+                # finished result is not written over the cancelled record.
+                log.warning("cancel_listener_reconnecting", error=str(exc), retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    # ---- results and offsets -------------------------------------------------------
+
+    async def _write_results(self) -> None:
+        """Write finished requests' results; those that finish together share one round trip."""
+        while True:
+            finished = [await self._finished.get()]
+            while not self._finished.empty():
+                finished.append(self._finished.get_nowait())
+            try:
+                await self._finish(finished)
+                await self._commit()
+            except Exception:  # noqa: BLE001 - the writer must outlive any one failure
+                # Unwritten results stay uncommitted, so their requests run again elsewhere.
+                log.exception("result_write_failed", count=len(finished))
+            finally:
+                for _ in finished:
+                    self._finished.task_done()
 
     async def _finish(self, finished: list[tuple[Job, Outcome]]) -> None:
         start = time.time_ns()
@@ -401,8 +519,18 @@ class Worker:
                 job.span.set_status(trace.StatusCode.ERROR, outcome.error_type or outcome.status.value)
             log.info("request_finished", status=outcome.status.value, written=was_written, attempts=job.attempts,
                      **job.log_fields())
-            job.end_span()
-            self.offsets.finish(job.tp, job.record.offset)
+            self._done(job)
+
+    def _done(self, job: Job) -> None:
+        """The request needs nothing more from this worker: its offset may be committed."""
+        job.end_span()
+        self.offsets.finish(job.tp, job.record.offset)
+        self._release()
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight < self.max_in_flight:
+            self._room.set()
 
     async def _reply(self, job: Job) -> None:
         view = await self._retry("read_result", lambda: self.store.get(job.message.id))
@@ -411,7 +539,8 @@ class Worker:
                 job.message.reply_topic, view.model_dump_json().encode(), key=job.message.id.encode(),
                 headers=JSON_HEADERS))
 
-    async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
+    async def _dead_letter(self, job: Job, reason: str, finish_offset: bool = True) -> None:
+        record = job.record
         headers = list(record.headers or ()) + [
             ("llmq-dlq-reason", reason.encode()[:1024]),
             ("llmq-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
@@ -420,8 +549,10 @@ class Worker:
             self.settings.dlq_topic, record.value, key=record.key, headers=headers))
         self.stats.dead_lettered += 1
         self.metrics.dead_lettered.inc()
-        log.warning("message_dead_lettered", partition=record.partition, offset=record.offset, reason=reason)
-        self.offsets.finish(TopicPartition(record.topic, record.partition), record.offset)
+        log.warning("message_dead_lettered", partition=record.partition, offset=record.offset, reason=reason,
+                    **job.log_fields())
+        if finish_offset:
+            self._done(job)
 
     async def _commit(self) -> None:
         offsets = self.offsets.committable()
