@@ -86,7 +86,8 @@ class TorchEngine:
         self.adapters = None
         self._thread: threading.Thread | None = None
         self._wakeup = threading.Condition()
-        self._waiting: collections.deque[_Row] = collections.deque()  # guarded by _wakeup
+        self._arrived: list[_Row] = []  # new requests, guarded by _wakeup
+        self._waiting: collections.deque[_Row] = collections.deque()  # the scheduler thread's own
         self._aborted: set[str] = set()  # guarded by _wakeup
         self._closing = False
         self._failure: BaseException | None = None  # why the scheduler thread died
@@ -199,7 +200,7 @@ class TorchEngine:
             raise EngineError(f"the torch engine is not running ({self._failure!r})")
         row = _Row(request, _Stream())
         with self._wakeup:
-            self._waiting.append(row)
+            self._arrived.append(row)
             self._wakeup.notify()
         finished = False
         try:
@@ -248,38 +249,38 @@ class TorchEngine:
             log.exception("torch_scheduler_died")
             self._failure = exc
             with self._wakeup:
-                rows = batch.rows + list(self._waiting)
-                self._waiting.clear()
+                rows = batch.rows + list(self._waiting) + self._arrived
+                self._arrived = []
             died = GenerationOutput("")  # an empty id marks "the engine died" for generate()
             self._deliver([(row.stream, died) for row in rows])
 
     def _step(self, batch: _Batch) -> bool:
         """One scheduler iteration; False when the engine is closing."""
         outputs: list[tuple[_Stream, GenerationOutput]] = []
-        # 1) take new arrivals and aborts; sleep while there is nothing to do
+        # 1) take new arrivals and aborts; sleep while there is nothing to do.
+        #    Only this hand-over holds the lock: tokenizing and loading adapters
+        #    happen outside it, so generate() never waits on them.
         with self._wakeup:
-            while not (self._closing or batch.rows or self._waiting):
+            while not (self._closing or batch.rows or self._waiting or self._arrived):
                 self._wakeup.wait()
             if self._closing:
                 return False
             aborted, self._aborted = self._aborted, set()
-            if aborted:
-                kept = [row for row in self._waiting if row.request.request_id not in aborted]
-                for row in self._waiting:
-                    if row.request.request_id in aborted:
-                        self._finish(row, "abort", outputs)
-                self._waiting = collections.deque(kept)
-            admitted = self._admit(batch, outputs)
-        for row in batch.rows:
-            if row.request.request_id in aborted and row.finish_reason is None:
-                self._finish(row, "abort", outputs)
-        batch.drop_finished()
+            self._waiting.extend(self._arrived)
+            self._arrived = []
+        if aborted:
+            for row in [*self._waiting, *batch.rows]:
+                if row.request.request_id in aborted and row.finish_reason is None:
+                    self._finish(row, "abort", outputs)
+            self._waiting = collections.deque(row for row in self._waiting if row.finish_reason is None)
+            batch.drop_finished()
+        admitted = self._admit(batch, outputs)
 
         # 2) prefill the admitted rows together, then merge them into the batch
         if admitted:
             logits, cache, mask = self._prefill(admitted)
             self._sample_and_append(admitted, logits, _Sampling(admitted, self.device), outputs)
-            batch.merge(admitted, cache, mask, self.device)
+            batch.merge(admitted, cache, mask)
             batch.drop_finished()
 
         # 3) one decode step over every running row
@@ -299,7 +300,7 @@ class TorchEngine:
         return True
 
     def _admit(self, batch: _Batch, outputs: list) -> list[_Row]:
-        """Waiting rows that fit the batch now (called holding _wakeup). Invalid ones finish here."""
+        """Waiting rows that fit the batch now. Invalid ones finish here."""
         admitted: list[_Row] = []
         tokens = batch.tokens()
         while self._waiting and len(batch.rows) + len(admitted) < self.max_running:
@@ -479,7 +480,7 @@ class _Batch:
             self._sampling = _Sampling(self.rows, device)
         return self._sampling
 
-    def merge(self, rows: list[_Row], cache, mask: torch.Tensor, device: torch.device) -> None:
+    def merge(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
         """Add freshly prefilled rows (their cache and mask) to the batch."""
         if not self.rows:
             self.rows, self.cache, self.mask = list(rows), cache, mask
