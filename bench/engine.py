@@ -1,0 +1,294 @@
+"""Engine benchmark: llmq's continuous-batching torch engine against transformers' own.
+
+    python -m bench.engine [--shape tiny|qwen2.5-0.5b] [--device cpu|cuda] [--concurrency 1 8 32 128]
+                           [--requests-per-client 2] [--prompt-tokens 64] [--int8] [--json out.json]
+
+One run, the same prompts and output lengths for every line (fixed seed):
+  generate, one at a time   transformers `generate`, each request alone (a subset:
+                            its tokens/s does not depend on how many)
+  generate, static batch    one left-padded `generate` over the first 32 requests,
+                            run until the longest is done; tokens/s counts each
+                            request's own max_tokens only (the rest is waste)
+  generate_batch            transformers' continuous batching with its defaults
+                            (one max_new_tokens for all: the mean of the draws)
+  llmq at C concurrent      C clients, each sending its requests one after another,
+                            starts spread over the first 0.5 s; max_tokens drawn
+                            from 16-256; TTFT = submit -> first token, TPOT = time
+                            per output token after the first (p50/p99)
+  --int8                    llmq at 32 with LLMQ_QUANTIZE=int8, and greedy-token
+                            agreement with fp32 on a fixed prompt set
+
+Output lengths are forced (EOS is never chosen: its logit is masked in every
+line) so that each line generates exactly the tokens it is asked for.
+A benchmark, never part of the tests. Targets (CPU, tiny model): llmq at 32
+>= 8x generate one at a time and >= 1.0x the static batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from shared.schema import Params
+from shared.settings import Settings
+from workers import tinymodel
+from workers.engines.base import GenerationRequest
+from workers.engines.torch_engine import TorchEngine
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864, vocab_size=151936, max_position_embeddings=4096)
+
+
+@dataclass
+class Line:
+    name: str
+    requests: int
+    tokens: int
+    seconds: float
+    ttft_p50: float | None = None
+    ttft_p99: float | None = None
+    tpot_p50: float | None = None
+    tpot_p99: float | None = None
+    note: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]  # token ids
+    texts: list[str]
+    max_tokens: list[int] = field(default_factory=list)
+
+
+def make_model(shape: str, out: Path) -> Path:
+    """The tiny model, or a random-weight Llama of Qwen2.5-0.5B's shape with the tiny tokenizer
+    (random weights cost the same per token as trained ones)."""
+    tiny = tinymodel.build_tiny_model(REPO / ".llmq" / "models" / "tiny-llama")
+    if shape == "tiny":
+        return tiny
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(LlamaConfig(**QWEN_SHAPE, **ids)).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(**ids)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_workload(tokenizer, n: int, prompt_tokens: int, seed: int = 0) -> Workload:
+    rng = random.Random(seed)
+    words = tinymodel.CORPUS.read_text().split()
+    prompts, texts = [], []
+    for _ in range(n):
+        start = rng.randrange(len(words) - 4 * prompt_tokens)
+        ids = tokenizer(" ".join(words[start:start + 4 * prompt_tokens])).input_ids[:prompt_tokens]
+        prompts.append(ids)
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return Workload(prompts, texts, [rng.randint(16, 256) for _ in range(n)])
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ---- transformers baselines -------------------------------------------------------
+
+
+def bench_generate_alone(model, tokenizer, work: Workload, count: int, device) -> Line:
+    tokens, started = 0, time.perf_counter()
+    for ids, n in zip(work.prompts[:count], work.max_tokens[:count]):
+        x = torch.tensor([ids], device=device)
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        tokens += out.shape[1] - x.shape[1]
+    return Line("generate, one at a time", count, tokens, time.perf_counter() - started)
+
+
+def bench_generate_static(model, tokenizer, work: Workload, count: int, device) -> Line:
+    prompts, lengths = work.prompts[:count], work.max_tokens[:count]
+    width = max(map(len, prompts))
+    ids = torch.full((count, width), tokenizer.pad_token_id)
+    mask = torch.zeros((count, width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):], mask[b, width - len(p):] = torch.tensor(p), 1
+    started = time.perf_counter()
+    model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(lengths),
+                   min_new_tokens=max(lengths), do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return Line("generate, static batch", count, sum(lengths), time.perf_counter() - started,
+                note=f"ran {max(lengths)} steps for all {count}")
+
+
+def bench_generate_batch(model, tokenizer, work: Workload, count: int) -> Line:
+    from transformers import GenerationConfig
+
+    n = round(statistics.mean(work.max_tokens[:count]))
+    config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    started = time.perf_counter()
+    try:
+        outputs = model.generate_batch(inputs=work.prompts[:count], generation_config=config, progress_bar=False)
+    except Exception as exc:  # noqa: BLE001 - report it as the line's result
+        return Line("generate_batch (transformers CB)", count, 0, 1.0, note=f"failed: {exc!r}"[:120])
+    tokens = sum(len(o.generated_tokens) for o in outputs.values())
+    return Line("generate_batch (transformers CB)", count, tokens, time.perf_counter() - started,
+                note=f"defaults, {n} new tokens each")
+
+
+# ---- llmq ----------------------------------------------------------------------------
+
+
+async def bench_llmq(engine: TorchEngine, work: Workload, concurrency: int, per_client: int, label: str) -> Line:
+    total = concurrency * per_client
+    ttfts, tpots, tokens = [], [], 0
+
+    async def one(i: int) -> None:
+        nonlocal tokens
+        request = GenerationRequest(f"r{i}", Params(max_tokens=work.max_tokens[i % len(work.max_tokens)],
+                                                    temperature=0), prompt=work.texts[i % len(work.texts)])
+        submitted = time.perf_counter()
+        first = None
+        async for output in engine.generate(request):
+            if first is None and output.completion_tokens:
+                first = time.perf_counter()
+            if output.result is not None:
+                done = time.perf_counter()
+                n = output.result.completion_tokens
+                tokens += n
+                ttfts.append(first - submitted)
+                if n > 1:
+                    tpots.append((done - first) / (n - 1))
+
+    async def client(c: int) -> None:
+        await asyncio.sleep(0.5 * c / concurrency)  # arrivals spread
+        for k in range(per_client):
+            await one(c * per_client + k)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(concurrency)))
+    return Line(label, total, tokens, time.perf_counter() - started, pct(ttfts, 0.5), pct(ttfts, 0.99),
+                pct(tpots, 0.5), pct(tpots, 0.99))
+
+
+def never_eos(model, eos: int):
+    """Mask EOS in the lm_head's output, so every line generates exactly what it asks for."""
+    def hook(_module, _inputs, output):
+        output[..., eos] = float("-inf")
+        return output
+    return model.get_output_embeddings().register_forward_hook(hook)
+
+
+async def start_engine(model_dir: Path, device: str, max_running: int, quantize: str = "none") -> TorchEngine:
+    engine = TorchEngine(Settings(engine="torch", model=str(model_dir), device=device, batch_max_size=max_running,
+                                  quantize=quantize, batch_max_tokens=10**9))
+    await engine.start()
+    never_eos(engine.model, engine.tokenizer.eos_token_id)
+    return engine
+
+
+async def greedy_agreement(fp32: TorchEngine, int8: TorchEngine, work: Workload, n_prompts=16, n_tokens=32) -> float:
+    """Share of positions where int8's greedy tokens equal fp32's (same prompts)."""
+    from workers.engines.base import collect
+
+    same = total = 0
+    for text in work.texts[:n_prompts]:
+        request = GenerationRequest("a", Params(max_tokens=n_tokens, temperature=0), prompt=text)
+        a = fp32.tokenizer((await collect(fp32, request)).text).input_ids
+        b = int8.tokenizer((await collect(int8, request)).text).input_ids
+        same += sum(x == y for x, y in zip(a, b))
+        total += max(len(a), len(b))
+    return same / total
+
+
+def table(lines: list[Line], base: Line, static: Line) -> str:
+    ms = lambda v: "" if v is None else f"{v * 1000:.1f}"  # noqa: E731
+    rows = ["| line | requests | tokens | tok/s | x one-at-a-time | x static batch | TTFT p50 / p99 ms | "
+            "TPOT p50 / p99 ms | note |", "|---|---|---|---|---|---|---|---|---|"]
+    for line in lines:
+        rows.append(f"| {line.name} | {line.requests} | {line.tokens} | {line.tokens_per_s:,.0f} | "
+                    f"{line.tokens_per_s / base.tokens_per_s:.2f} | {line.tokens_per_s / static.tokens_per_s:.2f} | "
+                    f"{ms(line.ttft_p50)} / {ms(line.ttft_p99)} | {ms(line.tpot_p50)} / {ms(line.tpot_p99)} | "
+                    f"{line.note} |")
+    return "\n".join(rows)
+
+
+async def main_async(args) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model(args.shape, Path(tmp) / "model")
+        device = torch.device(args.device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        never_eos(model, tokenizer.eos_token_id)
+        static_n = 32
+        work = make_workload(tokenizer, max(max(args.concurrency) * args.requests_per_client, static_n, args.alone),
+                             args.prompt_tokens)
+
+        with torch.inference_mode():
+            model.generate(input_ids=torch.tensor([work.prompts[0]], device=device), max_new_tokens=4)  # warm-up
+            base = bench_generate_alone(model, tokenizer, work, args.alone, device)
+            static = bench_generate_static(model, tokenizer, work, static_n, device)
+            lines = [base, static]
+            if args.generate_batch:
+                lines.append(bench_generate_batch(model, tokenizer, work, static_n))
+        del model
+
+        engine = await start_engine(model_dir, args.device, max(args.concurrency))
+        await bench_llmq(engine, work, 2, 1, "warm-up")
+        for c in args.concurrency:
+            lines.append(await bench_llmq(engine, work, c, args.requests_per_client, f"llmq, {c} concurrent"))
+        if args.int8:
+            int8 = await start_engine(model_dir, args.device, max(args.concurrency), quantize="int8")
+            line = await bench_llmq(int8, work, 32, args.requests_per_client, "llmq int8, 32 concurrent")
+            line.note = f"greedy agreement with fp32: {await greedy_agreement(engine, int8, work):.1%}"
+            lines.append(line)
+            await int8.close()
+        await engine.close()
+
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"\nmodel {args.shape}, {device_name}, prompts of {args.prompt_tokens} tokens, max_tokens 16-256 "
+          f"(fixed seed), {args.requests_per_client} requests per client\n")
+    print(table(lines, base, static))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(line) | {"tokens_per_s": line.tokens_per_s} for line in lines],
+                                              indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench.engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["tiny", "qwen2.5-0.5b"], default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--alone", type=int, default=8, help="requests in the one-at-a-time line")
+    parser.add_argument("--generate-batch", action="store_true", help="add transformers' generate_batch line")
+    parser.add_argument("--int8", action="store_true")
+    parser.add_argument("--json")
+    asyncio.run(main_async(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
