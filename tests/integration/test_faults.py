@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.devstack import Service, free_port, python_env, start_broker, start_redis
 from tests.conftest import serve_gateway
 from tests.integration.helpers import submit, wait_final, wait_until
 
-FINAL = ("succeeded", "failed", "cancelled", "expired")
 
 
 class WorkerProcess:
@@ -94,6 +94,17 @@ async def all_final(http, base: str, ids: list[str], timeout: float = 60) -> lis
     return list(await asyncio.gather(*(wait_final(http, base, i, timeout=timeout) for i in ids)))
 
 
+async def committed_offsets(settings) -> list[int]:
+    probe = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
+                             enable_auto_commit=False)
+    await probe.start()
+    try:
+        return [await probe.committed(TopicPartition(settings.request_topic, p)) or 0
+                for p in range(settings.request_partitions)]
+    finally:
+        await probe.stop()
+
+
 async def stored_ids(gateway) -> set[str]:
     prefix = gateway.store.keys.request("")
     return {key[len(prefix):] async for key in gateway.redis.scan_iter(match=f"{prefix}*", count=1000)}
@@ -121,6 +132,9 @@ async def test_sigterm_drains_under_load_and_nothing_runs_twice(settings, gatewa
     left = await statuses(gateway, ids)
     assert set(left) <= {"succeeded", "queued"}, left
     assert "queued" in left, "the worker drained the whole topic instead of stopping"
+    # ... and committed exactly what it finished, so the group's lag (what the scaler
+    # reads) counts the rest, and the next worker starts where it stopped.
+    assert sum(await committed_offsets(settings)) == left.count("succeeded")
 
     spawn_worker(slow, "second")
     views = await all_final(http, gateway.url, ids)
