@@ -425,7 +425,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--restart-after", type=float, default=2.0, help="killed worker restarted after (2 s)")
     parser.add_argument("--grace", type=float, default=30.0, help="SIGTERMed worker's grace period (30 s)")
     parser.add_argument("--redis-down", type=float, default=3.0, help="seconds Redis stays down (3)")
-    parser.add_argument("--broker-pause", type=float, default=5.0, help="seconds the broker stays paused (5)")
+    parser.add_argument("--broker-pause", type=float, default=8.0, help="seconds the broker stays paused (8)")
     parser.add_argument("--give-up-after", type=float, default=60.0, help="a client stops retrying after (60 s)")
     parser.add_argument("--quiet-for", type=float, default=30.0,
                         help="after the load, stop waiting once nothing has ended for this long (30 s)")
