@@ -238,7 +238,11 @@ class Gateway:
         except Exception as exc:
             log.warning("broker_unavailable", request_id=request_id, error=repr(exc))
             try:
-                await self.store.delete(request_id)
+                # Cancelled, not deleted: a produce that timed out may still reach the
+                # broker (one that was paused or slow answers later), and a worker would
+                # then recreate a deleted record and run a request the client was told
+                # was refused. A cancelled record is final, so workers skip it.
+                await self.store.cancel(request_id)
             except (RedisError, OSError):
                 log.warning("record_cleanup_failed", request_id=request_id)
             raise ApiError(503, "broker_unavailable", "the queue is unreachable; the request was not accepted",

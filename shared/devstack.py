@@ -76,6 +76,14 @@ class Service:
             self.proc.kill()
             self.proc.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP: the port stays open and connections stay up, but nothing answers,
+        as with a hung or partitioned service (the fault tests and bench/chaos.py)."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
 
 def broker_binary() -> str:
     try:
@@ -97,7 +105,10 @@ def start_broker(port: int, log_path: Path | None = None, timeout: float = 20.0)
     return Service("broker", proc, port, f"127.0.0.1:{port}")
 
 
-def start_redis(port: int, workdir: Path, timeout: float = 10.0) -> Service:
+def start_redis(port: int, workdir: Path, timeout: float = 10.0, persistent: bool = False) -> Service:
+    """`persistent`: an append-only file in `workdir`, so that a Redis stopped and
+    started again on the same port and directory keeps its records (production
+    runs Redis so; see deploy/). Off by default: tests and `make up` start afresh."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServiceError("redis-server not found: install it (Debian/Ubuntu: apt-get install redis-server)")
@@ -105,7 +116,8 @@ def start_redis(port: int, workdir: Path, timeout: float = 10.0) -> Service:
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
-         "--appendonly", "no", "--logfile", str(workdir / "redis.log"), "--daemonize", "no"],
+         "--appendonly", "yes" if persistent else "no", "--logfile", str(workdir / "redis.log"),
+         "--daemonize", "no"],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )
     wait_for_port(port, timeout, proc, "redis-server")

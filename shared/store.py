@@ -15,6 +15,9 @@ from datetime import datetime, timezone
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from shared.keys import Keys
@@ -114,6 +117,11 @@ def connect_redis(url: str, max_connections: int = 64) -> aioredis.Redis:
         socket_timeout=5,
         socket_connect_timeout=2,
         health_check_interval=15,
+        # After Redis restarts, every pooled connection is dead and fails on its next
+        # use: one immediate retry on a fresh connection hides that, while a Redis
+        # still down fails that retry at once (refused). Timeouts are not retried:
+        # the command may have run. (A pool built by hand gets no retry by default.)
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
     return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
@@ -367,6 +375,8 @@ class CompletionWaiter:
 
     async def _ensure_subscribed(self) -> None:
         if self._listener is None or self._listener.done():
+            if self._listener is not None and not self._listener.cancelled():
+                self._listener.exception()  # retrieved (it was logged when Redis went away), so asyncio doesn't warn
             self._subscribed.clear()
             self._listener = asyncio.create_task(self._listen(), name="completion-waiter")
         waiting = asyncio.ensure_future(self._subscribed.wait())
