@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from shared.kafka import start_with_retry
+from shared.kafka import connection_options, start_with_retry
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -66,10 +66,10 @@ class LagReader:
         self.reads = 0
         self.stale_highwater = 0  # reads where some partition's fetch did not answer in time
         # Group member that never subscribes or joins: committed offsets, metadata, ListOffsets.
-        self._offsets = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
+        self._offsets = AIOKafkaConsumer(**connection_options(settings), group_id=settings.consumer_group,
                                          enable_auto_commit=False)
         # Group-less consumer parked at the end of each partition, for high watermarks.
-        self._ends = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+        self._ends = AIOKafkaConsumer(**connection_options(settings), group_id=None,
                                       enable_auto_commit=False, auto_offset_reset="latest",
                                       fetch_max_wait_ms=100, max_partition_fetch_bytes=1024, fetch_max_bytes=16384)
         self._assigned: list[TopicPartition] = []

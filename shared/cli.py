@@ -55,10 +55,10 @@ def _wait_for_a_worker(settings: Settings, procs: list[subprocess.Popen], timeou
     """Until the worker group has a member with partitions: the first request won't wait then."""
     import asyncio
 
-    from aiokafka.admin import AIOKafkaAdminClient
+    from shared.kafka import make_admin
 
     async def wait() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        admin = make_admin(settings)
         await admin.start()
         try:
             deadline = time.monotonic() + timeout

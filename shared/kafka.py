@@ -8,6 +8,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
 from shared.settings import Settings
 
@@ -16,11 +17,31 @@ log = structlog.get_logger(__name__)
 JSON_HEADERS = [("content-type", b"application/json")]
 
 
+def connection_options(settings: Settings) -> dict:
+    """Where the brokers are and how to authenticate: the same for every aiokafka client."""
+    options: dict = dict(bootstrap_servers=settings.kafka_bootstrap,
+                         security_protocol=settings.kafka_security_protocol)
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(cafile=settings.kafka_ssl_cafile,
+                                                    certfile=settings.kafka_ssl_certfile,
+                                                    keyfile=settings.kafka_ssl_keyfile)
+    if settings.kafka_security_protocol.startswith("SASL"):
+        password = settings.kafka_sasl_password
+        options.update(sasl_mechanism=settings.kafka_sasl_mechanism,
+                       sasl_plain_username=settings.kafka_sasl_username,
+                       sasl_plain_password=password.get_secret_value() if password else None)
+    return options
+
+
+def make_admin(settings: Settings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**connection_options(settings))
+
+
 def make_producer(settings: Settings, **overrides) -> AIOKafkaProducer:
     # acks="all" and no idempotence: the dev broker rejects InitProducerId
     # (DESIGN.md), and workers dedupe by id anyway.
     options = dict(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **connection_options(settings),
         acks="all",
         linger_ms=settings.producer_linger_ms,
         enable_idempotence=False,
@@ -33,7 +54,7 @@ def make_producer(settings: Settings, **overrides) -> AIOKafkaProducer:
 
 def make_consumer(settings: Settings, **overrides) -> AIOKafkaConsumer:
     options = dict(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **connection_options(settings),
         group_id=settings.consumer_group,
         enable_auto_commit=False,  # offsets are committed only for finished work
         auto_offset_reset="earliest",
@@ -52,7 +73,7 @@ async def ensure_topics(settings: Settings) -> None:
     Auto-creation on first produce would give the broker's default partition
     count, which caps how many workers can share the load.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     try:
         topics = [

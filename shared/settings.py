@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,6 +20,17 @@ class Settings(BaseSettings):
     # --- services -----------------------------------------------------------
     # Kafka bootstrap servers, comma-separated host:port.
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # How every Kafka client authenticates, passed to aiokafka as they are:
+    # SASL_SSL with SCRAM for a managed cluster, SSL for mutual TLS.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    # CA bundle that signed the brokers' certificates (SSL, SASL_SSL); unset: the system's.
+    kafka_ssl_cafile: str | None = None
+    # Client certificate and key, for brokers that require mutual TLS.
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
     # Redis URL for request records and completion notifications.
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Topic the gateway produces to and workers consume from.
@@ -130,7 +141,7 @@ class Settings(BaseSettings):
     def to_env(self) -> dict[str, str]:
         """These settings as LLMQ_* variables, to hand to a child process."""
         return {
-            f"LLMQ_{name.upper()}": str(value)
+            f"LLMQ_{name.upper()}": value.get_secret_value() if isinstance(value, SecretStr) else str(value)
             for name, value in self.model_dump().items()
             if value is not None
         }

@@ -9,6 +9,7 @@ from openapi_spec_validator import validate
 
 from gateway.openapi import openapi_document
 from shared.schema import SCHEMA_PATH, MessageError, message_json_schema, parse_message
+from shared.settings import Settings
 
 
 def test_schema_file_is_up_to_date():
@@ -51,8 +52,33 @@ def test_openapi_document_is_valid_openapi_3_1():
 def test_every_setting_is_documented_in_the_readme():
     from pathlib import Path
 
-    from shared.settings import Settings
-
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     missing = [f"LLMQ_{name.upper()}" for name in Settings.model_fields if f"LLMQ_{name.upper()}" not in readme]
     assert missing == []
+
+
+async def test_kafka_security_settings_reach_every_aiokafka_client():
+    """SASL/TLS settings are passed through as aiokafka takes them (no broker with
+    SASL runs here: aiokafka's own constructors validate the combination)."""
+    import ssl
+
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from shared.kafka import connection_options, make_admin
+
+    plain = connection_options(Settings())
+    assert plain == {"bootstrap_servers": "127.0.0.1:9092", "security_protocol": "PLAINTEXT"}
+
+    secure = Settings(kafka_bootstrap="kafka.example:9096", kafka_security_protocol="SASL_SSL",
+                      kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="llmq",
+                      kafka_sasl_password="s3cret")
+    options = connection_options(secure)
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert (options["sasl_plain_username"], options["sasl_plain_password"]) == ("llmq", "s3cret")
+    assert isinstance(options["ssl_context"], ssl.SSLContext)
+    AIOKafkaProducer(**options)  # aiokafka refuses a bad combination in its constructor
+    AIOKafkaConsumer(**options)
+    make_admin(secure)
+    # The password never shows in the settings' repr (logs), but children get it.
+    assert "s3cret" not in repr(secure)
+    assert secure.to_env()["LLMQ_KAFKA_SASL_PASSWORD"] == "s3cret"
