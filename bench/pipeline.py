@@ -1,6 +1,6 @@
 """Pipeline benchmark: gateway overhead against a bare floor, and end-to-end throughput and latency.
 
-    python -m bench.pipeline [--duration S] [--connections N] [--json out.json]
+    python -m bench.pipeline [--tracing] [--admission] [--rounds N] [--duration S] [--json out.json]
 
 One run starts its own broker (Tansu) and redis-server on free loopback ports
 in a temporary directory, then measures:
@@ -10,7 +10,11 @@ in a temporary directory, then measures:
    from `wrk -t1 -c<connections>`; accepted (2xx) requests/s;
 2. gateway: the llmq `gateway` process under the same wrk load; accepted
    requests/s and the ratio gateway/baseline. No worker runs during 1 and 2,
-   so neither server shares the CPUs with one;
+   so neither server shares the CPUs with one. With --tracing, also a gateway
+   exporting every span to a local OTLP sink (bench.otlp_sink, which counts
+   them: the report checks each accepted request's span arrived); with
+   --admission, also a gateway with queue admission on (LLMQ_MAX_QUEUE_DEPTH
+   set above any backlog it meets). The gateways take turns each round;
 3. end to end, a fresh gateway + one echo `worker` on a new topic:
    (a) completed requests/s: N requests submitted by 64 concurrent aiohttp
        submitters, completions counted from the `{prefix}:done` pub/sub
@@ -118,16 +122,43 @@ def console_script(name: str, module: str) -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", module]
 
 
+def _stat_fields(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _with_descendants(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                children.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue  # exited meanwhile
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
 def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds a process has used so far; None: this process.
+    """User + system CPU seconds a process and its descendants have used so far; None: this process.
 
     CPU per request is the steadier number on a shared machine: a noisy
     neighbour moves requests/s a lot more than it moves what each request costs.
+    Descendants count, so work a server hands to a helper process is not hidden.
     """
     if pid is None:
         return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    total = 0
+    for each in _with_descendants(pid):
+        try:
+            fields = _stat_fields(each)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:
@@ -154,6 +185,20 @@ def http_status(method: str, url: str, body: bytes | None = None, timeout: float
         return exc.code
     except OSError:
         return 0
+
+
+def accepted_so_far(base: str) -> int:
+    """How many submits a gateway has answered 202, from its own /metrics."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    match = re.search(r'^llmq_gateway_http_requests_total\{[^}]*code="202"[^}]*\} ([0-9.e+]+)$', text, re.M)
+    return int(float(match.group(1))) if match else 0
+
+
+def sink_spans(sink_url: str) -> dict[str, int]:
+    """Spans the OTLP sink has received so far, by span name."""
+    with urllib.request.urlopen(f"{sink_url}/stats", timeout=5) as resp:
+        return json.loads(resp.read())["spans_by_name"]
 
 
 def wait_accepting(base: str, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
@@ -518,12 +563,20 @@ def run_load(args: argparse.Namespace, children: Children, stack: dict, tmp: Pat
         proc = children.spawn("gateway-traced", console_script("gateway", "gateway.main") + ["--port", str(traced_port)],
                               env)
         servers["gateway_traced"] = (proc, f"http://127.0.0.1:{traced_port}")
+    if args.admission:
+        # Admission on (LagReader polling the lag once a second, a check per submit), with a
+        # bound no backlog here reaches: what it costs, never what it refuses.
+        port = free_port()
+        env = {**llmq_env(stack, "load-admission", port), "LLMQ_MAX_QUEUE_DEPTH": str(10**9)}
+        proc = children.spawn("gateway-admission", console_script("gateway", "gateway.main") + ["--port", str(port)],
+                              env)
+        servers["gateway_admission"] = (proc, f"http://127.0.0.1:{port}")
     for name, (proc, url) in servers.items():
         wait_accepting(url, proc, name)
 
     script = tmp / "post.lua"
     script.write_text(WRK_SCRIPT)
-    results: dict[str, list[dict]] = {name: [] for name in servers}
+    results: dict = {name: [] for name in servers}
     # Alternate the two sides, so that a noisy neighbour's drift hits both alike.
     for r in range(args.rounds):
         for name, (proc, url) in servers.items():
@@ -534,9 +587,16 @@ def run_load(args: argparse.Namespace, children: Children, stack: dict, tmp: Pat
             log(f"round {r + 1} {name}: {result.accepted_per_s:.0f} accepted/s, "
                 f"{result.server_cpu_us_per_request} µs CPU/request, p50 {result.latency_p50_ms} ms, "
                 f"non-2xx {result.non_2xx}")
+    accepted_traced = accepted_so_far(servers["gateway_traced"][1]) if "gateway_traced" in servers else 0
     # Stopped before the end-to-end phase, so they don't share the CPUs with it.
     for proc, _url in servers.values():
-        children.stop(proc)
+        children.stop(proc)  # a traced gateway flushes its spans on the way out
+    if "gateway_traced" in servers:
+        spans = sink_spans(stack["sink_url"])
+        results["gateway_traced_spans"] = {
+            "accepted": accepted_traced,
+            "publish_spans_at_sink": spans.get(f"publish bench.{stack['run']}.load-traced", 0),
+        }
     return results
 
 
@@ -560,8 +620,13 @@ def run_e2e(args: argparse.Namespace, children: Children, stack: dict, sink_url:
         raise ServiceError(f"the worker exited with code {worker.returncode}")
     log(f"{tag}: {result['throughput']['completed_per_s']:.0f} completed/s, "
         f"latency p50 {result['latency']['p50_ms']} ms")
-    children.stop(gateway)
+    accepted = accepted_so_far(url)
+    children.stop(gateway)  # each flushes its spans on the way out
     children.stop(worker)
+    if sink_url:
+        spans, topic = sink_spans(sink_url), env["LLMQ_REQUEST_TOPIC"]
+        result["spans"] = {"accepted": accepted, "publish_spans_at_sink": spans.get(f"publish {topic}", 0),
+                           "process_spans_at_sink": spans.get(f"process {topic}", 0)}
     return result
 
 
@@ -593,6 +658,7 @@ def run(args: argparse.Namespace, children: Children, tmp: Path) -> dict:
             "worker_during_load": False, "e2e_requests": args.requests, "e2e_submitters": args.submitters,
             "latency_rate_per_s": args.rate, "latency_duration_s": args.latency_duration,
             "env_overrides": overrides, "tracing_compared": args.tracing,
+            "admission_compared": args.admission,
         },
     }
     if args.phases in ("all", "load"):
@@ -651,9 +717,24 @@ def load_rows(result: dict) -> list[Row]:
     if "gateway_traced" in result:
         traced_rate = median([r["accepted_per_s"] for r in result["gateway_traced"]])
         traced_ratio = traced_rate / gw if gw else 0.0
+        spans = result["gateway_traced_spans"]
         out += [
             Row(f"gateway with tracing on accepted req/s ({load})", f"{traced_rate:.0f}"),
+            Row("gateway with tracing on CPU per request (server process)",
+                f"{median([r['server_cpu_us_per_request'] or 0 for r in result['gateway_traced']]):.0f} µs"),
             Row("gateway traced / untraced (accepted req/s)", f"{traced_ratio:.2f}", "≥ 0.90", traced_ratio >= 0.90),
+            Row("traced gateway: publish spans at the OTLP sink / requests accepted",
+                f"{spans['publish_spans_at_sink']} / {spans['accepted']}", "all",
+                spans["publish_spans_at_sink"] >= spans["accepted"]),
+        ]
+    if "gateway_admission" in result:
+        admission_rate = median([r["accepted_per_s"] for r in result["gateway_admission"]])
+        admission_ratio = admission_rate / gw if gw else 0.0
+        out += [
+            Row(f"gateway with admission on (LLMQ_MAX_QUEUE_DEPTH) accepted req/s ({load})", f"{admission_rate:.0f}"),
+            Row("gateway with admission on CPU per request",
+                f"{median([r['server_cpu_us_per_request'] or 0 for r in result['gateway_admission']]):.0f} µs"),
+            Row("gateway admission on / off (accepted req/s)", f"{admission_ratio:.2f}"),
         ]
     return out
 
@@ -694,12 +775,16 @@ def e2e_rows(result: dict) -> list[Row]:
 
 def tracing_rows(result: dict) -> list[Row]:
     plain, traced_run = result["e2e"]["throughput"], result["e2e_traced"]["throughput"]
+    spans = result["e2e_traced"]["spans"]
     ratio = traced_run["completed_per_s"] / plain["completed_per_s"] if plain["completed_per_s"] else 0.0
     return [
         Row("e2e completed req/s with tracing on (gateway + worker exporting)",
             f"{traced_run['completed_per_s']:.0f}"),
         Row("e2e traced / untraced (completed req/s)", f"{ratio:.2f}", "≥ 0.90", ratio >= 0.90),
         Row("e2e latency p50 with tracing on", f"{result['e2e_traced']['latency']['p50_ms']} ms"),
+        Row("e2e traced: publish / process spans at the OTLP sink / requests accepted",
+            f"{spans['publish_spans_at_sink']} / {spans['process_spans_at_sink']} / {spans['accepted']}", "all",
+            min(spans["publish_spans_at_sink"], spans["process_spans_at_sink"]) >= spans["accepted"]),
     ]
 
 
@@ -754,6 +839,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="load: wrk baseline vs gateway only; e2e: gateway + worker only (all)")
     parser.add_argument("--tracing", action="store_true",
                         help="also run the gateway (and e2e) with OpenTelemetry export to a local OTLP sink")
+    parser.add_argument("--admission", action="store_true",
+                        help="also run the gateway with queue admission on (LLMQ_MAX_QUEUE_DEPTH) under the wrk load")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (child logs)")
     return parser.parse_args(argv)

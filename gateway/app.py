@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 
 import structlog
 from aiohttp import web
-from opentelemetry import propagate, trace
+from opentelemetry import context, propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
@@ -43,12 +44,12 @@ from shared.telemetry import (
     PARTITION,
     REQUEST_ID,
     inject_headers,
-    tracer,
     tracing_configured,
 )
 
 log = structlog.get_logger(__name__)
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+_NO_PARENT = Context()  # a request that carries no trace context starts a new trace
 
 
 def _redis_down(exc: Exception) -> ApiError:
@@ -78,6 +79,11 @@ class Gateway:
         self._queue_watch: asyncio.Task | None = None
         # Read once: with no OTLP endpoint the hot path skips span bookkeeping altogether.
         self._tracing = tracing_configured()
+        # The SDK's tracer itself when main() installed the provider first, not the API's proxy.
+        self._tracer = trace.get_tracer("llmq")
+        # The headers the configured propagators read (traceparent, tracestate, baggage):
+        # a request without any of them skips extraction.
+        self._propagation_fields = frozenset(propagate.get_global_textmap().fields)
         self.app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[self._middleware])
         self.app.add_routes([
             web.post("/v1/requests", self.submit),
@@ -141,16 +147,25 @@ class Gateway:
         middleware timing the same thing."""
         if not self._tracing:
             return await self._answer(request, handler)
+        # start_span and one attach/detach rather than start_as_current_span: the same
+        # span and context, without its context-manager layers on every request.
         endpoint = _endpoint(request)
-        with tracer.start_as_current_span(
-            f"{request.method} {endpoint}", context=propagate.extract(request.headers), kind=SpanKind.SERVER,
-            attributes={"http.request.method": request.method, "http.route": endpoint, "url.path": request.path},
-        ) as span:
+        headers = request.headers
+        parent = propagate.extract(headers) if any(f in headers for f in self._propagation_fields) else _NO_PARENT
+        span = self._tracer.start_span(
+            f"{request.method} {endpoint}", context=parent, kind=SpanKind.SERVER,
+            attributes={"http.request.method": request.method, "http.route": endpoint},
+        )
+        token = context.attach(trace.set_span_in_context(span, parent))
+        try:
             response = await self._answer(request, handler)
             span.set_attribute("http.response.status_code", response.status)
             if response.status >= 500:
                 span.set_status(trace.StatusCode.ERROR)
-        return response
+            return response
+        finally:
+            context.detach(token)
+            span.end()
 
     async def _answer(self, request: web.Request, handler) -> web.StreamResponse:
         started = time.perf_counter()
@@ -261,13 +276,24 @@ class Gateway:
         if not self._tracing:
             await self._send(topic, request_id, value, JSON_HEADERS)
             return
-        with tracer.start_as_current_span(
+        if not trace.get_current_span().is_recording():
+            # Not sampled: the SDK's samplers (parent-based, or by trace id) drop every span
+            # of this trace, so none is made for the produce; the message still carries the
+            # trace context (flagged unsampled), so the worker follows the same decision.
+            await self._send(topic, request_id, value, inject_headers(JSON_HEADERS))
+            return
+        span = self._tracer.start_span(
             f"publish {topic}", kind=SpanKind.PRODUCER,
-            attributes={MESSAGING_SYSTEM: "kafka", DESTINATION: topic, MESSAGE_KEY: request_id,
-                        OPERATION_TYPE: "send", REQUEST_ID: request_id},
-        ) as span:
-            sent = await self._send(topic, request_id, value, inject_headers(JSON_HEADERS))
+            attributes={MESSAGING_SYSTEM: "kafka", DESTINATION: topic, OPERATION_TYPE: "send", MESSAGE_KEY: request_id},
+        )
+        try:
+            sent = await self._send(topic, request_id, value, inject_headers(JSON_HEADERS, trace.set_span_in_context(span)))
             span.set_attributes({PARTITION: str(sent.partition), OFFSET: sent.offset})
+        except BaseException as exc:
+            span.set_status(trace.StatusCode.ERROR, repr(exc))
+            raise
+        finally:
+            span.end()
 
     async def _send(self, topic: str, request_id: str, value: bytes, headers: list):
         # asyncio.timeout, not wait_for: wait_for makes a Task per call.
