@@ -1,7 +1,7 @@
 """Engine benchmark: llmq's continuous-batching torch engine against transformers' own.
 
     python -m bench.engine [--shape tiny|qwen2.5-0.5b] [--device cpu|cuda] [--concurrency 1 8 32 128]
-                           [--requests-per-client 2] [--prompt-tokens 64] [--int8] [--json out.json]
+                           [--requests-per-slot 4] [--prompt-tokens 64] [--int8] [--json out.json]
 
 One run, the same prompts and output lengths for every line (fixed seed):
   generate, one at a time   transformers `generate`, each request alone (a subset:
@@ -11,10 +11,11 @@ One run, the same prompts and output lengths for every line (fixed seed):
                             request's own max_tokens only (the rest is waste)
   generate_batch            transformers' continuous batching with its defaults
                             (one max_new_tokens for all: the mean of the draws)
-  llmq at C concurrent      C clients, each sending its requests one after another,
-                            starts spread over the first 0.5 s; max_tokens drawn
-                            from 16-256; TTFT = submit -> first token, TPOT = time
-                            per output token after the first (p50/p99)
+  llmq at C concurrent      4 x C requests (--requests-per-slot), at most C at once:
+                            a finished request's slot goes to the next; the first
+                            C start spread over 0.5 s; max_tokens drawn from
+                            16-256; TTFT = submit -> first token, TPOT = time per
+                            output token after the first (p50/p99)
   --int8                    llmq at 32 with LLMQ_QUANTIZE=int8, and greedy-token
                             agreement with fp32 on a fixed prompt set
 
@@ -156,9 +157,11 @@ def bench_generate_batch(model, tokenizer, work: Workload, count: int) -> Line:
 # ---- llmq ----------------------------------------------------------------------------
 
 
-async def bench_llmq(engine: TorchEngine, work: Workload, concurrency: int, per_client: int, label: str) -> Line:
-    total = concurrency * per_client
+async def bench_llmq(engine: TorchEngine, work: Workload, concurrency: int, total: int, label: str) -> Line:
+    """`total` requests, at most `concurrency` at once: each finished request's
+    slot goes to the next (as vLLM's benchmark_serving --max-concurrency does)."""
     ttfts, tpots, tokens = [], [], 0
+    slots = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
         nonlocal tokens
@@ -177,13 +180,14 @@ async def bench_llmq(engine: TorchEngine, work: Workload, concurrency: int, per_
                 if n > 1:
                     tpots.append((done - first) / (n - 1))
 
-    async def client(c: int) -> None:
-        await asyncio.sleep(0.5 * c / concurrency)  # arrivals spread
-        for k in range(per_client):
-            await one(c * per_client + k)
+    async def client(i: int) -> None:
+        if i < concurrency:
+            await asyncio.sleep(0.5 * i / concurrency)  # the first arrivals spread over 0.5 s
+        async with slots:
+            await one(i)
 
     started = time.perf_counter()
-    await asyncio.gather(*(client(c) for c in range(concurrency)))
+    await asyncio.gather(*(client(i) for i in range(total)))
     return Line(label, total, tokens, time.perf_counter() - started, pct(ttfts, 0.5), pct(ttfts, 0.99),
                 pct(tpots, 0.5), pct(tpots, 0.99))
 
@@ -204,18 +208,23 @@ async def start_engine(model_dir: Path, device: str, max_running: int, quantize:
     return engine
 
 
-async def greedy_agreement(fp32: TorchEngine, int8: TorchEngine, work: Workload, n_prompts=16, n_tokens=32) -> float:
-    """Share of positions where int8's greedy tokens equal fp32's (same prompts)."""
-    from workers.engines.base import collect
-
-    same = total = 0
-    for text in work.texts[:n_prompts]:
-        request = GenerationRequest("a", Params(max_tokens=n_tokens, temperature=0), prompt=text)
-        a = fp32.tokenizer((await collect(fp32, request)).text).input_ids
-        b = int8.tokenizer((await collect(int8, request)).text).input_ids
-        same += sum(x == y for x, y in zip(a, b))
-        total += max(len(a), len(b))
-    return same / total
+@torch.inference_mode()
+def greedy_agreement(fp32, int8, work: Workload, n_prompts: int = 16, n_tokens: int = 32) -> tuple[float, int]:
+    """fp32's greedy continuation of each prompt; then, over that same text, the
+    share of positions where int8's next-token choice equals fp32's (teacher-
+    forced, so one early difference doesn't make every later position differ),
+    and how many of the continuations int8 reproduces whole."""
+    same = total = whole = 0
+    for ids in work.prompts[:n_prompts]:
+        x = torch.tensor([ids])
+        seq = fp32.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n_tokens,
+                            min_new_tokens=n_tokens, do_sample=False, pad_token_id=0)
+        a = fp32(seq).logits[0, len(ids) - 1:-1].argmax(-1)
+        b = int8(seq).logits[0, len(ids) - 1:-1].argmax(-1)
+        same += int((a == b).sum())
+        total += len(a)
+        whole += bool((a == b).all())
+    return same / total, whole
 
 
 def table(lines: list[Line], base: Line, static: Line) -> str:
@@ -242,7 +251,7 @@ async def main_async(args) -> None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         never_eos(model, tokenizer.eos_token_id)
         static_n = 32
-        work = make_workload(tokenizer, max(max(args.concurrency) * args.requests_per_client, static_n, args.alone),
+        work = make_workload(tokenizer, max(max(args.concurrency) * args.requests_per_slot, static_n, args.alone),
                              args.prompt_tokens)
 
         with torch.inference_mode():
@@ -255,20 +264,22 @@ async def main_async(args) -> None:
         del model
 
         engine = await start_engine(model_dir, args.device, max(args.concurrency))
-        await bench_llmq(engine, work, 2, 1, "warm-up")
+        await bench_llmq(engine, work, 2, 2, "warm-up")
         for c in args.concurrency:
-            lines.append(await bench_llmq(engine, work, c, args.requests_per_client, f"llmq, {c} concurrent"))
+            lines.append(await bench_llmq(engine, work, c, c * args.requests_per_slot, f"llmq, {c} concurrent"))
         if args.int8:
             int8 = await start_engine(model_dir, args.device, max(args.concurrency), quantize="int8")
-            line = await bench_llmq(int8, work, 32, args.requests_per_client, "llmq int8, 32 concurrent")
-            line.note = f"greedy agreement with fp32: {await greedy_agreement(engine, int8, work):.1%}"
+            line = await bench_llmq(int8, work, 32, 32 * args.requests_per_slot, "llmq int8, 32 concurrent")
+            agreement, whole = greedy_agreement(engine.model, int8.model, work)
+            line.note = (f"greedy next-token agreement with fp32: {agreement:.1%}; "
+                         f"{whole}/16 continuations of 32 tokens identical")
             lines.append(line)
             await int8.close()
         await engine.close()
 
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\nmodel {args.shape}, {device_name}, prompts of {args.prompt_tokens} tokens, max_tokens 16-256 "
-          f"(fixed seed), {args.requests_per_client} requests per client\n")
+          f"(fixed seed), {args.requests_per_slot} requests per slot\n")
     print(table(lines, base, static))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(line) | {"tokens_per_s": line.tokens_per_s} for line in lines],
@@ -281,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=["tiny", "qwen2.5-0.5b"], default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--requests-per-slot", type=int, default=4, help="requests = this x concurrency")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--alone", type=int, default=8, help="requests in the one-at-a-time line")
     parser.add_argument("--generate-batch", action="store_true", help="add transformers' generate_batch line")
