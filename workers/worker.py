@@ -158,6 +158,7 @@ class Worker:
         self._finished: asyncio.Queue[tuple[Job, Outcome]] = asyncio.Queue()
         self._background: list[asyncio.Task] = []  # result writer, cancel listener
         self._fatal: EngineError | None = None
+        self._tracing = tracing_configured()  # off: no span work at all on the hot path
 
     # ---- lifecycle -----------------------------------------------------------
 
@@ -271,14 +272,22 @@ class Worker:
         self._in_flight += len(records)
         self.stats.peak_in_flight = max(self.stats.peak_in_flight, self._in_flight)
         jobs = [self._receive(record) for record in records]
+        if not self._tracing:
+            await self._admit(jobs)
+            return
         # The fetch's own span links to every request's trace (messaging conventions).
-        with tracer.start_as_current_span(
+        # start_span, not start_as_current_span: no context to attach; the spans under
+        # each request name their parent themselves.
+        span = tracer.start_span(
             f"process batch {self.settings.request_topic}", kind=SpanKind.CONSUMER,
             links=links_to(job.parent for job in jobs),
             attributes={MESSAGING_SYSTEM: "kafka", DESTINATION: self.settings.request_topic,
                         CONSUMER_GROUP: self.settings.consumer_group, BATCH_COUNT: len(records)},
-        ):
+        )
+        try:
             await self._admit(jobs)
+        finally:
+            span.end()
 
     def _receive(self, record: ConsumerRecord) -> Job:
         """Track the offset, parse the message, and open its `process` span."""
@@ -410,7 +419,7 @@ class Worker:
     def _generation_request(self, job: Job) -> GenerationRequest:
         message = job.message
         trace_headers: dict[str, str] = {}
-        if tracing_configured():
+        if self._tracing:
             propagate.inject(trace_headers, context=trace.set_span_in_context(job.span))
         prompt, messages = (message.input.prompt, None) if isinstance(message.input, PromptInput) \
             else (None, message.input.messages)
@@ -419,6 +428,8 @@ class Worker:
 
     def _trace_generation(self, job: Job, result: GenerationResult, start: float, end: float) -> None:
         """One GenAI span per request, under its `process` span, covering its time in the engine."""
+        if not job.span.is_recording():  # not sampled (or tracing off): its children wouldn't be either
+            return
         params = job.message.params
         operation = "text_completion" if isinstance(job.message.input, PromptInput) else "chat"
         span = tracer.start_span(
@@ -503,9 +514,10 @@ class Worker:
         )
         end = time.time_ns()
         for (job, outcome), was_written in zip(finished, written):
-            tracer.start_span("write result", context=trace.set_span_in_context(job.span), start_time=start,
-                              attributes={REQUEST_ID: job.request_id, "llmq.result.written": was_written,
-                                          "llmq.status": outcome.status.value}).end(end_time=end)
+            if job.span.is_recording():
+                tracer.start_span("write result", context=trace.set_span_in_context(job.span), start_time=start,
+                                  attributes={REQUEST_ID: job.request_id, "llmq.result.written": was_written,
+                                              "llmq.status": outcome.status.value}).end(end_time=end)
             if was_written:
                 self.stats.results_written += 1
                 self.stats.count_finished(outcome.status)
