@@ -206,9 +206,6 @@ class RequestStore:
         )
         return float(retry_after)
 
-    async def delete(self, request_id: str) -> None:
-        await self.redis.delete(self.keys.request(request_id))
-
     async def claim_many(
         self, claims: Iterable[tuple[str, Mapping[str, object]]], worker: str
     ) -> list[tuple[str, int]]:

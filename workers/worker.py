@@ -63,6 +63,7 @@ from workers.offsets import OffsetTracker
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+_NO_CONTEXT = Context()
 
 # Errors of a dependency that is down or slow, worth retrying; anything else is a bug.
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, KafkaError, OSError, TimeoutError)
@@ -293,12 +294,16 @@ class Worker:
         """Track the offset, parse the message, and open its `process` span."""
         tp = TopicPartition(record.topic, record.partition)
         self.offsets.track(tp, record.offset)
-        parent = extract_context(record.headers)
-        span = tracer.start_span(
-            f"process {record.topic}", context=parent, kind=SpanKind.CONSUMER,
-            attributes={MESSAGING_SYSTEM: "kafka", DESTINATION: record.topic, PARTITION: str(record.partition),
-                        OFFSET: record.offset, CONSUMER_GROUP: self.settings.consumer_group, OPERATION_TYPE: "process"},
-        )
+        if self._tracing:
+            parent = extract_context(record.headers)
+            span = tracer.start_span(
+                f"process {record.topic}", context=parent, kind=SpanKind.CONSUMER,
+                attributes={MESSAGING_SYSTEM: "kafka", DESTINATION: record.topic, PARTITION: str(record.partition),
+                            OFFSET: record.offset, CONSUMER_GROUP: self.settings.consumer_group,
+                            OPERATION_TYPE: "process"},
+            )
+        else:  # no header parsing or span objects on the hot path when nothing is exported
+            parent, span = _NO_CONTEXT, trace.INVALID_SPAN
         try:
             message = parse_message(record.value)
         except MessageError as exc:
@@ -412,7 +417,7 @@ class Worker:
     def _update_gauges(self) -> None:
         # The engine says how many of the requests it holds are in its running
         # batch; the rest wait there for a slot.
-        running = min(getattr(self.engine, "running", len(self._running)), len(self._running))
+        running = min(self.engine.running, len(self._running))
         self.metrics.running.set(running)
         self.metrics.waiting.set(len(self._running) - running)
 

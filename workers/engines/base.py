@@ -72,6 +72,8 @@ class Engine(Protocol):
     #: How many requests it decodes at once; the worker holds about this many (plus
     #: a small waiting room) and pauses its Kafka fetch while it has them.
     max_running: int
+    #: How many are in its running batch now (the rest it holds wait for a slot).
+    running: int
 
     async def start(self) -> None:
         """Load weights and warm up; raise EngineError if that fails."""

@@ -566,8 +566,7 @@ class _Adapters:
     def __init__(self, root: Path, limit: int, base_model) -> None:
         self.root = root
         self.limit = limit
-        self.base = base_model
-        self.model = None  # the PeftModel, once the first adapter is loaded
+        self.model = _PeftHolder(base_model)  # what the engine calls in place of the base model
         self.loaded: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     @classmethod
@@ -577,9 +576,7 @@ class _Adapters:
         root = Path(settings.adapters_dir)
         if not root.is_dir():
             raise EngineError(f"LLMQ_ADAPTERS_DIR {str(root)!r} is not a directory")
-        adapters = cls(root, settings.max_adapters, model)
-        adapters.model = _PeftHolder(model)
-        return adapters
+        return cls(root, settings.max_adapters, model)
 
     @staticmethod
     def check(adapters: _Adapters | None, name: str) -> str | None:

@@ -268,6 +268,11 @@ class VllmEngine:
         self._running: set[str] = set()
         self._abort_requested: set[str] = set()
 
+    @property
+    def running(self) -> int:
+        # vLLM schedules what it is handed; its own queue is not visible from here.
+        return len(self._running)
+
     # ---- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
