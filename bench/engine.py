@@ -5,7 +5,8 @@
 
 One run, the same prompts and output lengths for every line (fixed seed):
   generate, one at a time   transformers `generate`, each request alone (a subset:
-                            its tokens/s does not depend on how many)
+                            its tokens/s does not depend on how many), run first
+                            and again last; its tok/s is the two runs together
   generate, static batch    one left-padded `generate` over the first 32 requests,
                             run until the longest is done; tokens/s counts each
                             request's own max_tokens only (the rest is waste)
@@ -256,12 +257,12 @@ async def main_async(args) -> None:
 
         with torch.inference_mode():
             model.generate(input_ids=torch.tensor([work.prompts[0]], device=device), max_new_tokens=4)  # warm-up
-            base = bench_generate_alone(model, tokenizer, work, args.alone, device)
+            base_before = bench_generate_alone(model, tokenizer, work, args.alone, device)
             static = bench_generate_static(model, tokenizer, work, static_n, device)
+            base = Line(base_before.name, 0, 0, 0.0)  # both runs' totals, filled in at the end
             lines = [base, static]
             if args.generate_batch:
                 lines.append(bench_generate_batch(model, tokenizer, work, static_n))
-        del model
 
         engine = await start_engine(model_dir, args.device, max(args.concurrency))
         await bench_llmq(engine, work, 2, 2, "warm-up")
@@ -276,6 +277,14 @@ async def main_async(args) -> None:
             lines.append(line)
             await int8.close()
         await engine.close()
+        # The baseline again, last: this machine's speed drifts over a run, and
+        # the ratios are against the two runs together (both shown in the note).
+        with torch.inference_mode():
+            base_after = bench_generate_alone(model, tokenizer, work, args.alone, device)
+        base.tokens, base.seconds = base_before.tokens + base_after.tokens, base_before.seconds + base_after.seconds
+        base.requests = base_before.requests + base_after.requests
+        base.note = f"run first: {base_before.tokens_per_s:,.0f} tok/s, run last: {base_after.tokens_per_s:,.0f}"
+        del model
 
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\nmodel {args.shape}, {device_name}, prompts of {args.prompt_tokens} tokens, max_tokens 16-256 "

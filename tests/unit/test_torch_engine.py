@@ -111,6 +111,31 @@ async def test_padded_batch_gives_each_row_its_solo_text(engine):
 
 
 @pytest.mark.asyncio
+async def test_rows_joining_and_leaving_a_running_batch_keep_their_solo_text(engine):
+    # Each request arrives once the one before has its first token, so it
+    # joins a running batch; longer prompts join narrower batches, short
+    # requests leave while long ones run on (the last rows move into their
+    # places), and 100 tokens outgrow the cache's first allocation.
+    plan = [(PROMPTS[2], 100), (PROMPTS[3], 6), (PROMPTS[0], 60), (PROMPTS[1], 3), (PROMPTS[3], 80),
+            (PROMPTS[2], 9), (PROMPTS[1], 45)]
+    alone = [await run_one(engine, greedy(p, max_tokens=n)) for p, n in plan]
+
+    async def arrive(i, started):
+        if i:
+            await started[i - 1].wait()
+        async for output in engine.generate(greedy(plan[i][0], rid=str(i), max_tokens=plan[i][1])):
+            started[i].set()
+            if output.result is not None:
+                return output.result
+
+    started = [asyncio.Event() for _ in plan]
+    together = await asyncio.gather(*(arrive(i, started) for i in range(len(plan))))
+
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert [r.completion_tokens for r in together] == [n for _, n in plan]
+
+
+@pytest.mark.asyncio
 async def test_rows_with_different_max_tokens_finish_on_their_own(engine):
     batch = await run_batch(engine, [greedy(PROMPTS[0], rid="short", max_tokens=3),
                                    greedy(PROMPTS[1], rid="long", max_tokens=30)])

@@ -11,11 +11,14 @@ One scheduler thread owns the model. Each iteration of its loop:
 Why our own scheduler rather than transformers' `generate_batch` /
 `init_continuous_batching`: with its defaults it ran at 0.41x a padded static
 batch on these CPUs (`bench/engine.py`, README), and below the static batch
-on an H200 too (REFERENCE), while this scheduler runs at or above the static
-batch. The running batch is
-left-padded (as TGI's CausalLM batch is): a joining row's cache is padded to
-the batch's length, a leaving row is cut out, and columns of padding every row
-shares are trimmed, so memory stays bounded by rows x longest sequence.
+on an H200 too (REFERENCE), while this scheduler runs above the static batch.
+
+The running batch is left-padded (as TGI's CausalLM batch is): every row's
+next token lands in the last column. Its KV cache (_KVLayer) is written in
+place in preallocated storage: a joining row is written right-aligned, a
+leaving row is overwritten by the last one, and columns of padding every row
+shares are trimmed, so memory stays bounded by rows x longest sequence (x2
+spare room).
 
 The event loop never waits on the model: outputs cross from the scheduler
 thread with one `call_soon_threadsafe` per step, so Kafka heartbeats go on.
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import structlog
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from shared.settings import Settings
 from workers.engines.base import EngineError, GenerationOutput, GenerationRequest, GenerationResult
@@ -145,7 +149,6 @@ class TorchEngine:
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._keep_last_logits = "logits_to_keep" in params
-        self._model_config = model.config
 
         if self.settings.quantize == "int8":
             model = self._quantize_int8(model, device)
@@ -241,7 +244,7 @@ class TorchEngine:
     # ---- the scheduler thread ----------------------------------------------
 
     def _run(self) -> None:
-        batch = _Batch()
+        batch = _Batch(self.max_running)
         try:
             with torch.inference_mode():
                 while self._step(batch):
@@ -439,10 +442,12 @@ class TorchEngine:
         delta = row.text[row.emitted:] if reason != "error" else ""
         outputs.append((row.stream, GenerationOutput(row.request.request_id, delta, len(row.tokens), result)))
 
-    def _new_cache(self):
+    @staticmethod
+    def _new_cache():
         from transformers import DynamicCache
 
-        return DynamicCache(config=self._model_config)
+        # Plain full-attention layers, which _KVLayer takes over at merge.
+        return DynamicCache()
 
     def _forward(self, input_ids, mask, positions, cache, adapters: list[str | None]) -> torch.Tensor:
         """Logits of each row's last position, as float32 (sampling wants the precision)."""
@@ -464,9 +469,10 @@ def _put_all(items: list[tuple[asyncio.Queue, GenerationOutput]]) -> None:
 class _Batch:
     """The running rows, their shared left-padded KV cache and attention mask."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
         self.rows: list[_Row] = []
-        self.cache = None
+        self.cache = None  # a DynamicCache whose layers are _KVLayer
         self.mask: torch.Tensor | None = None
         self._sampling: _Sampling | None = None  # rebuilt when the rows change
 
@@ -483,34 +489,124 @@ class _Batch:
 
     def merge(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
         """Add freshly prefilled rows (their cache and mask) to the batch."""
-        if not self.rows:
-            self.rows, self.cache, self.mask = list(rows), cache, mask
-        else:
-            width = max(self.mask.shape[1], mask.shape[1])
-            for layer, new in zip(self.cache.layers, cache.layers):
-                layer.keys = torch.cat([_pad_left(layer.keys, width, 2), _pad_left(new.keys, width, 2)])
-                layer.values = torch.cat([_pad_left(layer.values, width, 2), _pad_left(new.values, width, 2)])
-            self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
-            self.rows += rows
+        if self.cache is None:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache()
+            self.cache.layers = [_KVLayer(self.max_rows) for _ in cache.layers]
+            self.mask = mask.new_zeros((0, 0))
+        for layer, new in zip(self.cache.layers, cache.layers):
+            layer.add_rows(new.keys, new.values)
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.rows += rows
         self._sampling = None
 
     def drop_finished(self) -> None:
+        """Finished rows leave: the last running rows move into their places."""
         keep = [b for b, row in enumerate(self.rows) if row.finish_reason is None]
         if len(keep) == len(self.rows):
             return
         if not keep:
             self.rows, self.cache, self.mask = [], None, None
         else:
-            index = torch.tensor(keep, device=self.mask.device)
-            self.rows = [self.rows[b] for b in keep]
-            self.mask = self.mask[index]
+            count = len(keep)
+            holes = [b for b in range(count) if self.rows[b].finish_reason is not None]
+            movers = [b for b in keep if b >= count]
+            order = list(range(count))
+            for hole, mover in zip(holes, movers):
+                order[hole] = mover
+            self.rows = [self.rows[b] for b in order]
+            self.mask = self.mask[order]
             # Columns that are padding in every remaining row hold nothing: trim them.
             first = int(self.mask.any(dim=0).nonzero()[0])
             self.mask = self.mask[:, first:]
             for layer in self.cache.layers:
-                layer.keys = layer.keys[index, :, first:]
-                layer.values = layer.values[index, :, first:]
+                layer.move_rows(movers, holes, count)
+                layer.trim_left(first)
         self._sampling = None
+
+
+class _KVLayer(DynamicLayer):
+    """One layer's keys and values for the running batch, written in place.
+
+    transformers' DynamicLayer grows by torch.cat, which copies the whole cache
+    at every decode step: 13% of the scheduler thread's time at 32 rows
+    (py-spy over bench/engine.py). Here the storage has room for `max_rows`
+    rows and spare columns: a step writes one column, trimming shared padding
+    moves `start`, a leaving row is overwritten by the last one, and only
+    running out of columns copies (into twice the room, so rarely).
+
+    The storage starts zeroed: columns a row never wrote hold finite values,
+    which the attention mask hides (uninitialized memory may hold NaN, which
+    masking does not hide: 0 x NaN is NaN).
+    """
+
+    def __init__(self, max_rows: int) -> None:
+        super().__init__()
+        self.max_rows = max_rows
+        self.k_store: torch.Tensor | None = None  # [max_rows, heads, columns, head_dim]
+        self.v_store: torch.Tensor | None = None
+        self.rows = self.start = self.end = 0
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        count = key_states.shape[-2]
+        self._make_room(0, count)
+        self.k_store[:self.rows, :, self.end:self.end + count] = key_states
+        self.v_store[:self.rows, :, self.end:self.end + count] = value_states
+        self.end += count
+        return self._view()
+
+    def get_seq_length(self) -> int:
+        return self.end - self.start
+
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append rows whose keys end at the batch's last column (left-padded to it)."""
+        if self.k_store is None:
+            shape = (self.max_rows, keys.shape[1], 0, keys.shape[3])
+            self.k_store, self.v_store = keys.new_zeros(shape), values.new_zeros(shape)
+        length = keys.shape[-2]
+        wider = max(0, length - (self.end - self.start))
+        self._make_room(wider, 0)
+        self.start -= wider
+        added = slice(self.rows, self.rows + keys.shape[0])
+        self.k_store[added, :, self.end - length:self.end] = keys
+        self.v_store[added, :, self.end - length:self.end] = values
+        self.rows += keys.shape[0]
+        self._view()
+
+    def move_rows(self, sources: list[int], targets: list[int], rows: int) -> None:
+        if sources:
+            columns = slice(self.start, self.end)
+            self.k_store[targets, :, columns] = self.k_store[sources, :, columns]
+            self.v_store[targets, :, columns] = self.v_store[sources, :, columns]
+        self.rows = rows
+        self._view()
+
+    def trim_left(self, columns: int) -> None:
+        self.start += columns
+        self._view()
+
+    def _make_room(self, left: int, right: int) -> None:
+        """Make sure `left` free columns precede `start` and `right` follow `end`."""
+        if self.start >= left and self.end + right <= self.k_store.shape[2]:
+            return
+        width = self.end - self.start
+        needed = left + width + right
+        columns = max(64, 2 * needed)
+        offset = left + (columns - needed) // 4  # most of the spare room goes right, where decoding grows
+        shape = (*self.k_store.shape[:2], columns, self.k_store.shape[3])
+        k_store, v_store = self.k_store.new_zeros(shape), self.v_store.new_zeros(shape)
+        k_store[:self.rows, :, offset:offset + width] = self.k_store[:self.rows, :, self.start:self.end]
+        v_store[:self.rows, :, offset:offset + width] = self.v_store[:self.rows, :, self.start:self.end]
+        self.k_store, self.v_store = k_store, v_store
+        self.start, self.end = offset, offset + width
+
+    def _view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = self.k_store[:self.rows, :, self.start:self.end]
+        self.values = self.v_store[:self.rows, :, self.start:self.end]
+        return self.keys, self.values
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
