@@ -1,6 +1,6 @@
 """Pipeline benchmark: gateway overhead against a bare floor, and end-to-end throughput and latency.
 
-    python -m bench.pipeline [--tracing] [--admission] [--rounds N] [--duration S] [--json out.json]
+    python -m bench.pipeline [--tracing [--sample-ratio R]] [--admission] [--rounds N] [--duration S] [--json out.json]
 
 One run starts its own broker (Tansu) and redis-server on free loopback ports
 in a temporary directory, then measures:
@@ -540,11 +540,30 @@ def llmq_env(stack: dict, tag: str, port: int) -> dict[str, str]:
     )
 
 
-def traced(env: dict[str, str], sink_url: str | None, service: str) -> dict[str, str]:
-    """`env` with OpenTelemetry export to the bench's OTLP sink turned on."""
+def traced(env: dict[str, str], stack: dict, service: str, sink_url: str | None) -> dict[str, str]:
+    """`env` with OpenTelemetry export to the bench's OTLP sink turned on; with
+    --sample-ratio below 1, head sampling as a deployment sets it (the gateway
+    decides by trace id, the worker follows its parent)."""
     if sink_url is None:
         return env
-    return {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url, "OTEL_SERVICE_NAME": service}
+    env = {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url, "OTEL_SERVICE_NAME": service}
+    if stack["sample_ratio"] < 1:
+        env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(stack["sample_ratio"])}
+    return env
+
+
+def sampled_note(result: dict) -> str:
+    ratio = result["config"]["trace_sample_ratio"]
+    return "" if ratio >= 1 else f" ({ratio:g} of traces sampled)"
+
+
+def spans_all_arrived(spans: int, accepted: int, ratio: float) -> tuple[str, bool]:
+    """The expected count of one span per sampled request, and whether `spans` meets it:
+    all of them, or with sampling within 5 standard deviations of ratio x accepted."""
+    if ratio >= 1:
+        return "all", spans >= accepted
+    slack = 5 * (accepted * ratio * (1 - ratio)) ** 0.5
+    return f"≈ {ratio:g} × accepted", abs(spans - ratio * accepted) <= slack
 
 
 def run_load(args: argparse.Namespace, children: Children, stack: dict, tmp: Path) -> dict:
@@ -559,7 +578,7 @@ def run_load(args: argparse.Namespace, children: Children, stack: dict, tmp: Pat
                "gateway": (gateway, f"http://127.0.0.1:{gw_port}")}
     if stack.get("sink_url"):
         traced_port = free_port()
-        env = traced(llmq_env(stack, "load-traced", traced_port), stack["sink_url"], "llmq-gateway")
+        env = traced(llmq_env(stack, "load-traced", traced_port), stack, "llmq-gateway", stack["sink_url"])
         proc = children.spawn("gateway-traced", console_script("gateway", "gateway.main") + ["--port", str(traced_port)],
                               env)
         servers["gateway_traced"] = (proc, f"http://127.0.0.1:{traced_port}")
@@ -607,9 +626,9 @@ def run_e2e(args: argparse.Namespace, children: Children, stack: dict, sink_url:
     tag = "e2e-traced" if sink_url else "e2e"
     env = llmq_env(stack, tag, port)
     gateway = children.spawn(f"gateway-{tag}", console_script("gateway", "gateway.main") + ["--port", str(port)],
-                             traced(env, sink_url, "llmq-gateway"))
+                             traced(env, stack, "llmq-gateway", sink_url))
     worker = children.spawn(f"worker-{tag}", console_script("worker", "workers.main"),
-                            traced(env, sink_url, "llmq-worker"))
+                            traced(env, stack, "llmq-worker", sink_url))
     url = f"http://127.0.0.1:{port}"
     wait_accepting(url, gateway, "e2e gateway")
     log("waiting for the worker to join its group")
@@ -642,7 +661,8 @@ def run(args: argparse.Namespace, children: Children, tmp: Path) -> dict:
     redis_service = start_redis(free_port(), tmp / "redis")
     children.services.append(redis_service)
     stack = {"run": uuid.uuid4().hex[:8], "bootstrap": broker.url, "redis_url": redis_service.url,
-             "broker_pid": broker.proc.pid, "redis_pid": redis_service.proc.pid, "sink_url": None}
+             "broker_pid": broker.proc.pid, "redis_pid": redis_service.proc.pid, "sink_url": None,
+             "sample_ratio": args.sample_ratio}
     if args.tracing:
         sink_port = free_port()
         sink = children.spawn("otlp-sink", [sys.executable, "-m", "bench.otlp_sink", "--port", str(sink_port)],
@@ -658,6 +678,7 @@ def run(args: argparse.Namespace, children: Children, tmp: Path) -> dict:
             "worker_during_load": False, "e2e_requests": args.requests, "e2e_submitters": args.submitters,
             "latency_rate_per_s": args.rate, "latency_duration_s": args.latency_duration,
             "env_overrides": overrides, "tracing_compared": args.tracing,
+            "trace_sample_ratio": args.sample_ratio,
             "admission_compared": args.admission,
         },
     }
@@ -719,13 +740,14 @@ def load_rows(result: dict) -> list[Row]:
         traced_ratio = traced_rate / gw if gw else 0.0
         spans = result["gateway_traced_spans"]
         out += [
-            Row(f"gateway with tracing on accepted req/s ({load})", f"{traced_rate:.0f}"),
+            Row(f"gateway with tracing on{sampled_note(result)} accepted req/s ({load})", f"{traced_rate:.0f}"),
             Row("gateway with tracing on CPU per request (server process)",
                 f"{median([r['server_cpu_us_per_request'] or 0 for r in result['gateway_traced']]):.0f} µs"),
             Row("gateway traced / untraced (accepted req/s)", f"{traced_ratio:.2f}", "≥ 0.90", traced_ratio >= 0.90),
             Row("traced gateway: publish spans at the OTLP sink / requests accepted",
-                f"{spans['publish_spans_at_sink']} / {spans['accepted']}", "all",
-                spans["publish_spans_at_sink"] >= spans["accepted"]),
+                f"{spans['publish_spans_at_sink']} / {spans['accepted']}",
+                *spans_all_arrived(spans["publish_spans_at_sink"], spans["accepted"],
+                                   result["config"]["trace_sample_ratio"])),
         ]
     if "gateway_admission" in result:
         admission_rate = median([r["accepted_per_s"] for r in result["gateway_admission"]])
@@ -778,13 +800,14 @@ def tracing_rows(result: dict) -> list[Row]:
     spans = result["e2e_traced"]["spans"]
     ratio = traced_run["completed_per_s"] / plain["completed_per_s"] if plain["completed_per_s"] else 0.0
     return [
-        Row("e2e completed req/s with tracing on (gateway + worker exporting)",
+        Row(f"e2e completed req/s with tracing on{sampled_note(result)} (gateway + worker exporting)",
             f"{traced_run['completed_per_s']:.0f}"),
         Row("e2e traced / untraced (completed req/s)", f"{ratio:.2f}", "≥ 0.90", ratio >= 0.90),
         Row("e2e latency p50 with tracing on", f"{result['e2e_traced']['latency']['p50_ms']} ms"),
         Row("e2e traced: publish / process spans at the OTLP sink / requests accepted",
-            f"{spans['publish_spans_at_sink']} / {spans['process_spans_at_sink']} / {spans['accepted']}", "all",
-            min(spans["publish_spans_at_sink"], spans["process_spans_at_sink"]) >= spans["accepted"]),
+            f"{spans['publish_spans_at_sink']} / {spans['process_spans_at_sink']} / {spans['accepted']}",
+            *spans_all_arrived(min(spans["publish_spans_at_sink"], spans["process_spans_at_sink"]), spans["accepted"],
+                               result["config"]["trace_sample_ratio"])),
     ]
 
 
@@ -839,6 +862,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="load: wrk baseline vs gateway only; e2e: gateway + worker only (all)")
     parser.add_argument("--tracing", action="store_true",
                         help="also run the gateway (and e2e) with OpenTelemetry export to a local OTLP sink")
+    parser.add_argument("--sample-ratio", type=float, default=1.0,
+                        help="with --tracing: the share of traces sampled (parentbased_traceidratio); 1 = every one (1)")
     parser.add_argument("--admission", action="store_true",
                         help="also run the gateway with queue admission on (LLMQ_MAX_QUEUE_DEPTH) under the wrk load")
     parser.add_argument("--json", type=Path, help="also write the results here")
