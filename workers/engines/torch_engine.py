@@ -9,7 +9,7 @@ One scheduler thread owns the model. Each iteration of its loop:
   4) hands each request its delta; finished rows leave the batch at once.
 
 Why our own scheduler rather than transformers' `generate_batch` /
-`init_continuous_batching`: with its defaults it ran at 0.41x a padded static
+`init_continuous_batching`: with its defaults it ran at 0.30-0.41x a padded static
 batch on these CPUs (`bench/engine.py`, README), and below the static batch
 on an H200 too (REFERENCE), while this scheduler runs above the static batch.
 
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import structlog
 import torch
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from shared.settings import Settings
@@ -444,8 +445,6 @@ class TorchEngine:
 
     @staticmethod
     def _new_cache():
-        from transformers import DynamicCache
-
         # Plain full-attention layers, which _KVLayer takes over at merge.
         return DynamicCache()
 
@@ -490,8 +489,6 @@ class _Batch:
     def merge(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
         """Add freshly prefilled rows (their cache and mask) to the batch."""
         if self.cache is None:
-            from transformers import DynamicCache
-
             self.cache = DynamicCache()
             self.cache.layers = [_KVLayer(self.max_rows) for _ in cache.layers]
             self.mask = mask.new_zeros((0, 0))
