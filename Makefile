@@ -15,6 +15,7 @@ up: install redis-server
 	$(BIN)/llmq up
 
 test: install redis-server
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 install: $(VENV)/.installed

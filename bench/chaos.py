@@ -56,7 +56,7 @@ import aiohttp
 
 from bench.pipeline import JSON_CT, Children, console_script, llmq_env, log, machine, ms, percentile
 from bench.scaler import _log_events, _ts
-from shared.devstack import ServiceError, free_port, start_broker, start_redis
+from deploy.devstack import ServiceError, free_port, start_broker, start_redis
 from shared.keys import Keys
 from shared.store import connect_redis
 

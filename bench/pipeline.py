@@ -52,7 +52,7 @@ from pathlib import Path
 import aiohttp
 import redis.asyncio as aioredis
 
-from shared.devstack import ServiceError, free_port, python_env, start_broker, start_redis, wait_for_port
+from deploy.devstack import ServiceError, free_port, python_env, start_broker, start_redis, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
 BODY = {"input": {"prompt": "hello world from the bench"}, "params": {"max_tokens": 8}}

@@ -45,7 +45,7 @@ import redis.asyncio as aioredis
 from scaler.backends.local import LocalBackend
 from scaler.daemon import Scaler
 from scaler.settings import ScalerSettings
-from shared.devstack import free_port, python_env, start_broker, start_redis, wait_for_port
+from deploy.devstack import free_port, python_env, start_broker, start_redis, wait_for_port
 from shared.keys import Keys
 from shared.settings import Settings
 

@@ -32,6 +32,7 @@ from gateway.openapi import openapi_document
 from shared.apikeys import ApiKeyStore
 from shared.kafka import JSON_HEADERS, ensure_topics, make_producer, start_with_retry
 from shared.keys import Keys
+from shared.lag import LagReader
 from shared.schema import REQUEST_ID_PATTERN, RequestMessage, RequestView, Status, SubmitRequest
 from shared.settings import Settings
 from shared.store import CompletionWaiter, RequestStore, base_fields, connect_redis
@@ -115,8 +116,6 @@ class Gateway:
     async def _watch_queue(self) -> None:
         """Keep `queue_depth` current for admission: the same lag the scaler reads
         (right on the dev broker too), once a second, off the request path."""
-        from scaler.lag import LagReader
-
         reader = LagReader(self.settings)
         try:
             while True:

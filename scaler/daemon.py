@@ -15,7 +15,7 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from scaler.backends import Backend
-from scaler.lag import LagReader
+from shared.lag import LagReader
 from scaler.policy import Decision, PolicyConfig, ScalingPolicy
 from scaler.settings import ScalerSettings
 from shared.metrics import ServedMetrics

@@ -16,7 +16,7 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
-from shared.devstack import Service, free_port, start_broker, start_redis
+from deploy.devstack import Service, free_port, start_broker, start_redis
 from shared.settings import Settings
 from workers.worker import Worker
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 
 from scaler.settings import ScalerSettings
-from shared.devstack import port_is_free, python_env
+from shared.ports import port_is_free
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -172,7 +172,7 @@ class LocalBackend:
         return [w for w in self.workers if w.stopping_since is None and w.alive()]
 
     def _spawn(self) -> None:
-        env = python_env(**self.settings.to_env())
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.settings.to_env()}
         if self.settings.metrics_port:
             # Workers on one host can't share a port: each takes the next free one
             # from LLMQ_METRICS_PORT up (9400, 9401, ...).

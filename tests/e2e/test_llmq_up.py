@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from shared.devstack import free_port
+from deploy.devstack import free_port
 
 REPO = Path(__file__).parents[2]
 
@@ -41,7 +41,7 @@ def test_llmq_up_serves_a_request_and_stops_cleanly_on_ctrl_c(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_")}
     env.update(LLMQ_HTTP_PORT=str(port), PYTHONPATH=str(REPO), LLMQ_LOG_LEVEL="warning")
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)

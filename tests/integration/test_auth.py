@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from shared.devstack import python_env
+from deploy.devstack import python_env
 from tests.conftest import serve_gateway
 from tests.integration.helpers import wait_final, wait_until
 
@@ -18,7 +18,7 @@ BODY = {"input": {"prompt": "mine alone"}, "params": {"max_tokens": 4}}
 
 
 def llmq_keys(settings, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", "keys", *args], env=python_env(**settings.to_env()),
+    return subprocess.run([sys.executable, "-m", "deploy.cli", "keys", *args], env=python_env(**settings.to_env()),
                           capture_output=True, text=True, timeout=60)
 
 

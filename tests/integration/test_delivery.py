@@ -10,7 +10,7 @@ import sys
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from shared.devstack import python_env
+from deploy.devstack import python_env
 from tests.integration.helpers import submit, wait_final, wait_until
 
 

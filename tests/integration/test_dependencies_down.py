@@ -4,7 +4,7 @@ nothing it cannot record and enqueue, and leaves nothing half-written."""
 from __future__ import annotations
 
 import pytest
-from shared.devstack import free_port, start_broker, start_redis
+from deploy.devstack import free_port, start_broker, start_redis
 from tests.conftest import serve_gateway
 
 

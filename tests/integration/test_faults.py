@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from shared.devstack import Service, free_port, python_env, start_broker, start_redis
+from deploy.devstack import Service, free_port, python_env, start_broker, start_redis
 from tests.conftest import serve_gateway
 from tests.integration.helpers import submit, wait_final, wait_until
 

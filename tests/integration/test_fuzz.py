@@ -47,7 +47,7 @@ from schemathesis.specs.openapi.checks import (
     use_after_free,
 )
 
-from shared.devstack import Service, free_port, python_env, wait_for_port
+from deploy.devstack import Service, free_port, python_env, wait_for_port
 from shared.settings import Settings
 from tests.conftest import isolated_settings
 from tests.integration.helpers import wait_final

@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.devstack import free_port, python_env, wait_for_port
+from deploy.devstack import free_port, python_env, wait_for_port
 from tests.integration.helpers import submit, wait_final, wait_until
 
 SECRET_PROMPT = "the-secret-prompt-7f3a alpha beta"

@@ -15,7 +15,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 
 from scaler.backends.local import is_llmq_worker
-from shared.devstack import python_env
+from deploy.devstack import python_env
 from shared.kafka import ensure_topics
 
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from shared.devstack import python_env
+from deploy.devstack import python_env
 from tests.integration.helpers import submit, wait_final, wait_until
 
 LONG = " ".join(f"w{i}" for i in range(500))

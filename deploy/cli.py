@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from scaler.settings import ScalerSettings
-from shared.devstack import Service, ServiceError, pick_port, python_env, start_broker, start_redis
+from deploy.devstack import Service, ServiceError, pick_port, python_env, start_broker, start_redis
 from shared.settings import Settings
 
 STATE_DIR = Path(".llmq")

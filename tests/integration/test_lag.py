@@ -9,7 +9,7 @@ import asyncio
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from scaler.lag import LagReader
+from shared.lag import LagReader
 from shared.kafka import ensure_topics
 from tests.integration.helpers import wait_until
 
