@@ -42,10 +42,10 @@ from pathlib import Path
 import aiohttp
 import redis.asyncio as aioredis
 
+from deploy.devstack import free_port, python_env, start_broker, start_redis, wait_for_port
 from scaler.backends.local import LocalBackend
 from scaler.daemon import Scaler
 from scaler.settings import ScalerSettings
-from deploy.devstack import free_port, python_env, start_broker, start_redis, wait_for_port
 from shared.keys import Keys
 from shared.settings import Settings
 

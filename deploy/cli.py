@@ -20,8 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from scaler.settings import ScalerSettings
 from deploy.devstack import Service, ServiceError, pick_port, python_env, start_broker, start_redis
+from scaler.settings import ScalerSettings
 from shared.settings import Settings
 
 STATE_DIR = Path(".llmq")

@@ -29,13 +29,14 @@ from redis.exceptions import RedisError
 from gateway.errors import HTTP_ERROR_TYPES, ApiError, error_response
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_document
+from gateway.waiter import CompletionWaiter
 from shared.apikeys import ApiKeyStore
 from shared.kafka import JSON_HEADERS, ensure_topics, make_producer, start_with_retry
 from shared.keys import Keys
 from shared.lag import LagReader
 from shared.schema import REQUEST_ID_PATTERN, RequestMessage, RequestView, Status, SubmitRequest
 from shared.settings import Settings
-from shared.store import CompletionWaiter, RequestStore, base_fields, connect_redis
+from shared.store import RequestStore, base_fields, connect_redis
 from shared.telemetry import (
     DESTINATION,
     MESSAGE_KEY,
@@ -101,7 +102,7 @@ class Gateway:
     async def _start(self, _app: web.Application) -> None:
         s = self.settings
         self.redis = connect_redis(s.redis_url)
-        self.store = RequestStore(self.redis, Keys(s.redis_prefix), s.result_ttl_seconds)
+        self.store = RequestStore(self.redis, Keys(s.redis_prefix, s.result_ttl_seconds))
         self.waiter = CompletionWaiter(self.store)
         self.api_keys = ApiKeyStore(self.redis, self.store.keys)
         if not s.auth:

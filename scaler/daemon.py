@@ -15,9 +15,9 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from scaler.backends import Backend
-from shared.lag import LagReader
 from scaler.policy import Decision, PolicyConfig, ScalingPolicy
 from scaler.settings import ScalerSettings
+from shared.lag import LagReader
 from shared.metrics import ServedMetrics
 from shared.settings import Settings
 

@@ -15,7 +15,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from shared.keys import Keys
+from shared.keys import API_KEY_CACHE_SECONDS, Keys
 
 KEY_PREFIX = "llmq_"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -26,7 +26,7 @@ def hash_key(key: str) -> str:
 
 
 class ApiKeyStore:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, cache_seconds: float = 5.0) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, cache_seconds: float = API_KEY_CACHE_SECONDS) -> None:
         self.redis = redis
         self.keys = keys
         self.cache_seconds = cache_seconds

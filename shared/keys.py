@@ -1,22 +1,29 @@
-"""Every Redis key and channel llmq uses, in one place.
+"""Every Redis key and channel llmq uses, and how long each lives, in one place.
 
-A request record is one hash `{prefix}:req:{id}`, expiring `result_ttl_seconds`
-(Settings, default 24 h) after its last change. Finished requests are
-announced on the channel `{prefix}:done` (message: the id) so long-polls wake
-without busy polling; cancelled ones also on `{prefix}:cancelled`, so the
-worker running one stops it. API keys live in the hash `{prefix}:apikeys` (SHA-256 of
-the key → its name and creation time; no expiry), and each key's rate-limit
-token bucket in `{prefix}:ratelimit:{name}` (expires once full again).
+- `{prefix}:req:{id}`: a request record, one hash, expiring `result_ttl_seconds`
+  (LLMQ_RESULT_TTL_SECONDS, default 24 h) after its last change.
+- `{prefix}:done`: channel announcing each finished request (message: the id),
+  so long-polls wake without busy polling; `{prefix}:cancelled` announces
+  cancelled ones, so the worker running one stops it.
+- `{prefix}:apikeys`: hash of API keys (SHA-256 of the key -> its name and
+  creation time); no expiry. Each gateway caches a lookup for
+  `API_KEY_CACHE_SECONDS`, so a revoked key stops working within that long.
+- `{prefix}:ratelimit:{name}`: each key's rate-limit token bucket, expiring
+  once it would be full again (`rate_limit_ttl`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+API_KEY_CACHE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "llmq"
+    result_ttl_seconds: int = 86_400
 
     def request(self, request_id: str) -> str:
         return f"{self.prefix}:req:{request_id}"
@@ -35,3 +42,8 @@ class Keys:
 
     def rate_limit(self, tenant: str) -> str:
         return f"{self.prefix}:ratelimit:{tenant}"
+
+    @staticmethod
+    def rate_limit_ttl(rate: float, burst: int) -> int:
+        """Seconds until an emptied bucket is full again; an unused bucket is dropped then."""
+        return math.ceil(burst / rate) + 1 if rate > 0 else 1

@@ -15,8 +15,8 @@ import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
-from gateway.app import Gateway
 from deploy.devstack import Service, free_port, start_broker, start_redis
+from gateway.app import Gateway
 from shared.settings import Settings
 from workers.worker import Worker
 

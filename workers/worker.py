@@ -40,7 +40,7 @@ from shared.kafka import JSON_HEADERS, ensure_topics, make_consumer, make_produc
 from shared.keys import Keys
 from shared.schema import MessageError, PromptInput, RequestMessage, Status, parse_message
 from shared.settings import Settings
-from shared.store import Outcome, RequestStore, base_fields, connect_redis
+from shared.store import RequestStore, base_fields, connect_redis
 from shared.telemetry import (
     BATCH_COUNT,
     CONSUMER_GROUP,
@@ -60,6 +60,7 @@ from shared.telemetry import (
 from workers.engines import Engine, EngineError, GenerationRequest, GenerationResult, load_engine
 from workers.metrics import WorkerMetrics
 from workers.offsets import OffsetTracker
+from workers.outcome import Outcome
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -167,7 +168,7 @@ class Worker:
         s = self.settings
         await self.engine.start()
         self._redis = connect_redis(s.redis_url)
-        self.store = RequestStore(self._redis, Keys(s.redis_prefix), s.result_ttl_seconds)
+        self.store = RequestStore(self._redis, Keys(s.redis_prefix, s.result_ttl_seconds))
         self._producer = make_producer(s)
         await start_with_retry(self._producer, "producer")
         await ensure_topics(s)
@@ -515,7 +516,7 @@ class Worker:
     async def _finish(self, finished: list[tuple[Job, Outcome]]) -> None:
         start = time.time_ns()
         written = await self._retry(
-            "finish", lambda: self.store.finish_many([(o, j.create_fields) for j, o in finished])
+            "finish", lambda: self.store.finish_many([(o.request_id, o.fields(), j.create_fields) for j, o in finished])
         )
         end = time.time_ns()
         for (job, outcome), was_written in zip(finished, written):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from deploy.devstack import python_env
 from tests.conftest import serve_gateway
 from tests.integration.helpers import wait_final, wait_until

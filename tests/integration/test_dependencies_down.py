@@ -4,6 +4,7 @@ nothing it cannot record and enqueue, and leaves nothing half-written."""
 from __future__ import annotations
 
 import pytest
+
 from deploy.devstack import free_port, start_broker, start_redis
 from tests.conftest import serve_gateway
 

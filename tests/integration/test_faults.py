@@ -24,7 +24,6 @@ from tests.conftest import serve_gateway
 from tests.integration.helpers import submit, wait_final, wait_until
 
 
-
 class WorkerProcess:
     """A `python -m workers.main` child with its log in a file (shown when a test fails)."""
 

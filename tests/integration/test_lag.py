@@ -9,8 +9,8 @@ import asyncio
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from shared.lag import LagReader
 from shared.kafka import ensure_topics
+from shared.lag import LagReader
 from tests.integration.helpers import wait_until
 
 

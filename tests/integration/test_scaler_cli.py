@@ -14,8 +14,8 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from scaler.backends.local import is_llmq_worker
 from deploy.devstack import python_env
+from scaler.backends.local import is_llmq_worker
 from shared.kafka import ensure_topics
 
 

@@ -1,0 +1,64 @@
+"""The request record in Redis: create, claim, finish, cancel, read."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+import redis.asyncio as aioredis
+
+from shared.keys import Keys
+from shared.schema import RequestView
+from shared.store.fields import flat
+from shared.store.pipelining import AutoPipeline, run_script_batch
+from shared.store.scripts import ADMIT, CANCEL, CLAIM, FINISH
+from shared.store.view import view_of
+
+
+class RequestStore:
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_seconds = keys.result_ttl_seconds
+        self._claim = redis.register_script(CLAIM)
+        self._finish = redis.register_script(FINISH)
+        self._cancel = redis.register_script(CANCEL)
+        self._admit = redis.register_script(ADMIT)
+        self._admissions = AutoPipeline(self._admit)
+
+    async def create(self, fields: Mapping[str, object], rate: float = 0.0, burst: int = 1) -> float:
+        """Create a new record, after taking a token from its tenant's bucket when
+        `rate` > 0 (one script for both). Returns 0, or the seconds to wait when
+        the tenant is over its rate (nothing is created then)."""
+        bucket = self.keys.rate_limit(str(fields.get("tenant") or ""))
+        retry_after = await self._admissions.call(
+            [bucket, self.keys.request(str(fields["id"]))], [rate, burst, self.ttl_seconds, flat(fields), self.keys.rate_limit_ttl(rate, burst)]
+        )
+        return float(retry_after)
+
+    async def claim_many(
+        self, claims: Iterable[tuple[str, Mapping[str, object]]], worker: str
+    ) -> list[tuple[str, int]]:
+        """Mark each (id, create-fields) running. Returns (verdict, attempts) per id, in order."""
+        now = str(time.time())
+        calls = [([self.keys.request(request_id)], [now, worker, self.ttl_seconds, flat(create)])
+                 for request_id, create in claims]
+        return [(verdict, int(attempts)) for verdict, attempts in await run_script_batch(self._claim, calls)]
+
+    async def finish_many(
+        self, finishes: Iterable[tuple[str, Mapping[str, object], Mapping[str, object]]]
+    ) -> list[bool]:
+        """Write each (id, result fields, create-fields) unless its record is already
+        final. True where written."""
+        calls = [([self.keys.request(request_id), self.keys.done_channel],
+                  [self.ttl_seconds, flat(result), flat(create), request_id])
+                 for request_id, result, create in finishes]
+        return [bool(written) for written in await run_script_batch(self._finish, calls)]
+
+    async def cancel(self, request_id: str) -> str | None:
+        keys = [self.keys.request(request_id), self.keys.done_channel, self.keys.cancel_channel]
+        return await self._cancel(keys=keys, args=[time.time(), self.ttl_seconds, request_id])
+
+    async def get(self, request_id: str) -> RequestView | None:
+        record = await self.redis.hgetall(self.keys.request(request_id))
+        return view_of(record) if record else None

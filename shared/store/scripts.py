@@ -1,0 +1,76 @@
+"""The Lua scripts behind each status transition of a request record.
+
+Status only moves forward (queued → running → final). Each transition is one
+script, so two workers, or a worker and a cancelling client, can't both win.
+"""
+
+# Writes `fields` (a flat JSON array k1, v1, k2, v2 ...) as an HSET.
+LUA_HSET_JSON = """
+local function hset_json(key, encoded)
+  local flat = cjson.decode(encoded)
+  if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
+end
+"""
+
+# KEYS: record. ARGV: now, worker, ttl, fields to create a missing record with.
+# Returns {verdict, attempts}: verdict 'run', or the final status to skip.
+CLAIM = LUA_HSET_JSON + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  hset_json(KEYS[1], ARGV[4])
+  status = 'queued'
+end
+if status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
+  local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return {'run', attempts}
+end
+return {status, 0}
+"""
+
+# KEYS: record, done channel. ARGV: ttl, result fields, fields to create a
+# missing record with, id. Returns 1 if written, 0 if the record was final.
+FINISH = LUA_HSET_JSON + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= 'queued' and status ~= 'running' then return 0 end
+if not status then hset_json(KEYS[1], ARGV[3]) end
+hset_json(KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('PUBLISH', KEYS[2], ARGV[4])
+return 1
+"""
+
+# Admission: one token from the caller's bucket (if rate-limited), then the new record.
+# KEYS: bucket, record. ARGV: rate per second (0: no limit), burst, record ttl, fields, bucket ttl.
+# Returns 0 if created, else the seconds until a token is free.
+ADMIT = LUA_HSET_JSON + """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+if rate > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+  local tokens = math.min(burst, (tonumber(bucket[1]) or burst) + (now - (tonumber(bucket[2]) or now)) * rate)
+  if tokens < 1 then return tostring((1 - tokens) / rate) end
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'at', tostring(now))
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+end
+hset_json(KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 0
+"""
+
+# KEYS: record, done channel, cancel channel. ARGV: now, ttl, id.
+# Returns 'cancelled' if this call cancelled it, the status if it was final, nil if unknown.
+CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'finish_reason', 'cancelled')
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('PUBLISH', KEYS[2], ARGV[3])
+  redis.call('PUBLISH', KEYS[3], ARGV[3])
+  return 'cancelled'
+end
+return status
+"""
