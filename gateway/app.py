@@ -19,9 +19,7 @@ from datetime import datetime, timezone
 
 import structlog
 from aiohttp import web
-from opentelemetry import context, propagate, trace
-from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind
+from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from redis.exceptions import RedisError
@@ -37,21 +35,10 @@ from shared.lag import LagReader
 from shared.schema import REQUEST_ID_PATTERN, RequestMessage, RequestView, Status, SubmitRequest
 from shared.settings import Settings
 from shared.store import RequestStore, base_fields, connect_redis
-from shared.telemetry import (
-    DESTINATION,
-    MESSAGE_KEY,
-    MESSAGING_SYSTEM,
-    OFFSET,
-    OPERATION_TYPE,
-    PARTITION,
-    REQUEST_ID,
-    inject_headers,
-    tracing_configured,
-)
+from shared.telemetry import NO_TRACING, OFFSET, PARTITION, REQUEST_ID, Tracing
 
 log = structlog.get_logger(__name__)
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
-_NO_PARENT = Context()  # a request that carries no trace context starts a new trace
 
 
 def _redis_down(exc: Exception) -> ApiError:
@@ -69,7 +56,7 @@ def _endpoint(request: web.Request) -> str:
 class Gateway:
     """Owns the gateway's clients and handlers; `app` is what aiohttp serves."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracing: Tracing = NO_TRACING) -> None:
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.producer = None
@@ -79,13 +66,8 @@ class Gateway:
         self.api_keys: ApiKeyStore | None = None
         self.queue_depth = 0  # the workers' lag, read by _watch_queue when LLMQ_MAX_QUEUE_DEPTH is set
         self._queue_watch: asyncio.Task | None = None
-        # Read once: with no OTLP endpoint the hot path skips span bookkeeping altogether.
-        self._tracing = tracing_configured()
-        # The SDK's tracer itself when main() installed the provider first, not the API's proxy.
-        self._tracer = trace.get_tracer("llmq")
-        # The headers the configured propagators read (traceparent, tracestate, baggage):
-        # a request without any of them skips extraction.
-        self._propagation_fields = frozenset(propagate.get_global_textmap().fields)
+        # Chosen once at start-up (configure_tracing): a no-op without an OTLP endpoint.
+        self.tracing = tracing
         self.app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[self._middleware])
         self.app.add_routes([
             web.post("/v1/requests", self.submit),
@@ -141,31 +123,15 @@ class Gateway:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
-        """The server span (when tracing is configured), JSON errors and metrics,
-        in one middleware so each sees the final status. Hand-written rather than
-        opentelemetry's aiohttp-server instrumentation, which would be a second
-        middleware timing the same thing."""
-        if not self._tracing:
-            return await self._answer(request, handler)
-        # start_span and one attach/detach rather than start_as_current_span: the same
-        # span and context, without its context-manager layers on every request.
-        endpoint = _endpoint(request)
-        headers = request.headers
-        parent = propagate.extract(headers) if any(f in headers for f in self._propagation_fields) else _NO_PARENT
-        span = self._tracer.start_span(
-            f"{request.method} {endpoint}", context=parent, kind=SpanKind.SERVER,
-            attributes={"http.request.method": request.method, "http.route": endpoint},
-        )
-        token = context.attach(trace.set_span_in_context(span, parent))
-        try:
+        """The server span, JSON errors and metrics, in one middleware so each sees
+        the final status. Hand-written rather than opentelemetry's aiohttp-server
+        instrumentation, which would be a second middleware timing the same thing."""
+        with self.tracing.server_span(request.method, _endpoint(request), request.headers) as span:
             response = await self._answer(request, handler)
             span.set_attribute("http.response.status_code", response.status)
             if response.status >= 500:
                 span.set_status(trace.StatusCode.ERROR)
             return response
-        finally:
-            context.detach(token)
-            span.end()
 
     async def _answer(self, request: web.Request, handler) -> web.StreamResponse:
         started = time.perf_counter()
@@ -273,27 +239,9 @@ class Gateway:
         """Produce the message and wait for the broker's ack, in a PRODUCER span
         whose context travels in the message headers."""
         topic = self.settings.request_topic
-        if not self._tracing:
-            await self._send(topic, request_id, value, JSON_HEADERS)
-            return
-        if not trace.get_current_span().is_recording():
-            # Not sampled: the SDK's samplers (parent-based, or by trace id) drop every span
-            # of this trace, so none is made for the produce; the message still carries the
-            # trace context (flagged unsampled), so the worker follows the same decision.
-            await self._send(topic, request_id, value, inject_headers(JSON_HEADERS))
-            return
-        span = self._tracer.start_span(
-            f"publish {topic}", kind=SpanKind.PRODUCER,
-            attributes={MESSAGING_SYSTEM: "kafka", DESTINATION: topic, OPERATION_TYPE: "send", MESSAGE_KEY: request_id},
-        )
-        try:
-            sent = await self._send(topic, request_id, value, inject_headers(JSON_HEADERS, trace.set_span_in_context(span)))
+        with self.tracing.producer_span(topic, request_id) as span:
+            sent = await self._send(topic, request_id, value, self.tracing.inject(JSON_HEADERS, span))
             span.set_attributes({PARTITION: str(sent.partition), OFFSET: sent.offset})
-        except BaseException as exc:
-            span.set_status(trace.StatusCode.ERROR, repr(exc))
-            raise
-        finally:
-            span.end()
 
     async def _send(self, topic: str, request_id: str, value: bytes, headers: list):
         # asyncio.timeout, not wait_for: wait_for makes a Task per call.

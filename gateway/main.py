@@ -9,7 +9,7 @@ from aiohttp import web
 from gateway.app import Gateway
 from shared.logs import configure_logging
 from shared.settings import Settings, settings_from_cli
-from shared.telemetry import configure_tracing, shutdown_tracing
+from shared.telemetry import configure_tracing
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -26,12 +26,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
     tracing = configure_tracing("llmq-gateway")
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, tracing)
     try:
         web.run_app(gateway.app, host=settings.http_host, port=settings.http_port, print=None,
                     access_log=None, shutdown_timeout=10)
     finally:
-        shutdown_tracing(tracing)
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

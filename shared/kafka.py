@@ -38,8 +38,8 @@ def make_admin(settings: Settings) -> AIOKafkaAdminClient:
 
 
 def make_producer(settings: Settings, **overrides) -> AIOKafkaProducer:
-    # acks="all" and no idempotence: the dev broker rejects InitProducerId
-    # (DESIGN.md), and workers dedupe by id anyway.
+    # acks="all" and no idempotence: the dev broker (Tansu) answers InitProducerId
+    # with an error, and workers dedupe by id anyway.
     options = dict(
         **connection_options(settings),
         acks="all",

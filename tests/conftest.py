@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestServer
 from deploy.devstack import Service, free_port, start_broker, start_redis
 from gateway.app import Gateway
 from shared.settings import Settings
+from tests.integration.helpers import WorkerProcess
 from workers.worker import Worker
 
 
@@ -102,7 +103,7 @@ async def start_worker(settings: Settings) -> AsyncIterator[Callable[..., Worker
         worker = Worker(settings.model_copy(update=overrides), name=name)
         task = asyncio.create_task(worker.run())
         running.append((worker, task))
-        while worker._consumer is None or not worker._consumer.assignment():
+        while not worker.assignment():
             if task.done():
                 task.result()
             await asyncio.sleep(0.05)
@@ -112,3 +113,18 @@ async def start_worker(settings: Settings) -> AsyncIterator[Callable[..., Worker
     for worker, _ in running:
         worker.stop()
     await asyncio.gather(*(task for _, task in running), return_exceptions=True)
+
+
+@pytest.fixture
+def spawn_worker(tmp_path):
+    """Starts worker processes; any still running after the test is killed."""
+    workers: list[WorkerProcess] = []
+
+    def spawn(settings, name: str = "worker") -> WorkerProcess:
+        worker = WorkerProcess(settings, tmp_path / f"{name}-{len(workers)}.log")
+        workers.append(worker)
+        return worker
+
+    yield spawn
+    for worker in workers:
+        worker.close()

@@ -11,7 +11,7 @@ import structlog
 
 from shared.logs import configure_logging
 from shared.settings import Settings, settings_from_cli
-from shared.telemetry import configure_tracing, shutdown_tracing
+from shared.telemetry import Tracing, configure_tracing
 from workers.engines import EngineError
 from workers.worker import Worker
 
@@ -27,8 +27,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     return settings_from_cli(parser, argv)
 
 
-async def serve(settings: Settings) -> None:
-    worker = Worker(settings)
+async def serve(settings: Settings, tracing: Tracing) -> None:
+    worker = Worker(settings, tracing=tracing)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
@@ -40,12 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings.log_level, settings.log_format)
     tracing = configure_tracing("llmq-worker")
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, tracing))
     except EngineError as exc:
         structlog.get_logger("worker").error("engine_failed", error=str(exc))
         sys.exit(2)
     finally:
-        shutdown_tracing(tracing)
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

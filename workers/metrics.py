@@ -1,23 +1,49 @@
-"""Prometheus metrics of a worker, named in the spirit of vLLM's
-(`vllm:time_to_first_token_seconds` → `llmq_worker_time_to_first_token_seconds`),
-in a registry of its own, served on LLMQ_METRICS_PORT."""
+"""What a worker counts, in one place: Prometheus metrics named in the spirit
+of vLLM's (`vllm:time_to_first_token_seconds` ->
+`llmq_worker_time_to_first_token_seconds`), in a registry of its own served on
+LLMQ_METRICS_PORT, and plain counts of the same events (`WorkerStats`) for
+the worker's stop line and for tests."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared.metrics import ServedMetrics
+from shared.schema import Status
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
+@dataclass
+class WorkerStats:
+    fetched: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    expired: int = 0
+    skipped: int = 0  # already final when fetched (cancelled, or a redelivery)
+    aborted: int = 0  # stopped in the engine: cancelled by a client, or handed back on shutdown
+    dead_lettered: int = 0
+    dead_letter_failed: int = 0  # the dead-letter topic refused the message (e.g. too large)
+    replies_failed: int = 0  # a reply_topic refused the reply (e.g. too large)
+    results_written: int = 0
+    peak_in_flight: int = 0  # most requests held at once (never above the limit)
+
+
 class WorkerMetrics(ServedMetrics):
     def __init__(self) -> None:
         super().__init__()
+        self.stats = WorkerStats()
         r = self.registry
         self.requests = Counter("llmq_worker_requests_total", "Requests finished, by final status.", ["status"], registry=r)
         self.dead_lettered = Counter("llmq_worker_dead_lettered_total", "Messages sent to the dead-letter topic.", registry=r)
+        self.dead_letter_failed = Counter("llmq_worker_dead_letter_failed_total",
+                                          "Messages the dead-letter topic refused (logged with the reason).",
+                                          registry=r)
+        self.replies_failed = Counter("llmq_worker_replies_failed_total",
+                                      "Replies a reply_topic refused (the result is still in Redis).", registry=r)
         self.queue_time = Histogram("llmq_worker_request_queue_time_seconds", "Submit to start of work.",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.e2e_latency = Histogram("llmq_worker_e2e_request_latency_seconds", "Submit to result written.",
@@ -36,3 +62,21 @@ class WorkerMetrics(ServedMetrics):
                              registry=r)
         self.waiting = Gauge("llmq_worker_num_requests_waiting", "Requests handed to the engine, waiting for a slot.",
                              registry=r)
+
+    def count_finished(self, status: Status) -> None:
+        """A result was written with this final status."""
+        self.stats.results_written += 1
+        setattr(self.stats, status.value, getattr(self.stats, status.value) + 1)
+        self.requests.labels(status.value).inc()
+
+    def count_dead_lettered(self) -> None:
+        self.stats.dead_lettered += 1
+        self.dead_lettered.inc()
+
+    def count_dead_letter_failed(self) -> None:
+        self.stats.dead_letter_failed += 1
+        self.dead_letter_failed.inc()
+
+    def count_reply_failed(self) -> None:
+        self.stats.replies_failed += 1
+        self.replies_failed.inc()

@@ -1,10 +1,9 @@
 """Which offsets a worker may commit.
 
-Requests finish out of order (a short one overtakes a long one in the same
-batch, or a later issue's continuous batch), so a partition is committed only
-up to its lowest unfinished offset: a worker that dies loses nothing, at the
-price of redelivering some finished requests, which the Redis record then
-skips as final.
+Requests finish out of order (the engine schedules per decoding step, so a
+short one overtakes a long one), so a partition is committed only up to its
+lowest unfinished offset: a worker that dies loses nothing, at the price of
+redelivering some finished requests, which the Redis record then skips as final.
 """
 
 from __future__ import annotations

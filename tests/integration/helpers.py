@@ -1,11 +1,18 @@
-"""Small client-side helpers the integration tests share."""
+"""Small helpers the integration tests share: HTTP calls, waiting, a worker
+as a child process, and the group's committed offsets as Kafka holds them."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from aiohttp import ClientSession
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from deploy.devstack import python_env
 
 
 async def submit(http: ClientSession, base: str, body: dict) -> str:
@@ -39,3 +46,43 @@ async def wait_until(predicate, timeout: float = 30, what: str = "condition") ->
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class WorkerProcess:
+    """A `python -m workers.main` child with its log in a file (shown when a test fails)."""
+
+    def __init__(self, settings, log_path: Path) -> None:
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "workers.main"], env=python_env(**settings.to_env()),
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    async def exit_code(self, timeout: float) -> int:
+        try:
+            return await asyncio.to_thread(self.proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker still running {timeout} s after being told to stop:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def committed_offsets(settings) -> list[int | None]:
+    """The worker group's committed offset on each partition of the request topic
+    (None: never committed), read by a probe that joins no group."""
+    probe = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
+                             enable_auto_commit=False)
+    await probe.start()
+    try:
+        return [await probe.committed(TopicPartition(settings.request_topic, p))
+                for p in range(settings.request_partitions)]
+    finally:
+        await probe.stop()

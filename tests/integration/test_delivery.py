@@ -4,14 +4,10 @@ worker that dies mid-batch leaves its requests uncommitted for the next one."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from deploy.devstack import python_env
-from tests.integration.helpers import submit, wait_final, wait_until
+from tests.integration.helpers import committed_offsets, submit, wait_final, wait_until
 
 
 async def _read_topic(settings, topic: str, count: int, timeout_ms: int = 15000) -> list:
@@ -62,30 +58,22 @@ async def test_garbage_and_invalid_messages_go_to_the_dead_letter_topic(settings
     assert worker.stats.dead_lettered == 4 and worker.stats.succeeded == 1
 
 
-async def test_worker_killed_mid_batch_leaves_work_uncommitted_for_the_next(settings, gateway, http, start_worker):
+async def test_worker_killed_mid_batch_leaves_work_uncommitted_for_the_next(settings, gateway, http, start_worker,
+                                                                           spawn_worker):
     # A worker process that takes 3 s per token, so it dies with the batch in hand.
     ids = [await submit(http, gateway.url, {"input": {"prompt": f"job {i} of five"}}) for i in range(5)]
     slow = settings.model_copy(update={"echo_token_delay_ms": 3000})
-    proc = subprocess.Popen([sys.executable, "-m", "workers.main"], env=python_env(**slow.to_env()),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn_worker(slow)
     try:
         async def all_running():
             return [(await gateway.store.get(i)).status.value for i in ids] == ["running"] * 5
 
         await wait_until(all_running, timeout=60, what="the slow worker to start the batch")
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.close()  # SIGKILL
 
     # Nothing it fetched was committed.
-    probe = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
-                             enable_auto_commit=False)
-    await probe.start()
-    try:
-        committed = [await probe.committed(TopicPartition(settings.request_topic, p))
-                     for p in range(settings.request_partitions)]
-    finally:
-        await probe.stop()
+    committed = await committed_offsets(settings)
     assert all(offset in (None, 0) for offset in committed), committed
 
     # The next worker gets the partitions once the dead one's session times out, and finishes everything.
@@ -94,3 +82,31 @@ async def test_worker_killed_mid_batch_leaves_work_uncommitted_for_the_next(sett
     assert [v["status"] for v in views] == ["succeeded"] * 5
     assert [v["attempts"] for v in views] == [2] * 5
     assert worker.stats.results_written == 5
+
+
+async def test_a_reply_too_large_for_the_broker_fails_alone_and_the_worker_keeps_serving(settings, gateway, http,
+                                                                                         start_worker):
+    """A reply Kafka refuses for good (over the 1 MB a producer may send) is not retried for
+    ever: the result stays readable, the failure is counted, and the next requests' replies flow."""
+    worker = await start_worker()
+    replies = f"{settings.request_topic}.replies"
+    # Another service, allowed larger messages than llmq's own producer.
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, max_request_size=4_000_000)
+    await producer.start()
+    try:
+        huge = "x" * 1_200_000  # one "token" for the echo engine, echoed back whole
+        for request_id, prompt in (("too-large", huge), ("normal", "a small reply")):
+            message = {"v": 1, "id": request_id, "input": {"prompt": prompt}, "reply_topic": replies}
+            await producer.send_and_wait(settings.request_topic, json.dumps(message).encode(), partition=0)
+    finally:
+        await producer.stop()
+
+    view = await wait_final(http, gateway.url, "too-large", not_yet_recorded=True)
+    assert view["status"] == "succeeded" and len(view["output"]["text"]) == 1_200_000
+    assert (await wait_final(http, gateway.url, "normal", not_yet_recorded=True))["status"] == "succeeded"
+    [reply] = await _read_topic(settings, replies, 1)
+    assert json.loads(reply.value)["id"] == "normal"
+    assert worker.stats.replies_failed == 1
+
+    later = await submit(http, gateway.url, {"input": {"prompt": "still serving"}})
+    assert (await wait_final(http, gateway.url, later))["status"] == "succeeded"

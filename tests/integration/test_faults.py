@@ -12,58 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from deploy.devstack import Service, free_port, python_env, start_broker, start_redis
+from deploy.devstack import Service, free_port, start_broker, start_redis
 from tests.conftest import serve_gateway
-from tests.integration.helpers import submit, wait_final, wait_until
-
-
-class WorkerProcess:
-    """A `python -m workers.main` child with its log in a file (shown when a test fails)."""
-
-    def __init__(self, settings, log_path: Path) -> None:
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "workers.main"], env=python_env(**settings.to_env()),
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    async def exit_code(self, timeout: float) -> int:
-        try:
-            return await asyncio.to_thread(self.proc.wait, timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"worker still running {timeout} s after being told to stop:\n{self.log()}") from None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def spawn_worker(tmp_path):
-    """Starts worker processes; any still running after the test is killed."""
-    workers: list[WorkerProcess] = []
-
-    def spawn(settings, name: str = "worker") -> WorkerProcess:
-        worker = WorkerProcess(settings, tmp_path / f"{name}-{len(workers)}.log")
-        workers.append(worker)
-        return worker
-
-    yield spawn
-    for worker in workers:
-        worker.close()
+from tests.integration.helpers import committed_offsets, submit, wait_final, wait_until
 
 
 async def records(gateway, ids: list[str]) -> list[dict]:
@@ -91,17 +45,6 @@ async def post(http, base: str) -> tuple[int, dict]:
 
 async def all_final(http, base: str, ids: list[str], timeout: float = 60) -> list[dict]:
     return list(await asyncio.gather(*(wait_final(http, base, i, timeout=timeout) for i in ids)))
-
-
-async def committed_offsets(settings) -> list[int]:
-    probe = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
-                             enable_auto_commit=False)
-    await probe.start()
-    try:
-        return [await probe.committed(TopicPartition(settings.request_topic, p)) or 0
-                for p in range(settings.request_partitions)]
-    finally:
-        await probe.stop()
 
 
 async def stored_ids(gateway) -> set[str]:
@@ -133,7 +76,7 @@ async def test_sigterm_drains_under_load_and_nothing_runs_twice(settings, gatewa
     assert "queued" in left, "the worker drained the whole topic instead of stopping"
     # ... and committed exactly what it finished, so the group's lag (what the scaler
     # reads) counts the rest, and the next worker starts where it stopped.
-    assert sum(await committed_offsets(settings)) == left.count("succeeded")
+    assert sum(offset or 0 for offset in await committed_offsets(settings)) == left.count("succeeded")
 
     spawn_worker(slow, "second")
     views = await all_final(http, gateway.url, ids)

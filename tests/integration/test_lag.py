@@ -1,7 +1,7 @@
-"""The scaler's lag reader on the real broker. The dev broker answers
-ListOffsets(latest) with the base offset of the last record batch + 1 after a
-produce request carrying several records (DESIGN.md); the reader must still
-count every record, so these tests produce in batches."""
+"""The lag reader (what the scaler and queue admission read) on the real broker.
+The dev broker answers ListOffsets(latest) with the base offset of the last
+record batch + 1 after a produce request carrying several records; the reader
+must still count every record, so these tests produce in batches."""
 
 from __future__ import annotations
 

@@ -7,15 +7,11 @@ after a bounded number of attempts."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from deploy.devstack import python_env
-from tests.integration.helpers import submit, wait_final, wait_until
+from tests.integration.helpers import committed_offsets, submit, wait_final, wait_until
 
 LONG = " ".join(f"w{i}" for i in range(500))
 
@@ -48,21 +44,15 @@ async def test_delete_stops_a_running_request_in_the_engine(settings, gateway, h
 
 
 async def _has_tokens(worker, request_id) -> bool:
-    return request_id in worker._running and worker.engine.running > 0
+    return request_id in worker.runner.running and worker.engine.running > 0
 
 
 async def _true(value: bool) -> bool:
     return value
 
 
-async def _committed(settings, partition: int = 0) -> int | None:
-    probe = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
-                             enable_auto_commit=False)
-    await probe.start()
-    try:
-        return await probe.committed(TopicPartition(settings.request_topic, partition))
-    finally:
-        await probe.stop()
+async def _committed(settings) -> int | None:
+    return (await committed_offsets(settings))[0]
 
 
 async def test_out_of_order_finishes_commit_only_up_to_the_lowest_unfinished(settings, gateway, http, start_worker):
@@ -80,7 +70,7 @@ async def test_out_of_order_finishes_commit_only_up_to_the_lowest_unfinished(set
     assert quick["status"] == "succeeded"
     assert (await gateway.store.get("slow")).status.value == "running"  # overtaken
     await wait_until(lambda: _true(worker.offsets.in_flight == 1), what="the quick one's offset to be done")
-    await worker._commit()
+    await worker.results.commit()
     # Offset 1 is finished but offset 0 is not: committing 2 would lose "slow" if this worker died now.
     assert await _committed(settings) in (None, 0)
 
@@ -101,20 +91,19 @@ async def test_worker_holds_no_more_than_its_limit_and_finishes_everything(setti
     assert worker.stats.fetched == 20
 
 
-async def test_a_message_that_keeps_killing_workers_goes_to_the_dead_letter_topic(settings, gateway, http, start_worker):
+async def test_a_message_that_keeps_killing_workers_goes_to_the_dead_letter_topic(settings, gateway, http, start_worker,
+                                                                                  spawn_worker):
     # LLMQ_MAX_ATTEMPTS=1: a request whose one start died with its worker is not run again.
     request_id = await submit(http, gateway.url, {"input": {"prompt": "poison " * 20}})
     doomed = settings.model_copy(update={"echo_token_delay_ms": 3000, "max_attempts": 1})
-    proc = subprocess.Popen([sys.executable, "-m", "workers.main"], env=python_env(**doomed.to_env()),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn_worker(doomed)
     try:
         async def running():
             return (await gateway.store.get(request_id)).status.value == "running"
 
         await wait_until(running, timeout=60, what="the first worker to start it")
     finally:
-        proc.send_signal(signal.SIGKILL)  # as a poison message would
-        proc.wait()
+        proc.close()  # SIGKILL, as a poison message would
 
     worker = await start_worker(max_attempts=1)
     view = await wait_final(http, gateway.url, request_id, timeout=60)
