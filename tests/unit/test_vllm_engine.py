@@ -25,13 +25,13 @@ from shared.settings import Settings
 from workers import tinymodel
 from workers.engines import load_engine
 from workers.engines.base import EngineError, GenerationRequest, collect
+from workers.engines.common import prompt_ids
 from workers.engines.vllm_engine import (
     VLLM_MISSING,
     AdapterError,
     Adapters,
     DeltaState,
     VllmEngine,
-    chat_prompt_ids,
     engine_kwargs,
     finish_reason,
     lora_rank_bound,
@@ -277,14 +277,14 @@ def test_a_vllm_error_finish_is_an_error_result():
 
 def test_chat_renders_the_template_with_one_bos(tokenizer):
     messages = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi")]
-    ids = chat_prompt_ids(tokenizer, messages)
+    ids = prompt_ids(tokenizer, messages=messages)
     assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
     assert tokenizer.decode(ids) == "<s>system: be brief\nuser: hi\nassistant:"
 
 
 def test_chat_without_a_template_uses_role_lines(tokenizer, monkeypatch):
     monkeypatch.setattr(tokenizer, "chat_template", None)
-    ids = chat_prompt_ids(tokenizer, [ChatMessage(role="user", content="hi")])
+    ids = prompt_ids(tokenizer, messages=[ChatMessage(role="user", content="hi")])
     assert tokenizer.decode(ids) == "<s>user: hi\nassistant:"
 
 

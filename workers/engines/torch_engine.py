@@ -43,6 +43,7 @@ from transformers.cache_utils import DynamicLayer
 
 from shared.settings import Settings
 from workers.engines.base import EngineError, GenerationOutput, GenerationRequest, GenerationResult
+from workers.engines.common import adapter_refusal, prompt_ids
 
 log = structlog.get_logger(__name__)
 
@@ -330,11 +331,12 @@ class TorchEngine:
     def _prepare(self, row: _Row) -> None:
         """Tokenize and check a request; sets row.error when it cannot run. Never truncates."""
         request = row.request
-        if request.adapter and (error := _Adapters.check(self.adapters, request.adapter)):
-            row.error = error
+        root = self.adapters.root if self.adapters is not None else None
+        if request.adapter and (refusal := adapter_refusal(root, request.adapter)):
+            row.error = refusal
             return
         try:
-            row.prompt_ids = self._encode(request)
+            row.prompt_ids = prompt_ids(self.tokenizer, request.prompt, request.messages)
         except Exception as exc:  # a chat template may reject a conversation
             row.error = f"cannot tokenize the input: {exc}"
             return
@@ -352,19 +354,6 @@ class TorchEngine:
             # Each row draws from its own stream, so a seed gives the same
             # text whichever requests share its batch.
             row.generator = torch.Generator(self.device).manual_seed(request.params.seed)
-
-    def _encode(self, request: GenerationRequest) -> list[int]:
-        tokenizer = self.tokenizer
-        if request.prompt is not None:
-            return tokenizer(request.prompt).input_ids
-        messages = [m.model_dump() for m in request.messages or []]
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            # The template writes its own special tokens (BOS); adding them
-            # again would double them.
-            return tokenizer(text, add_special_tokens=False).input_ids
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return tokenizer(text).input_ids
 
     def _prefill(self, rows: list[_Row]):
         width = max(len(row.prompt_ids) for row in rows)
@@ -670,18 +659,6 @@ class _Adapters:
         if not root.is_dir():
             raise EngineError(f"LLMQ_ADAPTERS_DIR {str(root)!r} is not a directory")
         return cls(root, settings.max_adapters, model)
-
-    @staticmethod
-    def check(adapters: _Adapters | None, name: str) -> str | None:
-        """Why this adapter cannot be served, or None."""
-        if adapters is None:
-            return f"this worker serves no adapters (LLMQ_ADAPTERS_DIR is not set); asked for {name!r}"
-        # A plain folder name only: never a path out of the adapters directory.
-        if name in (".", "..") or Path(name).name != name or name == BASE_ADAPTER:
-            return f"invalid adapter name {name!r}"
-        if not (adapters.root / name / "adapter_config.json").is_file():
-            return f"unknown adapter {name!r}"
-        return None
 
     def ready(self, name: str | None, running: list[_Row]) -> bool:
         """Make sure `name` is loaded (called in the scheduler thread). False: no slot free now."""

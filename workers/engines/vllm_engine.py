@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -25,9 +24,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from shared.schema import ChatMessage, Params
+from shared.schema import Params
 from shared.settings import Settings
 from workers.engines.base import EngineError, GenerationOutput, GenerationRequest, GenerationResult
+from workers.engines.common import ADAPTER_NAME, adapter_refusal, prompt_ids
 
 VLLM_MISSING = "LLMQ_ENGINE=vllm needs the vllm extra: pip install 'llmq[vllm]' (a CUDA machine)"
 
@@ -39,10 +39,6 @@ _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "error"
 # vllm/config/lora.py: max_lora_rank must be one of these (MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_LORA_RANK = 16  # vLLM's own default, for a worker that starts with no adapters yet
-
-# One folder name: no separators, no leading dot, so a client's adapter name
-# can never reach outside adapters_dir.
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 # ---- pure mapping ------------------------------------------------------------
@@ -68,21 +64,6 @@ def sampling_kwargs(params: Params) -> dict[str, Any]:
 def finish_reason(vllm_reason: str | None) -> str:
     """vLLM's finish reason as llmq's; anything vLLM adds later reads as a plain stop."""
     return _FINISH_REASONS.get(vllm_reason or "stop", "stop")
-
-
-def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
-    """Token ids of a conversation, rendered by the model's chat template.
-
-    The same rendering as the torch engine, so a conversation means the same
-    thing on either engine. The template writes its own special tokens (BOS),
-    so the rendered text is encoded without adding them again.
-    """
-    turns = [m.model_dump() for m in messages]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
-    return list(tokenizer.encode(text))
 
 
 def lora_rank_bound(ranks: list[int]) -> int:
@@ -181,7 +162,7 @@ class Adapters:
     def names(self) -> list[str]:
         if self.root is None or not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if _ADAPTER_NAME.fullmatch(p.name)
+        return sorted(p.name for p in self.root.iterdir() if ADAPTER_NAME.fullmatch(p.name)
                       and (p / "adapter_config.json").is_file())
 
     def ranks(self) -> list[int]:
@@ -190,14 +171,9 @@ class Adapters:
     def resolve(self, name: str) -> Adapter:
         if (known := self._known.get(name)) is not None:
             return known
-        # The same answers as the torch engine's.
-        if self.root is None:
-            raise AdapterError(f"this worker serves no adapters (LLMQ_ADAPTERS_DIR is not set); asked for {name!r}")
-        if not _ADAPTER_NAME.fullmatch(name):
-            raise AdapterError(f"invalid adapter name {name!r}")
+        if (refusal := adapter_refusal(self.root, name)) is not None:
+            raise AdapterError(refusal)
         folder = self.root / name
-        if not (folder / "adapter_config.json").is_file():
-            raise AdapterError(f"unknown adapter {name!r}")
         rank = _read_rank(folder)
         if rank > self.max_rank:
             # Refused here, before vLLM: it checks the rank only when its engine
@@ -378,7 +354,7 @@ class VllmEngine:
             prompt: Any = request.prompt  # vLLM tokenizes it, adding BOS as the model expects
         else:
             # A TokensPrompt (vllm/inputs): vLLM takes the rendered ids as they are.
-            prompt = {"prompt_token_ids": chat_prompt_ids(self._tokenizer, request.messages or [])}
+            prompt = {"prompt_token_ids": prompt_ids(self._tokenizer, messages=request.messages)}
         sampling = vllm.SamplingParams(**sampling_kwargs(request.params), output_kind=vllm.RequestOutputKind.DELTA)
         lora = None
         if request.adapter:
