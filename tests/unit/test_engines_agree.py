@@ -23,7 +23,8 @@ from transformers import AutoTokenizer
 from shared.schema import ChatMessage, Params
 from shared.settings import Settings
 from workers.engines.base import GenerationRequest
-from workers.engines.torch_engine import TorchEngine, _Row, _Stream
+from workers.engines.torch.engine import TorchEngine
+from workers.engines.torch.row import Row, Stream
 from workers.engines.vllm_engine import Adapters, VllmEngine, error_text
 
 # The names _to_vllm takes from vllm (vllm/sampling_params.py, vllm/lora/request.py).
@@ -77,8 +78,8 @@ def request(adapter=None, prompt="Hi", messages=None) -> GenerationRequest:
     return GenerationRequest("r", Params(), prompt=None if messages else prompt, messages=messages, adapter=adapter)
 
 
-def torch_reads(engine: TorchEngine, req: GenerationRequest) -> _Row:
-    row = _Row(req, _Stream())
+def torch_reads(engine: TorchEngine, req: GenerationRequest) -> Row:
+    row = Row(req, Stream())
     engine._prepare(row)
     return row
 

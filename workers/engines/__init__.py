@@ -16,7 +16,7 @@ def load_engine(settings: Settings) -> Engine:
 
         return EchoEngine(settings)
     if settings.engine == "torch":
-        from workers.engines.torch_engine import TorchEngine
+        from workers.engines.torch.engine import TorchEngine
 
         return TorchEngine(settings)
     if settings.engine == "vllm":
