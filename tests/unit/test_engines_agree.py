@@ -25,7 +25,9 @@ from shared.settings import Settings
 from workers.engines.base import GenerationRequest
 from workers.engines.torch.engine import TorchEngine
 from workers.engines.torch.row import Row, Stream
-from workers.engines.vllm_engine import Adapters, VllmEngine, error_text
+from workers.engines.vllm.adapters import Adapters
+from workers.engines.vllm.engine import VllmEngine
+from workers.engines.vllm.mapping import error_text
 
 # The names _to_vllm takes from vllm (vllm/sampling_params.py, vllm/lora/request.py).
 STAND_IN_VLLM = SimpleNamespace(SamplingParams=lambda **kwargs: kwargs,

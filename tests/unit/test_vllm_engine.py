@@ -26,17 +26,9 @@ from workers import tinymodel
 from workers.engines import load_engine
 from workers.engines.base import EngineError, GenerationRequest, collect
 from workers.engines.common import prompt_ids
-from workers.engines.vllm_engine import (
-    VLLM_MISSING,
-    AdapterError,
-    Adapters,
-    DeltaState,
-    VllmEngine,
-    engine_kwargs,
-    finish_reason,
-    lora_rank_bound,
-    sampling_kwargs,
-)
+from workers.engines.vllm.adapters import AdapterError, Adapters
+from workers.engines.vllm.engine import VLLM_MISSING, VllmEngine
+from workers.engines.vllm.mapping import DeltaState, engine_kwargs, finish_reason, lora_rank_bound, sampling_kwargs
 
 
 def vllm_settings(**overrides) -> Settings:
@@ -192,7 +184,7 @@ async def test_start_without_vllm_installed_says_how_to_get_it(monkeypatch):
 
 
 def test_importing_the_engine_does_not_import_vllm():
-    code = "import sys, workers.engines.vllm_engine; print(any(m.split('.')[0] == 'vllm' for m in sys.modules))"
+    code = "import sys, workers.engines.vllm.engine; print(any(m.split('.')[0] == 'vllm' for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -523,7 +515,7 @@ def stand_in_vllm(llm: StandInAsyncLLM, tokenizer, *, async_tokenizer: bool, fai
 @pytest.mark.asyncio
 @pytest.mark.parametrize("async_tokenizer", [True, False])
 async def test_start_builds_vllm_from_the_settings(tmp_path, monkeypatch, tokenizer, async_tokenizer):
-    from workers.engines import vllm_engine
+    from workers.engines.vllm import engine as vllm_engine
 
     make_adapter(tmp_path, "sql", rank=8)
     make_adapter(tmp_path, "legal", rank=20)
@@ -543,7 +535,7 @@ async def test_start_builds_vllm_from_the_settings(tmp_path, monkeypatch, tokeni
 
 @pytest.mark.asyncio
 async def test_a_model_vllm_cannot_load_is_an_engine_error(monkeypatch, tokenizer):
-    from workers.engines import vllm_engine
+    from workers.engines.vllm import engine as vllm_engine
 
     vllm, _ = stand_in_vllm(StandInAsyncLLM(), tokenizer, async_tokenizer=True,
                             fails=RuntimeError("CUDA out of memory"))
@@ -554,7 +546,7 @@ async def test_a_model_vllm_cannot_load_is_an_engine_error(monkeypatch, tokenize
 
 @pytest.mark.asyncio
 async def test_a_missing_adapters_dir_stops_start(tmp_path, monkeypatch, tokenizer):
-    from workers.engines import vllm_engine
+    from workers.engines.vllm import engine as vllm_engine
 
     vllm, built = stand_in_vllm(StandInAsyncLLM(), tokenizer, async_tokenizer=True)
     monkeypatch.setattr(vllm_engine, "_import_vllm", lambda: vllm)

@@ -20,7 +20,7 @@ def load_engine(settings: Settings) -> Engine:
 
         return TorchEngine(settings)
     if settings.engine == "vllm":
-        from workers.engines.vllm_engine import VllmEngine
+        from workers.engines.vllm.engine import VllmEngine
 
         return VllmEngine(settings)
     raise EngineError(f"unknown engine {settings.engine!r}")

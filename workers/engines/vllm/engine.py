@@ -2,9 +2,8 @@
 
 vLLM already does what base.py asks for (continuous batching, per-request
 deltas, abort, multi-LoRA, priority), so this is a thin adapter: llmq's
-request becomes vLLM's prompt, SamplingParams and LoRARequest, and vLLM's
-RequestOutputs become llmq's GenerationOutputs. The mapping is plain
-functions over plain data so it is tested here, where vLLM cannot run.
+request becomes vLLM's prompt, SamplingParams and LoRARequest (mapping.py,
+adapters.py), and vLLM's RequestOutputs become llmq's GenerationOutputs.
 
 Written against vLLM 0.11 and checked against its later `main`; the files read
 are named where the API shape is not obvious. vllm is an optional extra,
@@ -15,199 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from shared.schema import Params
 from shared.settings import Settings
-from workers.engines.base import EngineError, GenerationOutput, GenerationRequest, GenerationResult
-from workers.engines.common import ADAPTER_NAME, adapter_refusal, prompt_ids
+from workers.engines.base import EngineError, GenerationOutput, GenerationRequest
+from workers.engines.common import prompt_ids
+from workers.engines.vllm.adapters import AdapterError, Adapters
+from workers.engines.vllm.mapping import DeltaState, engine_kwargs, error_text, lora_rank_bound, sampling_kwargs
 
 VLLM_MISSING = "LLMQ_ENGINE=vllm needs the vllm extra: pip install 'llmq[vllm]' (a CUDA machine)"
-
-# vLLM's FinishReason strings (vllm/v1/engine/__init__.py FINISH_REASON_STRINGS:
-# "stop", "length", "abort", and on later versions "error", "repetition").
-# "repetition" is vLLM cutting off a looping answer: a stop, to the client.
-_FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "error": "error", "repetition": "stop"}
-
-# vllm/config/lora.py: max_lora_rank must be one of these (MaxLoRARanks).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-DEFAULT_LORA_RANK = 16  # vLLM's own default, for a worker that starts with no adapters yet
-
-
-# ---- pure mapping ------------------------------------------------------------
-
-
-def sampling_kwargs(params: Params) -> dict[str, Any]:
-    """llmq Params as keyword arguments of vllm.SamplingParams (vllm/sampling_params.py).
-
-    top_k passes through: 0 means "off" in llmq and in vLLM ("Set to 0 (or -1) to
-    consider all tokens"). temperature 0 is greedy in both. vLLM drops the stop
-    string from the text, as llmq promises (include_stop_str_in_output=False).
-    """
-    return {
-        "max_tokens": params.max_tokens,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "top_k": params.top_k,
-        "stop": list(params.stop),
-        "seed": params.seed,
-    }
-
-
-def finish_reason(vllm_reason: str | None) -> str:
-    """vLLM's finish reason as llmq's; anything vLLM adds later reads as a plain stop."""
-    return _FINISH_REASONS.get(vllm_reason or "stop", "stop")
-
-
-def lora_rank_bound(ranks: list[int]) -> int:
-    """The max_lora_rank to start vLLM with: the smallest rank vLLM allows that fits them all."""
-    if not ranks:
-        return DEFAULT_LORA_RANK
-    need = max(ranks)
-    return next((r for r in VLLM_LORA_RANKS if r >= need), VLLM_LORA_RANKS[-1])
-
-
-@dataclass
-class DeltaState:
-    """What one request has produced so far, fed vLLM's DELTA RequestOutputs.
-
-    DELTA rather than CUMULATIVE: each output then carries only the new text and
-    token ids, and when this consumer falls behind vLLM merges the pending deltas
-    into one (RequestOutputCollector.put -> RequestOutput.add(aggregate=True),
-    vllm/v1/engine/output_processor.py, vllm/outputs.py), so nothing is lost and
-    no text is re-sent. vLLM also holds back text that might still become a stop
-    string, so a delta never has to be taken back.
-    """
-
-    request_id: str
-    text: list[str] = field(default_factory=list)
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-    first_token_at: float | None = None
-    result: GenerationResult | None = None
-
-    def update(self, output: Any, now: float) -> GenerationOutput:
-        """One vllm.RequestOutput (attributes as in vllm/outputs.py) to one llmq output."""
-        if output.prompt_token_ids is not None:
-            self.prompt_tokens = len(output.prompt_token_ids)
-        completion = output.outputs[0] if output.outputs else None
-        delta = completion.text if completion is not None else ""
-        new_tokens = len(completion.token_ids) if completion is not None else 0
-        if new_tokens and self.first_token_at is None:
-            # Wall-clock arrival here: vLLM's own per-request stats use a monotonic clock.
-            self.first_token_at = now
-        self.completion_tokens += new_tokens
-        self.text.append(delta)
-        if output.finished:
-            reason = finish_reason(completion.finish_reason if completion is not None else None)
-            error = "vLLM could not finish this request (an internal error; a retry may work)"
-            self.end(reason, now, error=error if reason == "error" else None)
-        return GenerationOutput(self.request_id, delta, self.completion_tokens, self.result)
-
-    def fail(self, reason: str, now: float) -> GenerationOutput:
-        """End the request with an error, keeping what it had produced."""
-        return self.end("error", now, error=reason)
-
-    def end(self, reason: str, now: float, error: str | None = None) -> GenerationOutput:
-        self.result = GenerationResult(
-            self.request_id, "".join(self.text), reason, self.prompt_tokens, self.completion_tokens,
-            error=error, first_token_at=self.first_token_at, finished_at=now,
-        )
-        return GenerationOutput(self.request_id, "", self.completion_tokens, self.result)
-
-
-def error_text(exc: BaseException) -> str:
-    """An exception as a request's error; vLLM wraps unexpected request failures in
-    a bare EngineGenerateError, so the cause says what went wrong."""
-    while not str(exc) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    return str(exc) or type(exc).__name__
-
-
-class AdapterError(ValueError):
-    """A request named an adapter this worker cannot serve."""
-
-
-@dataclass(frozen=True)
-class Adapter:
-    name: str
-    lora_id: int
-    path: str
-    rank: int
-
-
-class Adapters:
-    """LoRA adapters by name: one peft `save_pretrained` folder each under `root`.
-
-    Looked up on each request, so an adapter copied in later is served without a
-    restart (if its rank fits the max_lora_rank the engine started with). Each
-    name gets its int id the first time it is asked for and keeps it for the
-    process's life: vLLM caches loaded weights by that id ("lora_int_id must be
-    globally unique for a given adapter", vllm/lora/request.py). So replacing an
-    adapter's files under the same name needs a worker restart or a new name.
-    """
-
-    def __init__(self, root: str | Path | None, max_rank: int = VLLM_LORA_RANKS[-1]) -> None:
-        self.root = Path(root) if root else None
-        self.max_rank = max_rank
-        self._known: dict[str, Adapter] = {}
-
-    def names(self) -> list[str]:
-        if self.root is None or not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if ADAPTER_NAME.fullmatch(p.name)
-                      and (p / "adapter_config.json").is_file())
-
-    def ranks(self) -> list[int]:
-        return [_read_rank(self.root / name) for name in self.names()]
-
-    def resolve(self, name: str) -> Adapter:
-        if (known := self._known.get(name)) is not None:
-            return known
-        if (refusal := adapter_refusal(self.root, name)) is not None:
-            raise AdapterError(refusal)
-        folder = self.root / name
-        rank = _read_rank(folder)
-        if rank > self.max_rank:
-            # Refused here, before vLLM: it checks the rank only when its engine
-            # process loads the weights.
-            raise AdapterError(f"adapter {name!r} has rank {rank}, above this worker's max_lora_rank "
-                               f"{self.max_rank} (restart the worker to serve it)")
-        adapter = Adapter(name, len(self._known) + 1, str(folder), rank)  # vLLM ids start at 1
-        self._known[name] = adapter
-        return adapter
-
-
-def _read_rank(folder: Path) -> int:
-    try:
-        return int(json.loads((folder / "adapter_config.json").read_text())["r"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AdapterError(f"adapter {folder.name!r} has no readable rank in adapter_config.json: {exc}") from exc
-
-
-def engine_kwargs(settings: Settings, lora_rank: int | None) -> dict[str, Any]:
-    """Keyword arguments of vllm.AsyncEngineArgs (vllm/engine/arg_utils.py)."""
-    kwargs: dict[str, Any] = {
-        "model": settings.model,
-        "served_model_name": settings.served_model_name,
-        "dtype": settings.dtype,  # llmq's choices are a subset of vLLM's
-        "max_num_seqs": settings.batch_max_size,
-        # vLLM refuses a non-zero priority under its default "fcfs" ("Got priority ...
-        # but Priority scheduling is not enabled."); lower runs first in both.
-        "scheduling_policy": "priority",
-        "enable_lora": lora_rank is not None,
-    }
-    if lora_rank is not None:
-        kwargs["max_loras"] = settings.max_adapters
-        kwargs["max_lora_rank"] = lora_rank
-    return kwargs
 
 
 def _import_vllm() -> SimpleNamespace:
@@ -225,9 +45,6 @@ def _import_vllm() -> SimpleNamespace:
     return SimpleNamespace(AsyncEngineArgs=AsyncEngineArgs, AsyncLLM=AsyncLLM, LoRARequest=LoRARequest,
                            SamplingParams=SamplingParams, RequestOutputKind=RequestOutputKind,
                            EngineDeadError=EngineDeadError)
-
-
-# ---- the engine ----------------------------------------------------------------
 
 
 class VllmEngine:
