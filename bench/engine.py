@@ -44,7 +44,7 @@ from shared.schema import Params
 from shared.settings import Settings
 from workers import tinymodel
 from workers.engines.base import GenerationRequest
-from workers.engines.torch_engine import TorchEngine
+from workers.engines.torch.engine import TorchEngine
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,

@@ -498,7 +498,7 @@ async def test_chunked_body_over_the_limit_is_413(served):
         pytest.param('{"top_p": 1e-400}', "params.top_p", id="top_p-underflows-to-0"),
         pytest.param('{"seed": 1' + "0" * 40 + "}", "params.seed", id="seed-10**40"),
         # top_k has no upper bound in the schema: 2**63 and beyond pass the gateway and
-        # then overflow torch's int64 in the worker (torch_engine: torch.tensor([top_k])).
+        # then overflow torch's int64 in the worker (torch/sampling.py: torch.tensor of top_k).
         pytest.param('{"top_k": %d}' % 2**63, "params.top_k", id="top_k-2**63"),
         pytest.param('{"top_k": 1' + "0" * 400 + "}", "params.top_k", id="top_k-10**400"),
         pytest.param('{"max_tokens": 1' + "0" * 5000 + "}", None, id="5000-digit-integer"),

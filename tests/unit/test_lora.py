@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from shared.schema import Params
 from shared.settings import Settings
 from workers.engines.base import GenerationRequest, collect
-from workers.engines.torch_engine import TorchEngine
+from workers.engines.torch.engine import TorchEngine
 
 PROMPT = "The weather this morning was cold and clear, and the wind"
 

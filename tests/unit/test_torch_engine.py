@@ -15,7 +15,7 @@ from shared.schema import ChatMessage, Params
 from shared.settings import Settings
 from workers import tinymodel
 from workers.engines.base import EngineError, GenerationRequest, collect
-from workers.engines.torch_engine import TorchEngine
+from workers.engines.torch.engine import TorchEngine
 
 PROMPTS = [
     "A queue is",

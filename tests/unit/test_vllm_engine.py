@@ -25,18 +25,10 @@ from shared.settings import Settings
 from workers import tinymodel
 from workers.engines import load_engine
 from workers.engines.base import EngineError, GenerationRequest, collect
-from workers.engines.vllm_engine import (
-    VLLM_MISSING,
-    AdapterError,
-    Adapters,
-    DeltaState,
-    VllmEngine,
-    chat_prompt_ids,
-    engine_kwargs,
-    finish_reason,
-    lora_rank_bound,
-    sampling_kwargs,
-)
+from workers.engines.common import prompt_ids
+from workers.engines.vllm.adapters import AdapterError, Adapters
+from workers.engines.vllm.engine import VLLM_MISSING, VllmEngine
+from workers.engines.vllm.mapping import DeltaState, engine_kwargs, finish_reason, lora_rank_bound, sampling_kwargs
 
 
 def vllm_settings(**overrides) -> Settings:
@@ -192,7 +184,7 @@ async def test_start_without_vllm_installed_says_how_to_get_it(monkeypatch):
 
 
 def test_importing_the_engine_does_not_import_vllm():
-    code = "import sys, workers.engines.vllm_engine; print(any(m.split('.')[0] == 'vllm' for m in sys.modules))"
+    code = "import sys, workers.engines.vllm.engine; print(any(m.split('.')[0] == 'vllm' for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -277,14 +269,14 @@ def test_a_vllm_error_finish_is_an_error_result():
 
 def test_chat_renders_the_template_with_one_bos(tokenizer):
     messages = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi")]
-    ids = chat_prompt_ids(tokenizer, messages)
+    ids = prompt_ids(tokenizer, messages=messages)
     assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
     assert tokenizer.decode(ids) == "<s>system: be brief\nuser: hi\nassistant:"
 
 
 def test_chat_without_a_template_uses_role_lines(tokenizer, monkeypatch):
     monkeypatch.setattr(tokenizer, "chat_template", None)
-    ids = chat_prompt_ids(tokenizer, [ChatMessage(role="user", content="hi")])
+    ids = prompt_ids(tokenizer, messages=[ChatMessage(role="user", content="hi")])
     assert tokenizer.decode(ids) == "<s>user: hi\nassistant:"
 
 
@@ -523,7 +515,7 @@ def stand_in_vllm(llm: StandInAsyncLLM, tokenizer, *, async_tokenizer: bool, fai
 @pytest.mark.asyncio
 @pytest.mark.parametrize("async_tokenizer", [True, False])
 async def test_start_builds_vllm_from_the_settings(tmp_path, monkeypatch, tokenizer, async_tokenizer):
-    from workers.engines import vllm_engine
+    from workers.engines.vllm import engine as vllm_engine
 
     make_adapter(tmp_path, "sql", rank=8)
     make_adapter(tmp_path, "legal", rank=20)
@@ -543,7 +535,7 @@ async def test_start_builds_vllm_from_the_settings(tmp_path, monkeypatch, tokeni
 
 @pytest.mark.asyncio
 async def test_a_model_vllm_cannot_load_is_an_engine_error(monkeypatch, tokenizer):
-    from workers.engines import vllm_engine
+    from workers.engines.vllm import engine as vllm_engine
 
     vllm, _ = stand_in_vllm(StandInAsyncLLM(), tokenizer, async_tokenizer=True,
                             fails=RuntimeError("CUDA out of memory"))
@@ -554,7 +546,7 @@ async def test_a_model_vllm_cannot_load_is_an_engine_error(monkeypatch, tokenize
 
 @pytest.mark.asyncio
 async def test_a_missing_adapters_dir_stops_start(tmp_path, monkeypatch, tokenizer):
-    from workers.engines import vllm_engine
+    from workers.engines.vllm import engine as vllm_engine
 
     vllm, built = stand_in_vllm(StandInAsyncLLM(), tokenizer, async_tokenizer=True)
     monkeypatch.setattr(vllm_engine, "_import_vllm", lambda: vllm)

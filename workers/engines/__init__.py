@@ -16,11 +16,11 @@ def load_engine(settings: Settings) -> Engine:
 
         return EchoEngine(settings)
     if settings.engine == "torch":
-        from workers.engines.torch_engine import TorchEngine
+        from workers.engines.torch.engine import TorchEngine
 
         return TorchEngine(settings)
     if settings.engine == "vllm":
-        from workers.engines.vllm_engine import VllmEngine
+        from workers.engines.vllm.engine import VllmEngine
 
         return VllmEngine(settings)
     raise EngineError(f"unknown engine {settings.engine!r}")

@@ -1,0 +1,45 @@
+"""What every model engine reads from a request the same way: the prompt's token
+ids and whether an adapter name may be served, so a request means the same
+thing, and fails with the same words, on either engine."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from shared.schema import ChatMessage
+
+# One folder name: no separators, no leading dot or underscore, so a client's
+# adapter name can never reach outside the adapters directory, nor be peft's
+# `__base__` (its name for "no adapter" in a mixed-adapter batch).
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def prompt_ids(tokenizer: Any, prompt: str | None = None, messages: list[ChatMessage] | None = None) -> list[int]:
+    """Token ids of a prompt text or, without one, of a conversation.
+
+    A conversation is rendered by the tokenizer's chat template, or as
+    "role: content" lines ending in "assistant:" when it has none. The template
+    writes its own special tokens (BOS), so its text is encoded without adding
+    them again.
+    """
+    if prompt is not None:
+        return list(tokenizer.encode(prompt))
+    turns = [m.model_dump() for m in messages or []]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
+    return list(tokenizer.encode(text))
+
+
+def adapter_refusal(root: Path | None, name: str) -> str | None:
+    """Why adapter `name` cannot be served from `root` (None: no adapters), or None."""
+    if root is None:
+        return f"this worker serves no adapters (LLMQ_ADAPTERS_DIR is not set); asked for {name!r}"
+    if not ADAPTER_NAME.fullmatch(name):
+        return f"invalid adapter name {name!r}"
+    if not (root / name / "adapter_config.json").is_file():
+        return f"unknown adapter {name!r}"
+    return None

@@ -1,0 +1,188 @@
+"""The vLLM engine: vLLM's `AsyncLLM` run inside the worker process.
+
+vLLM already does what base.py asks for (continuous batching, per-request
+deltas, abort, multi-LoRA, priority), so this is a thin adapter: llmq's
+request becomes vLLM's prompt, SamplingParams and LoRARequest (mapping.py,
+adapters.py), and vLLM's RequestOutputs become llmq's GenerationOutputs.
+
+Written against vLLM 0.11 and checked against its later `main`; the files read
+are named where the API shape is not obvious. vllm is an optional extra,
+imported only in `start()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from shared.settings import Settings
+from workers.engines.base import EngineError, GenerationOutput, GenerationRequest
+from workers.engines.common import prompt_ids
+from workers.engines.vllm.adapters import AdapterError, Adapters
+from workers.engines.vllm.mapping import DeltaState, engine_kwargs, error_text, lora_rank_bound, sampling_kwargs
+
+VLLM_MISSING = "LLMQ_ENGINE=vllm needs the vllm extra: pip install 'llmq[vllm]' (a CUDA machine)"
+
+
+def _import_vllm() -> SimpleNamespace:
+    """The few vLLM names this engine uses (paths as of vLLM 0.11 and its main)."""
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError as exc:
+        raise EngineError(VLLM_MISSING) from exc
+    except Exception as exc:  # installed but broken (no CUDA runtime, mismatched torch)
+        raise EngineError(f"vllm is installed but cannot be imported: {exc}") from exc
+    return SimpleNamespace(AsyncEngineArgs=AsyncEngineArgs, AsyncLLM=AsyncLLM, LoRARequest=LoRARequest,
+                           SamplingParams=SamplingParams, RequestOutputKind=RequestOutputKind,
+                           EngineDeadError=EngineDeadError)
+
+
+class VllmEngine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model_name = settings.served_model_name
+        # vLLM decodes up to max_num_seqs at once; that is what we configure it with.
+        self.max_running = settings.batch_max_size
+        self._vllm: SimpleNamespace | None = None
+        self._engine: Any = None  # vllm AsyncLLM
+        self._tokenizer: Any = None
+        self._adapters = Adapters(None)
+        self._tracing = False
+        self._running: set[str] = set()
+        self._abort_requested: set[str] = set()
+
+    @property
+    def running(self) -> int:
+        # vLLM schedules what it is handed; its own queue is not visible from here.
+        return len(self._running)
+
+    # ---- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        vllm = _import_vllm()
+        # 1) Adapters present now decide the LoRA rank bound vLLM reserves memory for.
+        adapters_dir = self.settings.adapters_dir
+        if adapters_dir and not Path(adapters_dir).is_dir():
+            raise EngineError(f"LLMQ_ADAPTERS_DIR {adapters_dir!r} is not a directory")
+        try:
+            lora_rank = lora_rank_bound(Adapters(adapters_dir).ranks()) if adapters_dir else None
+        except AdapterError as exc:
+            raise EngineError(str(exc)) from exc
+        # 2) Built in the event loop's thread, as vLLM's own API server does: the
+        # load blocks the loop, but the worker joins Kafka only after start().
+        try:
+            engine = vllm.AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**engine_kwargs(self.settings, lora_rank)))
+        except Exception as exc:
+            raise EngineError(f"vLLM could not load {self.settings.model!r}: {exc}") from exc
+        # 3) get_tokenizer() is a coroutine in 0.11 and a plain method on later
+        # versions (vllm/v1/engine/async_llm.py).
+        try:
+            tokenizer = engine.get_tokenizer()
+            if inspect.isawaitable(tokenizer):
+                tokenizer = await tokenizer
+        except Exception as exc:
+            engine.shutdown()
+            raise EngineError(f"vLLM has no tokenizer for {self.settings.model!r}: {exc}") from exc
+        tracing = await engine.is_tracing_enabled()
+        self._attach(vllm, engine, tokenizer, Adapters(adapters_dir, lora_rank or 0), tracing)
+
+    def _attach(self, vllm: SimpleNamespace, engine: Any, tokenizer: Any, adapters: Adapters,
+                tracing: bool = False) -> None:
+        self._vllm, self._engine, self._tokenizer, self._adapters = vllm, engine, tokenizer, adapters
+        # vLLM exports its own spans only with an otlp_traces_endpoint, which this
+        # engine does not set; like vLLM's API server (serving_engine.py
+        # _get_trace_headers), hand it trace headers only when it traces.
+        self._tracing = tracing
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+
+    # ---- requests ----------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if self._engine is None:
+            raise EngineError("the vllm engine is not started")
+        # Registered now, not when the iterator first runs, so an abort that comes
+        # before then is not lost.
+        self._running.add(request.request_id)
+        return self._generate(request)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        vllm, engine, request_id = self._vllm, self._engine, request.request_id
+        state = DeltaState(request_id)
+        try:
+            if request_id in self._abort_requested:
+                yield state.end("abort", time.time())
+                return
+            # 1) The request in vLLM's terms; what vLLM cannot accept is this request's error.
+            try:
+                prompt, sampling, lora = self._to_vllm(request)
+            except Exception as exc:
+                yield state.fail(error_text(exc), time.time())
+                return
+            # 2) Run it. vLLM's generate raises a ValueError for a prompt longer than the
+            # model's context and EngineGenerateError for other request-level failures:
+            # both are this request's error. EngineDeadError is the engine's.
+            try:
+                trace_headers = (request.trace_headers or None) if self._tracing else None
+                stream = engine.generate(prompt, sampling, request_id, lora_request=lora,
+                                         trace_headers=trace_headers, priority=request.priority)
+                async with aclosing(stream):
+                    async for output in stream:
+                        update = state.update(output, time.time())
+                        if update.result is None and request_id in self._abort_requested:
+                            # The abort came while vLLM did not know the id yet (it was
+                            # still tokenizing), so it was ignored: ask again.
+                            await engine.abort(request_id)
+                        yield update
+            except (GeneratorExit, asyncio.CancelledError):
+                # The consumer went away. vLLM's generate aborts on cancel itself (and on
+                # GeneratorExit from later versions); aborting a finished id is a no-op.
+                if state.result is None and not engine.errored:
+                    await engine.abort(request_id)
+                raise
+            except vllm.EngineDeadError as exc:
+                raise EngineError(f"the vLLM engine died: {exc}") from exc
+            except Exception as exc:
+                if engine.errored:
+                    raise EngineError(f"the vLLM engine died: {error_text(exc)}") from exc
+                yield state.fail(error_text(exc), time.time())
+            if state.result is None:
+                raise EngineError(f"vLLM ended request {request_id!r} without a final output")
+        finally:
+            self._running.discard(request_id)
+            self._abort_requested.discard(request_id)
+
+    def _to_vllm(self, request: GenerationRequest) -> tuple[Any, Any, Any]:
+        vllm = self._vllm
+        if request.prompt is not None:
+            prompt: Any = request.prompt  # vLLM tokenizes it, adding BOS as the model expects
+        else:
+            # A TokensPrompt (vllm/inputs): vLLM takes the rendered ids as they are.
+            prompt = {"prompt_token_ids": prompt_ids(self._tokenizer, messages=request.messages)}
+        sampling = vllm.SamplingParams(**sampling_kwargs(request.params), output_kind=vllm.RequestOutputKind.DELTA)
+        lora = None
+        if request.adapter:
+            adapter = self._adapters.resolve(request.adapter)
+            lora = vllm.LoRARequest(adapter.name, adapter.lora_id, adapter.path)
+        return prompt, sampling, lora
+
+    async def abort(self, request_id: str) -> None:
+        if self._engine is None or request_id not in self._running:
+            return
+        self._abort_requested.add(request_id)
+        # vLLM answers with a final output whose finish_reason is "abort"
+        # (OutputProcessor.abort_requests, vllm/v1/engine/output_processor.py).
+        await self._engine.abort(request_id)
