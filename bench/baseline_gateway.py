@@ -19,12 +19,12 @@ import uuid
 
 from aiohttp import web
 
+from deploy.settings import StackSettings
 from shared.kafka import JSON_HEADERS, ensure_topics, make_producer, start_with_retry
-from shared.settings import Settings
 from shared.store import connect_redis
 
 
-def build_app(settings: Settings) -> web.Application:
+def build_app(settings: StackSettings) -> web.Application:
     app = web.Application()
     state: dict = {}
 
@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="baseline_gateway", description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    settings = Settings()
+    settings = StackSettings()
     web.run_app(build_app(settings), host="127.0.0.1", port=args.port, print=None, access_log=None,
                 shutdown_timeout=2)
 

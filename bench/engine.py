@@ -41,10 +41,10 @@ from pathlib import Path
 import torch
 
 from shared.schema import Params
-from shared.settings import Settings
 from workers import tinymodel
 from workers.engines.base import GenerationRequest
 from workers.engines.torch.engine import TorchEngine
+from workers.settings import WorkerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -202,7 +202,7 @@ def never_eos(model, eos: int):
 
 
 async def start_engine(model_dir: Path, device: str, max_running: int, quantize: str = "none") -> TorchEngine:
-    engine = TorchEngine(Settings(engine="torch", model=str(model_dir), device=device, batch_max_size=max_running,
+    engine = TorchEngine(WorkerSettings(engine="torch", model=str(model_dir), device=device, batch_max_size=max_running,
                                   quantize=quantize, batch_max_tokens=10**9))
     await engine.start()
     never_eos(engine.model, engine.tokenizer.eos_token_id)

@@ -43,11 +43,11 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from deploy.devstack import free_port, python_env, start_broker, start_redis, wait_for_port
+from deploy.settings import StackSettings
 from scaler.backends.local import LocalBackend
 from scaler.daemon import Scaler
 from scaler.settings import ScalerSettings
 from shared.keys import Keys
-from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ async def _wait_ready(url: str, timeout: float = 60) -> None:
     raise RuntimeError("gateway not ready")
 
 
-async def scenario(name: str, base: Settings, args, workdir: Path, scaled: bool) -> Result:
+async def scenario(name: str, base: StackSettings, args, workdir: Path, scaled: bool) -> Result:
     tag = uuid.uuid4().hex[:6]
     settings = base.model_copy(update={"request_topic": f"bench.{tag}", "dlq_topic": f"bench.{tag}.dlq",
                                        "consumer_group": f"bench-{tag}", "redis_prefix": f"bench-{tag}",
@@ -225,10 +225,10 @@ async def main_async(args) -> list[Result]:
         broker = start_broker(free_port(), workdir / "broker.log")
         redis = start_redis(free_port(), workdir / "redis")
         try:
-            base = Settings(kafka_bootstrap=broker.url, redis_url=redis.url, engine=args.engine,
+            base = StackSettings(kafka_bootstrap=broker.url, redis_url=redis.url, engine=args.engine,
                             echo_token_delay_ms=args.token_delay_ms, batch_max_size=args.batch_max_size,
                             request_partitions=args.partitions, log_format="json",
-                            **({"auth": False} if "auth" in Settings.model_fields else {}),
+                            **({"auth": False} if "auth" in StackSettings.model_fields else {}),
                             **({"model": args.model} if args.model else {}))
             results = [await scenario("scaler 0..%d" % args.max, base, args, workdir, scaled=True),
                        await scenario("fixed 1 worker", base, args, workdir, scaled=False)]

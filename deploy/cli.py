@@ -21,8 +21,8 @@ import urllib.request
 from pathlib import Path
 
 from deploy.devstack import Service, ServiceError, pick_port, python_env, start_broker, start_redis
+from deploy.settings import StackSettings
 from scaler.settings import ScalerSettings
-from shared.settings import Settings
 
 STATE_DIR = Path(".llmq")
 
@@ -51,7 +51,7 @@ def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 120) -
     raise ServiceError(f"the gateway was not ready within {timeout:.0f} s")
 
 
-def _wait_for_a_worker(settings: Settings, procs: list[subprocess.Popen], timeout: float = 180) -> None:
+def _wait_for_a_worker(settings: StackSettings, procs: list[subprocess.Popen], timeout: float = 180) -> None:
     """Until the worker group has a member with partitions: the first request won't wait then."""
     import asyncio
 
@@ -78,7 +78,7 @@ def _wait_for_a_worker(settings: Settings, procs: list[subprocess.Popen], timeou
 
 
 def up(_args: argparse.Namespace) -> int:
-    settings = Settings()
+    settings = StackSettings()
     services: list[Service] = []
     children: list[subprocess.Popen] = []
     scaler_settings = ScalerSettings()
@@ -105,7 +105,7 @@ def up(_args: argparse.Namespace) -> int:
         settings = settings.model_copy(update=overrides)
 
         # 2) the model: build the tiny local one on first run
-        if settings.engine == "torch" and settings.model == Settings.model_fields["model"].default:
+        if settings.engine == "torch" and settings.model == StackSettings.model_fields["model"].default:
             from workers.tinymodel import build_tiny_model
 
             build_tiny_model(Path(settings.model))
@@ -151,7 +151,7 @@ def up(_args: argparse.Namespace) -> int:
         print("llmq: stopped", file=sys.stderr)
 
 
-def _banner(settings: Settings, scaler_settings: ScalerSettings, url: str) -> str:
+def _banner(settings: StackSettings, scaler_settings: ScalerSettings, url: str) -> str:
     model = "echo" if settings.engine == "echo" else f"{settings.served_model_name} ({settings.model})"
     example = json.dumps({"input": {"prompt": "Hello"}, "params": {"max_tokens": 16}})
     return f"""
@@ -201,7 +201,7 @@ def keys(args: argparse.Namespace) -> int:
     from shared.store import connect_redis
 
     async def run() -> int:
-        settings = Settings()
+        settings = StackSettings()
         redis = connect_redis(settings.redis_url)
         store = ApiKeyStore(redis, Keys(settings.redis_prefix))
         try:
@@ -244,14 +244,14 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("up", help="run the whole stack locally").set_defaults(run=up)
     p = commands.add_parser("submit", help="submit a prompt and wait for the result")
     p.add_argument("prompt")
-    p.add_argument("--url", default=f"http://127.0.0.1:{Settings().http_port}")
+    p.add_argument("--url", default=f"http://127.0.0.1:{StackSettings().http_port}")
     p.add_argument("--model")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--wait", type=float, default=60)
     p.set_defaults(run=submit)
     p = commands.add_parser("build-model", help="build the tiny local model")
-    p.add_argument("path", nargs="?", default=Settings.model_fields["model"].default)
+    p.add_argument("path", nargs="?", default=StackSettings.model_fields["model"].default)
     p.add_argument("--force", action="store_true")
     p.set_defaults(run=build_model)
     commands.add_parser("schema", help="rewrite shared/schemas/request-v1.schema.json").set_defaults(run=schema)

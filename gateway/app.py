@@ -27,13 +27,13 @@ from redis.exceptions import RedisError
 from gateway.errors import HTTP_ERROR_TYPES, ApiError, error_response
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_document
+from gateway.settings import GatewaySettings
 from gateway.waiter import CompletionWaiter
 from shared.apikeys import ApiKeyStore
 from shared.kafka import JSON_HEADERS, ensure_topics, make_producer, start_with_retry
 from shared.keys import Keys
 from shared.lag import LagReader
 from shared.schema import REQUEST_ID_PATTERN, RequestMessage, RequestView, Status, SubmitRequest
-from shared.settings import Settings
 from shared.store import RequestStore, base_fields, connect_redis
 from shared.telemetry import NO_TRACING, OFFSET, PARTITION, REQUEST_ID, Tracing
 
@@ -56,7 +56,7 @@ def _endpoint(request: web.Request) -> str:
 class Gateway:
     """Owns the gateway's clients and handlers; `app` is what aiohttp serves."""
 
-    def __init__(self, settings: Settings, tracing: Tracing = NO_TRACING) -> None:
+    def __init__(self, settings: GatewaySettings, tracing: Tracing = NO_TRACING) -> None:
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.producer = None

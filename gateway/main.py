@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
-
 from aiohttp import web
 
 from gateway.app import Gateway
+from gateway.settings import GatewaySettings
 from shared.logs import configure_logging
-from shared.settings import Settings, settings_from_cli
+from shared.settings import parse_settings as parse_settings_of
 from shared.telemetry import configure_tracing
 
 
-def parse_settings(argv: list[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
-    parser.add_argument("--host", dest="http_host", help="LLMQ_HTTP_HOST")
-    parser.add_argument("--port", dest="http_port", type=int, help="LLMQ_HTTP_PORT")
-    parser.add_argument("--kafka-bootstrap", help="LLMQ_KAFKA_BOOTSTRAP")
-    parser.add_argument("--redis-url", help="LLMQ_REDIS_URL")
-    parser.add_argument("--request-topic", help="LLMQ_REQUEST_TOPIC")
-    return settings_from_cli(parser, argv)
+def parse_settings(argv: list[str] | None = None) -> GatewaySettings:
+    (settings,) = parse_settings_of(argv, "gateway", __doc__, GatewaySettings)
+    return settings
 
 
 def main(argv: list[str] | None = None) -> None:

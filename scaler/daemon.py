@@ -19,7 +19,7 @@ from scaler.policy import Decision, PolicyConfig, ScalingPolicy
 from scaler.settings import ScalerSettings
 from shared.lag import LagReader
 from shared.metrics import ServedMetrics
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 
 log = structlog.get_logger(__name__)
 
@@ -53,7 +53,7 @@ class ScalerMetrics(ServedMetrics):
 
 
 class Scaler:
-    def __init__(self, settings: Settings, scaler_settings: ScalerSettings, backend: Backend,
+    def __init__(self, settings: ServiceSettings, scaler_settings: ScalerSettings, backend: Backend,
                  lag_reader: LagReader | None = None, clock=time.monotonic, echo=None) -> None:
         self.settings = settings
         self.scaler_settings = scaler_settings

@@ -10,14 +10,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 
 log = structlog.get_logger(__name__)
 
 JSON_HEADERS = [("content-type", b"application/json")]
 
 
-def connection_options(settings: Settings) -> dict:
+def connection_options(settings: ServiceSettings) -> dict:
     """Where the brokers are and how to authenticate: the same for every aiokafka client."""
     options: dict = dict(bootstrap_servers=settings.kafka_bootstrap,
                          security_protocol=settings.kafka_security_protocol)
@@ -33,11 +33,11 @@ def connection_options(settings: Settings) -> dict:
     return options
 
 
-def make_admin(settings: Settings) -> AIOKafkaAdminClient:
+def make_admin(settings: ServiceSettings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(**connection_options(settings))
 
 
-def make_producer(settings: Settings, **overrides) -> AIOKafkaProducer:
+def make_producer(settings: ServiceSettings, **overrides) -> AIOKafkaProducer:
     # acks="all" and no idempotence: the dev broker (Tansu) answers InitProducerId
     # with an error, and workers dedupe by id anyway.
     options = dict(
@@ -52,22 +52,18 @@ def make_producer(settings: Settings, **overrides) -> AIOKafkaProducer:
     return AIOKafkaProducer(**options)
 
 
-def make_consumer(settings: Settings, **overrides) -> AIOKafkaConsumer:
-    options = dict(
+def make_consumer(settings: ServiceSettings, **options) -> AIOKafkaConsumer:
+    """A member of the workers' consumer group; `options` tune its fetching."""
+    return AIOKafkaConsumer(
         **connection_options(settings),
         group_id=settings.consumer_group,
         enable_auto_commit=False,  # offsets are committed only for finished work
         auto_offset_reset="earliest",
-        max_poll_records=settings.fetch_max_records,
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=max(settings.session_timeout_ms // 4, 250),
+        **options,
     )
-    options.update(overrides)
-    return AIOKafkaConsumer(**options)
 
 
-async def ensure_topics(settings: Settings) -> None:
+async def ensure_topics(settings: ServiceSettings) -> None:
     """Create the request and dead-letter topics if they don't exist yet.
 
     Auto-creation on first produce would give the broker's default partition

@@ -24,7 +24,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.kafka import connection_options, start_with_retry
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +58,7 @@ class LagReading:
 class LagReader:
     """Reads the lag of `settings.consumer_group` on `topics` (default: the request topic)."""
 
-    def __init__(self, settings: Settings, topics: list[str] | None = None,
+    def __init__(self, settings: ServiceSettings, topics: list[str] | None = None,
                  highwater_timeout_seconds: float = 2.0) -> None:
         self.settings = settings
         self.topics = topics or [settings.request_topic]

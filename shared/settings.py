@@ -1,25 +1,37 @@
-"""Every llmq setting, declared once, typed, with its default.
+"""Settings, declared once, typed, with their defaults, grouped by the process
+that reads them: what every llmq process reads is here (`ServiceSettings`:
+Kafka, Redis, topics, records, logs); each process adds its own in its own
+package (gateway/settings.py, workers/settings.py, scaler/settings.py).
 
-Read from `LLMQ_*` environment variables (pydantic-settings); command-line
-flags of each process override them by passing keyword arguments.
+Read from `LLMQ_*` environment variables (pydantic-settings). A field marked
+`cli("--flag")` is also a command-line flag of the process, which wins over
+the environment: `parse_settings` builds every process's flags the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import types
+import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LLMQ_", extra="ignore")
+def cli(flag: str) -> dict[str, str]:
+    """Field metadata making a setting a command-line flag too: `Field(..., json_schema_extra=cli("--port"))`."""
+    return {"flag": flag}
 
-    # --- services -----------------------------------------------------------
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLMQ_", extra="ignore", populate_by_name=True)
+
+    # --- Kafka ----------------------------------------------------------------
     # Kafka bootstrap servers, comma-separated host:port.
-    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_bootstrap: str = Field(default="127.0.0.1:9092", json_schema_extra=cli("--kafka-bootstrap"))
     # How every Kafka client authenticates, passed to aiokafka as they are:
     # SASL_SSL with SCRAM for a managed cluster, SSL for mutual TLS.
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -31,126 +43,99 @@ class Settings(BaseSettings):
     # Client certificate and key, for brokers that require mutual TLS.
     kafka_ssl_certfile: str | None = None
     kafka_ssl_keyfile: str | None = None
-    # Redis URL for request records and completion notifications.
-    redis_url: str = "redis://127.0.0.1:6379/0"
     # Topic the gateway produces to and workers consume from.
-    request_topic: str = "llmq.requests"
+    request_topic: str = Field(default="llmq.requests", json_schema_extra=cli("--request-topic"))
     # Where unparseable or schema-invalid request messages go, with the reason.
     dlq_topic: str = "llmq.requests.dlq"
     # Partitions of the request topic when llmq creates it (caps useful workers).
     request_partitions: int = Field(default=8, ge=1)
     # Kafka consumer group shared by all workers.
-    consumer_group: str = "llmq-workers"
-    # Prefix of every Redis key llmq writes (see shared/keys.py).
-    redis_prefix: str = "llmq"
-
-    # --- gateway ------------------------------------------------------------
-    http_host: str = "127.0.0.1"
-    http_port: int = Field(default=8000, ge=0, le=65535)
-    # Largest accepted HTTP request body, bytes (413 above it).
-    max_body_bytes: int = Field(default=1_048_576, ge=1024)
-    # Longest accepted prompt (or sum of chat message contents), characters (413 above it).
-    max_prompt_chars: int = Field(default=32_768, ge=1)
-    # Largest accepted params.max_tokens (422 above it).
-    max_tokens_limit: int = Field(default=4096, ge=1)
-    # Cap on GET ?wait= seconds.
-    max_wait_seconds: float = Field(default=60.0, ge=0)
-    # How long the gateway waits for the broker to acknowledge a produce before answering 503.
+    consumer_group: str = Field(default="llmq-workers", json_schema_extra=cli("--consumer-group"))
+    # How long a produce (a submit, a dead letter, a reply) waits for the broker's ack.
     produce_timeout_seconds: float = Field(default=5.0, gt=0)
     # Producer batching delay. 0: a request is answered only after its ack, so any
     # linger is added latency; under load records batch anyway while a send is in flight.
     producer_linger_ms: int = Field(default=0, ge=0)
 
-    # Require `Authorization: Bearer <key>` on /v1 (keys: `llmq keys create NAME`). `llmq up` turns it off.
-    auth: bool = True
-    # Requests per second each API key may submit (token bucket in Redis; 0: no limit; needs auth).
-    rate_limit_rps: float = Field(default=50.0, ge=0)
-    # How many submits a key may make at once above its rate.
-    rate_limit_burst: int = Field(default=100, ge=1)
-
-    # Queue admission: refuse submits (429 queue_full) while the workers' lag is at or
-    # above this many requests (0: no bound). The gateway reads the lag once a second.
-    max_queue_depth: int = Field(default=0, ge=0)
-
-    # --- records ------------------------------------------------------------
+    # --- Redis ----------------------------------------------------------------
+    # Redis URL for request records and completion notifications.
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", json_schema_extra=cli("--redis-url"))
+    # Prefix of every Redis key llmq writes (see shared/keys.py).
+    redis_prefix: str = "llmq"
     # How long a request record (and its result) stays readable in Redis.
     result_ttl_seconds: int = Field(default=86_400, ge=1)
 
-    # --- worker -------------------------------------------------------------
-    # Engine the worker runs: a PyTorch/transformers model, vLLM, or echo (no model).
-    engine: Literal["torch", "vllm", "echo"] = "torch"
-    # Local path or hub name of the model the worker serves.
-    model: str = ".llmq/models/tiny-llama"
-    # Name clients use in `model`; defaults to the last part of `model`.
-    model_name: str | None = None
-    # torch engine: "auto" picks cuda when available, else cpu.
-    device: str = "auto"
-    # torch engine dtype: "auto" is bfloat16 on cuda, float32 on cpu.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # Continuous batching: most requests decoded together (the engine's running batch) ...
-    batch_max_size: int = Field(default=32, ge=1)
-    # ... and most tokens they may hold together (prompt + max_tokens each), which
-    # bounds the KV cache's memory. A request alone in the batch always runs.
-    batch_max_tokens: int = Field(default=65_536, ge=1)
-    # Most requests a worker holds (running + waiting for a slot); it pauses its
-    # Kafka fetch at this many. 0: twice batch_max_size.
-    max_in_flight: int = Field(default=0, ge=0)
-    # Fetched requests whose claim at most this many times already started (the worker
-    # died each time: a poison message) go to the dead-letter topic instead of running.
-    max_attempts: int = Field(default=3, ge=1)
-    # torch engine: "int8" applies PyTorch dynamic INT8 quantization to the linear
-    # layers (CPU, float32 models); "none" runs the weights as loaded.
-    quantize: Literal["none", "int8"] = "none"
-    # LoRA adapters (peft `save_pretrained` folders, one per adapter name) a request
-    # may name in `adapter`; unset: none served.
-    adapters_dir: str | None = None
-    # Most adapters loaded at once (least recently used unloaded when a new one is needed).
-    max_adapters: int = Field(default=4, ge=1)
-    # Most messages taken from Kafka per fetch.
-    fetch_max_records: int = Field(default=256, ge=1)
-    # How long a fetch waits on the broker for new records. Kafka answers as soon as
-    # records arrive; the dev broker waits this out, so it bounds queue latency there.
-    fetch_max_wait_ms: int = Field(default=10, ge=1)
-    # After SIGTERM, how long a worker finishes what it holds before it hands the
-    # rest back uncommitted (keep it under the scaler's LLMQ_SCALER_GRACE_SECONDS).
-    drain_seconds: float = Field(default=25.0, ge=0)
-    # Kafka group session timeout: how soon a dead worker's partitions move on.
-    session_timeout_ms: int = Field(default=10_000, ge=1000)
-    # echo engine: simulated time per output token (benchmarks, scaler tests).
-    echo_token_delay_ms: float = Field(default=0.0, ge=0)
-
-    # --- logs ---------------------------------------------------------------
+    # --- logs -----------------------------------------------------------------
     log_level: str = "info"
     # "auto" writes readable lines on a terminal and JSON lines otherwise.
     log_format: Literal["auto", "json", "console"] = "auto"
-    # Log each request's prompt when a worker starts it (off: prompts are private).
-    log_prompts: bool = False
-
-    # --- metrics --------------------------------------------------------------
-    # Port of the worker's Prometheus /metrics (0: none). The gateway serves its own on LLMQ_HTTP_PORT.
-    metrics_port: int = Field(default=9400, ge=0, le=65535)
-
-    @property
-    def served_model_name(self) -> str:
-        if self.model_name:
-            return self.model_name
-        if self.engine == "echo":
-            return "echo"
-        return Path(self.model.rstrip("/")).name or self.model
 
     def to_env(self) -> dict[str, str]:
-        """These settings as LLMQ_* variables, to hand to a child process."""
+        """These settings as the variables that set them, to hand to a child process."""
         return {
-            f"LLMQ_{name.upper()}": value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+            env_name(type(self), name): value.get_secret_value() if isinstance(value, SecretStr) else str(value)
             for name, value in self.model_dump().items()
             if value is not None
         }
 
 
-def settings_from_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Settings:
-    """Settings from LLMQ_* variables, with the flags given on the command line on top.
+def env_name(cls: type[BaseSettings], field: str) -> str:
+    """The variable that sets `field` of `cls` (the first, where a field accepts several)."""
+    return env_names(cls, field)[0]
 
-    Each flag's `dest` is the Settings field it overrides.
+
+def env_names(cls: type[BaseSettings], field: str) -> list[str]:
+    """Every variable that sets `field` of `cls`: its own name, then any older one still accepted."""
+    alias = cls.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        return [str(choice) for choice in alias.choices]
+    if isinstance(alias, str):
+        return [alias]
+    return [f"{cls.model_config['env_prefix']}{field}".upper()]
+
+
+def parse_settings(argv: Sequence[str] | None, prog: str, description: str,
+                   *classes: type[BaseSettings]) -> tuple[Any, ...]:
+    """One instance of each class, from the environment with the command line's flags on top.
+
+    Every field marked `cli(...)` becomes a flag; its help names the variable and default.
     """
-    args = parser.parse_args(argv)
-    return Settings(**{name: value for name, value in vars(args).items() if value is not None})
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for index, cls in enumerate(classes):
+        for name, info in cls.model_fields.items():
+            flag = (info.json_schema_extra or {}).get("flag") if isinstance(info.json_schema_extra, dict) else None
+            if flag is None:
+                continue
+            kind = _unoptional(info.annotation)
+            help_text = f"{env_name(cls, name)} (default {info.default})"
+            dest = f"{index}.{name}"
+            if kind is bool:
+                parser.add_argument(flag, dest=dest, action="store_const", const=True, help=help_text)
+            elif typing.get_origin(kind) is Literal:
+                parser.add_argument(flag, dest=dest, choices=typing.get_args(kind), help=help_text)
+            else:
+                convert = kind if kind in (int, float, str, Path) else str
+                parser.add_argument(flag, dest=dest, type=convert, metavar=convert.__name__.upper(), help=help_text)
+    given = {dest: value for dest, value in vars(parser.parse_args(argv)).items() if value is not None}
+    try:
+        return tuple(cls(**{dest.split(".", 1)[1]: value for dest, value in given.items()
+                            if dest.startswith(f"{index}.")})
+                     for index, cls in enumerate(classes))
+    except ValidationError as exc:
+        parser.error("; ".join(map(_describe, exc.errors())))
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(map(str, error["loc"]))
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
+def _unoptional(annotation: Any) -> Any:
+    """`X` of `X | None`."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation

@@ -16,8 +16,8 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
 from deploy.devstack import Service, free_port, start_broker, start_redis
+from deploy.settings import StackSettings
 from gateway.app import Gateway
-from shared.settings import Settings
 from tests.integration.helpers import WorkerProcess
 from workers.worker import Worker
 
@@ -44,10 +44,10 @@ def redis_server(tmp_path_factory) -> Service:
     service.stop()
 
 
-def isolated_settings(broker: Service, redis_server: Service, **overrides) -> Settings:
-    """Settings on the test services with a topic, group and Redis prefix of their own."""
+def isolated_settings(broker: Service, redis_server: Service, **overrides) -> StackSettings:
+    """StackSettings on the test services with a topic, group and Redis prefix of their own."""
     tag = uuid.uuid4().hex[:8]
-    return Settings(**{
+    return StackSettings(**{
         "kafka_bootstrap": broker.url,
         "redis_url": redis_server.url,
         "request_topic": f"llmq.requests.{tag}",
@@ -65,12 +65,12 @@ def isolated_settings(broker: Service, redis_server: Service, **overrides) -> Se
 
 
 @pytest.fixture
-def settings(broker: Service, redis_server: Service) -> Settings:
+def settings(broker: Service, redis_server: Service) -> StackSettings:
     return isolated_settings(broker, redis_server)
 
 
 @asynccontextmanager
-async def serve_gateway(settings: Settings) -> AsyncIterator[Gateway]:
+async def serve_gateway(settings: StackSettings) -> AsyncIterator[Gateway]:
     """A real gateway on a loopback port; `gateway.url` is its base URL."""
     gw = Gateway(settings)
     server = TestServer(gw.app, host="127.0.0.1")
@@ -83,7 +83,7 @@ async def serve_gateway(settings: Settings) -> AsyncIterator[Gateway]:
 
 
 @pytest.fixture
-async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
+async def gateway(settings: StackSettings) -> AsyncIterator[Gateway]:
     async with serve_gateway(settings) as gw:
         yield gw
 
@@ -95,7 +95,7 @@ async def http() -> AsyncIterator[ClientSession]:
 
 
 @pytest.fixture
-async def start_worker(settings: Settings) -> AsyncIterator[Callable[..., Worker]]:
+async def start_worker(settings: StackSettings) -> AsyncIterator[Callable[..., Worker]]:
     """Starts in-process workers (each its own consumer); all are stopped after the test."""
     running: list[tuple[Worker, asyncio.Task]] = []
 

@@ -19,7 +19,6 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from shared.schema import MessageError, Status, parse_message
-from shared.settings import Settings
 from shared.store import RequestStore, base_fields
 from shared.telemetry import (
     BATCH_COUNT,
@@ -40,12 +39,13 @@ from workers.outcome import Outcome
 from workers.results import ResultWriter
 from workers.retry import is_transient, retry
 from workers.runner import Runner
+from workers.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
 
 class Intake:
-    def __init__(self, settings: Settings, worker_name: str, served_models: tuple[str | None, ...],
+    def __init__(self, settings: WorkerSettings, worker_name: str, served_models: tuple[str | None, ...],
                  store: RequestStore, producer: AIOKafkaProducer, offsets: OffsetTracker, runner: Runner,
                  results: ResultWriter, metrics: WorkerMetrics, tracing: Tracing, stopping: asyncio.Event) -> None:
         self.settings = settings

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 import sys
@@ -10,24 +9,19 @@ import sys
 import structlog
 
 from shared.logs import configure_logging
-from shared.settings import Settings, settings_from_cli
+from shared.settings import parse_settings as parse_settings_of
 from shared.telemetry import Tracing, configure_tracing
 from workers.engines import EngineError
+from workers.settings import WorkerSettings
 from workers.worker import Worker
 
 
-def parse_settings(argv: list[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(prog="worker", description=__doc__)
-    parser.add_argument("--engine", choices=["torch", "vllm", "echo"], help="LLMQ_ENGINE")
-    parser.add_argument("--model", help="LLMQ_MODEL: local path or hub name")
-    parser.add_argument("--kafka-bootstrap", help="LLMQ_KAFKA_BOOTSTRAP")
-    parser.add_argument("--redis-url", help="LLMQ_REDIS_URL")
-    parser.add_argument("--request-topic", help="LLMQ_REQUEST_TOPIC")
-    parser.add_argument("--batch-max-size", type=int, help="LLMQ_BATCH_MAX_SIZE")
-    return settings_from_cli(parser, argv)
+def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
+    (settings,) = parse_settings_of(argv, "worker", __doc__, WorkerSettings)
+    return settings
 
 
-async def serve(settings: Settings, tracing: Tracing) -> None:
+async def serve(settings: WorkerSettings, tracing: Tracing) -> None:
     worker = Worker(settings, tracing=tracing)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,7 +14,6 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from shared.schema import PromptInput, Status
-from shared.settings import Settings
 from shared.telemetry import REQUEST_ID, Tracing
 from workers.capacity import Capacity
 from workers.engines import Engine, EngineError, GenerationRequest, GenerationResult
@@ -22,12 +21,13 @@ from workers.job import Job
 from workers.metrics import WorkerMetrics
 from workers.outcome import Outcome
 from workers.results import ResultWriter
+from workers.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
 
 class Runner:
-    def __init__(self, settings: Settings, engine: Engine, results: ResultWriter, capacity: Capacity,
+    def __init__(self, settings: WorkerSettings, engine: Engine, results: ResultWriter, capacity: Capacity,
                  metrics: WorkerMetrics, tracing: Tracing, on_fatal: Callable[[], None]) -> None:
         self.settings = settings
         self.engine = engine

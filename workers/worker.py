@@ -23,7 +23,6 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from shared.kafka import ensure_topics, make_consumer, make_producer, start_with_retry
 from shared.keys import Keys
-from shared.settings import Settings
 from shared.store import RequestStore, connect_redis
 from shared.telemetry import NO_TRACING, Tracing
 from workers.cancels import CancelListener
@@ -34,12 +33,13 @@ from workers.metrics import WorkerMetrics, WorkerStats
 from workers.offsets import OffsetTracker
 from workers.results import ResultWriter
 from workers.runner import Runner
+from workers.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
 
 class Worker:
-    def __init__(self, settings: Settings, engine: Engine | None = None, name: str | None = None,
+    def __init__(self, settings: WorkerSettings, engine: Engine | None = None, name: str | None = None,
                  tracing: Tracing = NO_TRACING) -> None:
         self.settings = settings
         self.engine = engine or load_engine(settings)
@@ -78,7 +78,9 @@ class Worker:
         self.producer = make_producer(s)
         await start_with_retry(self.producer, "producer")
         await ensure_topics(s)
-        self.consumer = make_consumer(s)
+        self.consumer = make_consumer(s, max_poll_records=s.fetch_max_records, fetch_max_wait_ms=s.fetch_max_wait_ms,
+                                      session_timeout_ms=s.session_timeout_ms,
+                                      heartbeat_interval_ms=max(s.session_timeout_ms // 4, 250))
         self.results = ResultWriter(store, self.producer, self.consumer, self.offsets, self.capacity, self.metrics,
                                     self.tracing, self._stopping)
         self.runner = Runner(s, self.engine, self.results, self.capacity, self.metrics, self.tracing, self.stop)
@@ -91,7 +93,7 @@ class Worker:
         self._background = [asyncio.create_task(self.results.run(), name="llmq-result-writer"),
                             asyncio.create_task(cancels.run(), name="llmq-cancel-listener")]
         try:
-            self.metrics.serve(s.metrics_port, s.http_host)
+            self.metrics.serve(s.metrics_port, s.metrics_host)
         except OSError as exc:  # e.g. several workers on one host with the same port
             log.warning("metrics_port_unavailable", port=s.metrics_port, error=str(exc))
         log.info("worker_started", worker=self.name, engine=s.engine, model=self.engine.model_name,

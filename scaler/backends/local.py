@@ -27,7 +27,7 @@ import structlog
 
 from scaler.settings import ScalerSettings
 from shared.ports import port_is_free
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 
 log = structlog.get_logger(__name__)
 
@@ -94,8 +94,10 @@ class WorkerProcess:
 class LocalBackend:
     name = "local"
 
-    def __init__(self, settings: Settings, scaler_settings: ScalerSettings) -> None:
+    def __init__(self, settings: ServiceSettings, scaler_settings: ScalerSettings) -> None:
         self.settings = settings
+        self.worker_metrics_port = scaler_settings.worker_metrics_port
+        self.worker_engine = scaler_settings.worker_engine
         self.grace = scaler_settings.grace_seconds
         self.log_dir = scaler_settings.worker_log_dir
         safe_group = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in settings.consumer_group)
@@ -172,11 +174,15 @@ class LocalBackend:
         return [w for w in self.workers if w.stopping_since is None and w.alive()]
 
     def _spawn(self) -> None:
+        # The workers read their own settings from this environment: the scaler's, with
+        # its Kafka settings (flags included) on top.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.settings.to_env()}
-        if self.settings.metrics_port:
+        if self.worker_engine:
+            env["LLMQ_ENGINE"] = self.worker_engine
+        if self.worker_metrics_port:
             # Workers on one host can't share a port: each takes the next free one
             # from LLMQ_METRICS_PORT up (9400, 9401, ...).
-            base = self.settings.metrics_port
+            base = self.worker_metrics_port
             env["LLMQ_METRICS_PORT"] = str(next((p for p in range(base, base + 64) if port_is_free(p)), 0))
         out = None
         if self.log_dir is not None:

@@ -48,7 +48,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from deploy.devstack import Service, free_port, python_env, wait_for_port
-from shared.settings import Settings
+from deploy.settings import StackSettings
 from tests.conftest import isolated_settings
 from tests.integration.helpers import wait_final
 
@@ -62,7 +62,7 @@ VALID = {"input": {"prompt": "still serving"}, "params": {"max_tokens": 4}}
 
 @dataclass
 class RunningGateway:
-    settings: Settings
+    settings: StackSettings
     port: int
     url: str
     proc: subprocess.Popen

@@ -35,7 +35,8 @@ async def start_scaler(worker_settings, tmp_path):
     async def start(**overrides) -> Scaler:
         options = dict(backend="local", min=0, max=4, target_per_worker=5, poll_interval_seconds=0.2,
                        stabilization_seconds=1.5, idle_seconds=2.0, grace_seconds=15,
-                       state_dir=tmp_path / "state", worker_log_dir=tmp_path / "workers")
+                       state_dir=tmp_path / "state", worker_log_dir=tmp_path / "workers",
+                       worker_metrics_port=0)  # the workers serve no metrics, as elsewhere in the tests
         options.update(overrides)
         scaler_settings = ScalerSettings(**options)
         scaler = Scaler(worker_settings, scaler_settings, LocalBackend(worker_settings, scaler_settings))

@@ -7,9 +7,9 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
+from deploy.settings import StackSettings
 from gateway.openapi import openapi_document
 from shared.schema import SCHEMA_PATH, MessageError, message_json_schema, parse_message
-from shared.settings import Settings
 
 
 def test_schema_file_is_up_to_date():
@@ -53,7 +53,7 @@ def test_every_setting_is_documented_in_the_readme():
     from pathlib import Path
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    missing = [f"LLMQ_{name.upper()}" for name in Settings.model_fields if f"LLMQ_{name.upper()}" not in readme]
+    missing = [f"LLMQ_{name.upper()}" for name in StackSettings.model_fields if f"LLMQ_{name.upper()}" not in readme]
     assert missing == []
 
 
@@ -66,10 +66,10 @@ async def test_kafka_security_settings_reach_every_aiokafka_client():
 
     from shared.kafka import connection_options, make_admin
 
-    plain = connection_options(Settings())
+    plain = connection_options(StackSettings())
     assert plain == {"bootstrap_servers": "127.0.0.1:9092", "security_protocol": "PLAINTEXT"}
 
-    secure = Settings(kafka_bootstrap="kafka.example:9096", kafka_security_protocol="SASL_SSL",
+    secure = StackSettings(kafka_bootstrap="kafka.example:9096", kafka_security_protocol="SASL_SSL",
                       kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="llmq",
                       kafka_sasl_password="s3cret")
     options = connection_options(secure)

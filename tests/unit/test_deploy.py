@@ -18,10 +18,11 @@ import pytest
 import yaml
 from kubernetes_validate import utils as k8s_validate
 
+from deploy.settings import StackSettings
 from gateway.main import parse_settings as gateway_parse
 from scaler.main import parse as scaler_parse
 from scaler.settings import ScalerSettings
-from shared.settings import Settings
+from shared.settings import env_names
 from workers.main import parse_settings as worker_parse
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,7 +181,8 @@ def test_llmq_services_trace_to_jaeger_under_their_own_names():
         env = environment(services[service])
         assert env["OTEL_SERVICE_NAME"] == otel_name
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
-        assert env["LLMQ_HTTP_HOST"] == "0.0.0.0"  # also where a worker's /metrics listens
+        assert env["LLMQ_HTTP_HOST"] == "0.0.0.0"
+        assert env["LLMQ_METRICS_HOST"] == "0.0.0.0"  # where a worker's /metrics listens
 
 
 def test_gpu_reservation_is_there_to_uncomment():
@@ -407,18 +409,16 @@ def test_keda_scaled_object_matches_its_crd_schema():
 
 def known_variables() -> set[str]:
     names = set()
-    for cls in (Settings, ScalerSettings):
-        prefix = cls.model_config["env_prefix"]
-        for field, info in cls.model_fields.items():
-            assert info.validation_alias is None and info.alias is None, (cls, field)
-            names.add(f"{prefix}{field}".upper())
+    for cls in (StackSettings, ScalerSettings):
+        for field in cls.model_fields:
+            names.update(env_names(cls, field))
     return names
 
 
 def test_every_llmq_variable_in_deploy_is_a_setting():
     """Anywhere in deploy/ (compose, Dockerfile, manifests, README, the KEDA file): each
-    LLMQ_* name is a field of shared.settings.Settings (LLMQ_ + name) or of
-    scaler.settings.ScalerSettings (LLMQ_SCALER_ + name). A misspelt one would be ignored
+    LLMQ_* name sets a field of the gateway's or workers' settings (LLMQ_ + name, or a name the
+    field still accepts) or of scaler.settings.ScalerSettings (LLMQ_SCALER_ + name). A misspelt one would be ignored
     silently by pydantic-settings (extra="ignore")."""
     known = known_variables()
     assert {"LLMQ_KAFKA_BOOTSTRAP", "LLMQ_METRICS_PORT", "LLMQ_SCALER_MIN", "LLMQ_SCALER_METRICS_PORT"} <= known
@@ -433,9 +433,9 @@ def test_every_llmq_variable_in_deploy_is_a_setting():
     services = load_compose()["services"]
     for name in LLMQ_SERVICES:
         env = environment(services[name])
-        Settings(**{k.removeprefix("LLMQ_").lower(): v for k, v in env.items()
+        StackSettings(**{k.removeprefix("LLMQ_").lower(): v for k, v in env.items()
                     if k.startswith("LLMQ_") and not k.startswith("LLMQ_SCALER_")})
         ScalerSettings(**{k.removeprefix("LLMQ_SCALER_").lower(): v for k, v in env.items()
                           if k.startswith("LLMQ_SCALER_")})
     config = by_kind("ConfigMap")["llmq-config"]["data"]
-    Settings(**{k.removeprefix("LLMQ_").lower(): v for k, v in config.items() if k.startswith("LLMQ_")})
+    StackSettings(**{k.removeprefix("LLMQ_").lower(): v for k, v in config.items() if k.startswith("LLMQ_")})

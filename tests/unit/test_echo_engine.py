@@ -7,13 +7,13 @@ import asyncio
 import pytest
 
 from shared.schema import ChatMessage, Params
-from shared.settings import Settings
 from workers.engines.base import GenerationRequest, collect
 from workers.engines.echo import EchoEngine
+from workers.settings import WorkerSettings
 
 
 def engine(**settings) -> EchoEngine:
-    return EchoEngine(Settings(engine="echo", **settings))
+    return EchoEngine(WorkerSettings(engine="echo", **settings))
 
 
 def request(prompt=None, rid="r", messages=None, **params) -> GenerationRequest:

@@ -9,9 +9,9 @@ import asyncio
 import pytest
 
 from shared.schema import Params
-from shared.settings import Settings
 from workers.engines import load_engine
 from workers.engines.base import GenerationRequest, collect
+from workers.settings import WorkerSettings
 
 LONG_PROMPT = " ".join(f"w{i}" for i in range(400))  # echo: 400 tokens to give back
 
@@ -23,7 +23,7 @@ async def make_engine(request, tiny_model_dir):
     async def make(**overrides):
         base = {"echo": dict(engine="echo", echo_token_delay_ms=5),
                 "torch": dict(engine="torch", model=str(tiny_model_dir), device="cpu")}[request.param]
-        engine = load_engine(Settings(**base, **overrides))
+        engine = load_engine(WorkerSettings(**base, **overrides))
         await engine.start()
         started.append(engine)
         return engine

@@ -21,13 +21,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from shared.schema import ChatMessage, Params
-from shared.settings import Settings
 from workers.engines.base import GenerationRequest
 from workers.engines.torch.engine import TorchEngine
 from workers.engines.torch.row import Row, Stream
 from workers.engines.vllm.adapters import Adapters
 from workers.engines.vllm.engine import VllmEngine
 from workers.engines.vllm.mapping import error_text
+from workers.settings import WorkerSettings
 
 # The names _to_vllm takes from vllm (vllm/sampling_params.py, vllm/lora/request.py).
 STAND_IN_VLLM = SimpleNamespace(SamplingParams=lambda **kwargs: kwargs,
@@ -49,7 +49,7 @@ def adapters_dir(tmp_path_factory):
 
 
 def start_torch(model_dir, adapters_dir=None):
-    engine = TorchEngine(Settings(engine="torch", model=str(model_dir), device="cpu",
+    engine = TorchEngine(WorkerSettings(engine="torch", model=str(model_dir), device="cpu",
                                   adapters_dir=str(adapters_dir) if adapters_dir else None))
     asyncio.run(engine.start())
     return engine
@@ -70,7 +70,7 @@ def torch_engine_without_adapters(tiny_model_dir):
 
 
 def vllm_engine(model_dir, adapters_dir=None) -> VllmEngine:
-    engine = VllmEngine(Settings(engine="vllm", model=str(model_dir)))
+    engine = VllmEngine(WorkerSettings(engine="vllm", model=str(model_dir)))
     # vLLM loads the model's tokenizer itself: a tokenizer of its own, from the same files.
     engine._attach(STAND_IN_VLLM, None, AutoTokenizer.from_pretrained(model_dir), Adapters(adapters_dir, 16))
     return engine

@@ -12,9 +12,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.schema import Params
-from shared.settings import Settings
 from workers.engines.base import GenerationRequest, collect
 from workers.engines.torch.engine import TorchEngine
+from workers.settings import WorkerSettings
 
 PROMPT = "The weather this morning was cold and clear, and the wind"
 
@@ -53,7 +53,7 @@ async def test_adapters_and_base_in_one_batch_match_peft_directly(tiny_model_dir
         expected[name] = greedy_directly(peft_model, tokenizer)
     assert len(set(expected.values())) == 3, "the adapters should change the text"
 
-    engine = TorchEngine(Settings(engine="torch", model=str(tiny_model_dir), device="cpu",
+    engine = TorchEngine(WorkerSettings(engine="torch", model=str(tiny_model_dir), device="cpu",
                                   adapters_dir=str(adapters_dir), max_adapters=2))
     await engine.start()
     try:
@@ -66,7 +66,7 @@ async def test_adapters_and_base_in_one_batch_match_peft_directly(tiny_model_dir
 
 
 async def test_more_adapters_than_slots_take_turns(tiny_model_dir, adapters_dir):
-    engine = TorchEngine(Settings(engine="torch", model=str(tiny_model_dir), device="cpu",
+    engine = TorchEngine(WorkerSettings(engine="torch", model=str(tiny_model_dir), device="cpu",
                                   adapters_dir=str(adapters_dir), max_adapters=1))
     await engine.start()
     try:
@@ -83,7 +83,7 @@ async def test_more_adapters_than_slots_take_turns(tiny_model_dir, adapters_dir)
                                           ("../style-a", "invalid adapter name"),
                                           ("__base__", "invalid adapter name")])
 async def test_unknown_or_unsafe_adapter_is_a_per_request_error(tiny_model_dir, adapters_dir, name, reason):
-    engine = TorchEngine(Settings(engine="torch", model=str(tiny_model_dir), device="cpu",
+    engine = TorchEngine(WorkerSettings(engine="torch", model=str(tiny_model_dir), device="cpu",
                                   adapters_dir=str(adapters_dir)))
     await engine.start()
     try:
@@ -95,7 +95,7 @@ async def test_unknown_or_unsafe_adapter_is_a_per_request_error(tiny_model_dir, 
 
 
 async def test_no_adapters_dir_refuses_adapter_requests(tiny_model_dir):
-    engine = TorchEngine(Settings(engine="torch", model=str(tiny_model_dir), device="cpu"))
+    engine = TorchEngine(WorkerSettings(engine="torch", model=str(tiny_model_dir), device="cpu"))
     await engine.start()
     try:
         result = await collect(engine, request("x", "style-a"))

@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.schema import ChatMessage, Params
-from shared.settings import Settings
 from workers import tinymodel
 from workers.engines.base import EngineError, GenerationRequest, collect
 from workers.engines.torch.engine import TorchEngine
+from workers.settings import WorkerSettings
 
 PROMPTS = [
     "A queue is",
@@ -34,7 +34,7 @@ def model_dir(tiny_model_dir):
 def engine(model_dir):
     # Started on its own loop: the engine keeps no loop-bound state between
     # calls, and a sync module fixture loads the model once for all tests.
-    engine = TorchEngine(Settings(engine="torch", model=str(model_dir), device="cpu", dtype="auto"))
+    engine = TorchEngine(WorkerSettings(engine="torch", model=str(model_dir), device="cpu", dtype="auto"))
     asyncio.run(engine.start())
     yield engine
     asyncio.run(engine.close())
@@ -351,14 +351,14 @@ def test_forced_build_replaces_the_model_with_identical_bytes(model_dir, tmp_pat
 @pytest.mark.asyncio
 async def test_missing_model_path_says_how_to_build_it(tmp_path):
     missing = tmp_path / "nope"
-    engine = TorchEngine(Settings(engine="torch", model=str(missing), device="cpu"))
+    engine = TorchEngine(WorkerSettings(engine="torch", model=str(missing), device="cpu"))
     with pytest.raises(EngineError, match=r"python -m workers\.tinymodel"):
         await engine.start()
 
 
 @pytest.mark.asyncio
 async def test_generate_before_start_is_an_engine_error(model_dir):
-    engine = TorchEngine(Settings(engine="torch", model=str(model_dir)))
+    engine = TorchEngine(WorkerSettings(engine="torch", model=str(model_dir)))
     assert engine.model_name == "tiny-llama"
     with pytest.raises(EngineError):
         await run_one(engine, greedy("Hi"))

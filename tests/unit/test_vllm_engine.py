@@ -21,7 +21,6 @@ from types import SimpleNamespace
 import pytest
 
 from shared.schema import ChatMessage, Params
-from shared.settings import Settings
 from workers import tinymodel
 from workers.engines import load_engine
 from workers.engines.base import EngineError, GenerationRequest, collect
@@ -29,10 +28,11 @@ from workers.engines.common import prompt_ids
 from workers.engines.vllm.adapters import AdapterError, Adapters
 from workers.engines.vllm.engine import VLLM_MISSING, VllmEngine
 from workers.engines.vllm.mapping import DeltaState, engine_kwargs, finish_reason, lora_rank_bound, sampling_kwargs
+from workers.settings import WorkerSettings
 
 
-def vllm_settings(**overrides) -> Settings:
-    return Settings(engine="vllm", model="/models/qwen", **overrides)
+def vllm_settings(**overrides) -> WorkerSettings:
+    return WorkerSettings(engine="vllm", model="/models/qwen", **overrides)
 
 
 # ---- stand-ins for vLLM objects (vLLM cannot run here) ------------------------

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from shared.settings import Settings
 from workers.engines.base import Engine, EngineError, GenerationOutput, GenerationRequest, GenerationResult, collect
+from workers.settings import WorkerSettings
 
 __all__ = ["Engine", "EngineError", "GenerationOutput", "GenerationRequest", "GenerationResult", "collect",
            "load_engine"]
 
 
-def load_engine(settings: Settings) -> Engine:
+def load_engine(settings: WorkerSettings) -> Engine:
     """Build the configured engine; heavy imports happen only for the one chosen."""
     if settings.engine == "echo":
         from workers.engines.echo import EchoEngine

@@ -14,14 +14,14 @@ import re
 import time
 from collections.abc import AsyncIterator
 
-from shared.settings import Settings
 from workers.engines.base import GenerationOutput, GenerationRequest, GenerationResult
+from workers.settings import WorkerSettings
 
 _TOKEN = re.compile(r"\s*\S+")
 
 
 class EchoEngine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: WorkerSettings) -> None:
         self.model_name = settings.served_model_name
         self.max_running = settings.batch_max_size
         self.token_delay = settings.echo_token_delay_ms / 1000

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import structlog
 
-from shared.settings import Settings
 from workers.engines.base import EngineError
 from workers.engines.torch.row import Row
+from workers.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +29,7 @@ class Adapters:
         self.loaded: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     @classmethod
-    def create(cls, settings: Settings, model) -> Adapters | None:
+    def create(cls, settings: WorkerSettings, model) -> Adapters | None:
         if not settings.adapters_dir:
             return None
         root = Path(settings.adapters_dir)

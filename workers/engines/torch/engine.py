@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 import structlog
 import torch
 
-from shared.settings import Settings
 from workers.engines.base import EngineError, GenerationOutput, GenerationRequest
 from workers.engines.common import adapter_refusal, prompt_ids
 from workers.engines.torch.batch import Batch
@@ -28,12 +27,13 @@ from workers.engines.torch.model_runner import ModelRunner
 from workers.engines.torch.row import Output, Row, Stream
 from workers.engines.torch.sampling import Sampling
 from workers.engines.torch.scheduler import Scheduler
+from workers.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
 
 class TorchEngine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.model_name = settings.served_model_name
         self.max_running = settings.batch_max_size

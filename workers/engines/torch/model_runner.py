@@ -9,18 +9,18 @@ from pathlib import Path
 
 import torch
 
-from shared.settings import Settings
 from workers.engines.base import EngineError
 from workers.engines.torch.adapters import BASE_ADAPTER, Adapters
 from workers.engines.torch.batch import Batch
 from workers.engines.torch.kv_cache import prefill_cache
 from workers.engines.torch.row import Row
+from workers.settings import WorkerSettings
 
 
 class ModelRunner:
     """The loaded model, its tokenizer and what the scheduler needs to know of them."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: WorkerSettings) -> None:
         """Load and warm up the model; raise EngineError when that fails."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

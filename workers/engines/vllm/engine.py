@@ -21,11 +21,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from shared.settings import Settings
 from workers.engines.base import EngineError, GenerationOutput, GenerationRequest
 from workers.engines.common import prompt_ids
 from workers.engines.vllm.adapters import AdapterError, Adapters
 from workers.engines.vllm.mapping import DeltaState, engine_kwargs, error_text, lora_rank_bound, sampling_kwargs
+from workers.settings import WorkerSettings
 
 VLLM_MISSING = "LLMQ_ENGINE=vllm needs the vllm extra: pip install 'llmq[vllm]' (a CUDA machine)"
 
@@ -48,7 +48,7 @@ def _import_vllm() -> SimpleNamespace:
 
 
 class VllmEngine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.model_name = settings.served_model_name
         # vLLM decodes up to max_num_seqs at once; that is what we configure it with.

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.schema import Params
-from shared.settings import Settings
 from workers.engines.base import GenerationOutput, GenerationResult
+from workers.settings import WorkerSettings
 
 # vLLM's FinishReason strings (vllm/v1/engine/__init__.py FINISH_REASON_STRINGS:
 # "stop", "length", "abort", and on later versions "error", "repetition").
@@ -108,7 +108,7 @@ def error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def engine_kwargs(settings: Settings, lora_rank: int | None) -> dict[str, Any]:
+def engine_kwargs(settings: WorkerSettings, lora_rank: int | None) -> dict[str, Any]:
     """Keyword arguments of vllm.AsyncEngineArgs (vllm/engine/arg_utils.py)."""
     kwargs: dict[str, Any] = {
         "model": settings.model,

@@ -1,0 +1,31 @@
+"""The gateway's settings (`LLMQ_*`), beside what every process reads."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import ServiceSettings, cli
+
+
+class GatewaySettings(ServiceSettings):
+    http_host: str = Field(default="127.0.0.1", json_schema_extra=cli("--host"))
+    http_port: int = Field(default=8000, ge=0, le=65535, json_schema_extra=cli("--port"))
+    # Largest accepted HTTP request body, bytes (413 above it).
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # Longest accepted prompt (or sum of chat message contents), characters (413 above it).
+    max_prompt_chars: int = Field(default=32_768, ge=1)
+    # Largest accepted params.max_tokens (422 above it).
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    # Cap on GET ?wait= seconds.
+    max_wait_seconds: float = Field(default=60.0, ge=0)
+
+    # Require `Authorization: Bearer <key>` on /v1 (keys: `llmq keys create NAME`). `llmq up` turns it off.
+    auth: bool = True
+    # Requests per second each API key may submit (token bucket in Redis; 0: no limit; needs auth).
+    rate_limit_rps: float = Field(default=50.0, ge=0)
+    # How many submits a key may make at once above its rate.
+    rate_limit_burst: int = Field(default=100, ge=1)
+
+    # Queue admission: refuse submits (429 queue_full) while the workers' lag is at or
+    # above this many requests (0: no bound). The gateway reads the lag once a second.
+    max_queue_depth: int = Field(default=0, ge=0)

@@ -1,0 +1,74 @@
+"""A worker's settings (`LLMQ_*`), beside what every process reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+
+from shared.settings import ServiceSettings, cli
+
+
+class WorkerSettings(ServiceSettings):
+    # --- engine ---------------------------------------------------------------
+    # Engine the worker runs: a PyTorch/transformers model, vLLM, or echo (no model).
+    engine: Literal["torch", "vllm", "echo"] = Field(default="torch", json_schema_extra=cli("--engine"))
+    # Local path or hub name of the model the worker serves.
+    model: str = Field(default=".llmq/models/tiny-llama", json_schema_extra=cli("--model"))
+    # Name clients use in `model`; defaults to the last part of `model`.
+    model_name: str | None = None
+    # torch engine: "auto" picks cuda when available, else cpu.
+    device: str = "auto"
+    # torch engine dtype: "auto" is bfloat16 on cuda, float32 on cpu.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Continuous batching: most requests decoded together (the engine's running batch) ...
+    batch_max_size: int = Field(default=32, ge=1, json_schema_extra=cli("--batch-max-size"))
+    # ... and most tokens they may hold together (prompt + max_tokens each), which
+    # bounds the KV cache's memory. A request alone in the batch always runs.
+    batch_max_tokens: int = Field(default=65_536, ge=1)
+    # torch engine: "int8" applies PyTorch dynamic INT8 quantization to the linear
+    # layers (CPU, float32 models); "none" runs the weights as loaded.
+    quantize: Literal["none", "int8"] = "none"
+    # LoRA adapters (peft `save_pretrained` folders, one per adapter name) a request
+    # may name in `adapter`; unset: none served.
+    adapters_dir: str | None = None
+    # Most adapters loaded at once (least recently used unloaded when a new one is needed).
+    max_adapters: int = Field(default=4, ge=1)
+    # echo engine: simulated time per output token (benchmarks, scaler tests).
+    echo_token_delay_ms: float = Field(default=0.0, ge=0)
+
+    # --- consuming ------------------------------------------------------------
+    # Most requests a worker holds (running + waiting for a slot); it pauses its
+    # Kafka fetch at this many. 0: twice batch_max_size.
+    max_in_flight: int = Field(default=0, ge=0)
+    # Fetched requests whose claim at most this many times already started (the worker
+    # died each time: a poison message) go to the dead-letter topic instead of running.
+    max_attempts: int = Field(default=3, ge=1)
+    # Most messages taken from Kafka per fetch.
+    fetch_max_records: int = Field(default=256, ge=1)
+    # How long a fetch waits on the broker for new records. Kafka answers as soon as
+    # records arrive; the dev broker waits this out, so it bounds queue latency there.
+    fetch_max_wait_ms: int = Field(default=10, ge=1)
+    # Kafka group session timeout: how soon a dead worker's partitions move on.
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    # After SIGTERM, how long a worker finishes what it holds before it hands the
+    # rest back uncommitted (keep it under the scaler's LLMQ_SCALER_GRACE_SECONDS).
+    drain_seconds: float = Field(default=25.0, ge=0)
+
+    # --- logs and metrics -----------------------------------------------------
+    # Log each request's prompt when a worker starts it (off: prompts are private).
+    log_prompts: bool = False
+    # Port of the worker's Prometheus /metrics (0: none).
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
+    # Address /metrics listens on. LLMQ_HTTP_HOST is still accepted, as before this had a name of its own.
+    metrics_host: str = Field(default="127.0.0.1",
+                              validation_alias=AliasChoices("LLMQ_METRICS_HOST", "LLMQ_HTTP_HOST"))
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.engine == "echo":
+            return "echo"
+        return Path(self.model.rstrip("/")).name or self.model
