@@ -112,8 +112,12 @@ class LagReader:
 
     async def _partitions(self) -> list[TopicPartition]:
         # Metadata and offsets go through the other client: a fetch parked at the end
-        # holds its connection for fetch_max_wait_ms on the dev broker.
-        await self._offsets.topics()  # a fresh metadata request
+        # holds its connection for fetch_max_wait_ms on the dev broker. Refreshed on every
+        # read, so a topic created (or grown) after start-up counts at once: the consumer
+        # otherwise answers partitions_for_topic from metadata up to metadata_max_age_ms
+        # (5 min) old, and has no public call that refreshes it (topics() fetches fresh
+        # metadata but keeps it to itself).
+        await self._offsets._client.force_metadata_update()
         tps = sorted(
             (TopicPartition(topic, p) for topic in self.topics
              for p in (self._offsets.partitions_for_topic(topic) or ())),

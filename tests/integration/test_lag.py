@@ -81,11 +81,18 @@ async def test_lag_counts_every_batched_record_and_follows_commits(settings):
         await reader.close()
 
 
-async def test_lag_of_a_topic_that_does_not_exist_yet_is_zero(settings):
+async def test_lag_of_a_topic_created_after_the_reader_started_counts_at_the_next_read(settings):
+    """A scaler started on a fresh broker, before the gateway creates the request topic,
+    sees the topic and its lag on its next read, not when its metadata next expires."""
     reader = LagReader(settings)
     try:
         reading = await reader.read()
         assert reading.depth == 0 and reading.partition_count == 0
+
+        await ensure_topics(settings)
+        await _produce_batched(settings, {0: 40, 1: 20})
+        await _depth_becomes(reader, 60)  # within seconds; metadata expires only after 5 minutes
+        assert (await reader.read()).partition_count == settings.request_partitions
     finally:
         await reader.close()
 
