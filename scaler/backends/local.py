@@ -75,6 +75,7 @@ class WorkerProcess:
     started_at: float
     popen: subprocess.Popen | None = None  # None: adopted from an earlier scaler
     stopping_since: float | None = None
+    metrics_port: int = 0  # the LLMQ_METRICS_PORT it was given (0: none)
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -121,7 +122,8 @@ class LocalBackend:
             pids = []
         for pid in pids:
             if is_llmq_worker(pid, self.settings.consumer_group):
-                self.workers.append(WorkerProcess(pid, time.monotonic()))
+                port = _environ(pid).get("LLMQ_METRICS_PORT", "0")
+                self.workers.append(WorkerProcess(pid, time.monotonic(), metrics_port=int(port) if port.isdigit() else 0))
                 self.adopted += 1
         if pids:
             log.info("workers_adopted", adopted=[w.pid for w in self.workers], forgotten=len(pids) - self.adopted)
@@ -179,11 +181,8 @@ class LocalBackend:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.settings.to_env()}
         if self.worker_engine:
             env["LLMQ_ENGINE"] = self.worker_engine
-        if self.worker_metrics_port:
-            # Workers on one host can't share a port: each takes the next free one
-            # from LLMQ_METRICS_PORT up (9400, 9401, ...).
-            base = self.worker_metrics_port
-            env["LLMQ_METRICS_PORT"] = str(next((p for p in range(base, base + 64) if port_is_free(p)), 0))
+        metrics_port = self._metrics_port()
+        env["LLMQ_METRICS_PORT"] = str(metrics_port)
         out = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -196,9 +195,20 @@ class LocalBackend:
         finally:
             if out is not None:
                 out.close()
-        self.workers.append(WorkerProcess(popen.pid, time.monotonic(), popen))
+        self.workers.append(WorkerProcess(popen.pid, time.monotonic(), popen, metrics_port=metrics_port))
         self.started += 1
-        log.info("worker_started_by_scaler", pid=popen.pid)
+        log.info("worker_started_by_scaler", pid=popen.pid, metrics_port=metrics_port or None)
+
+    def _metrics_port(self) -> int:
+        """A /metrics port for a new worker: the first from LLMQ_METRICS_PORT up (9400, 9401,
+        ...) that no worker of ours was given and nothing else listens on. Remembered rather
+        than probed alone: a worker binds its port only once its model has loaded, so a port
+        given to a worker still starting looks free."""
+        if not self.worker_metrics_port:
+            return 0
+        taken = {w.metrics_port for w in self.workers if w.alive()}
+        base = self.worker_metrics_port
+        return next((p for p in range(base, base + 64) if p not in taken and port_is_free(p)), 0)
 
     def _stop(self, worker: WorkerProcess) -> None:
         worker.stopping_since = time.monotonic()

@@ -15,6 +15,7 @@ import pytest
 from scaler.backends.local import LocalBackend, is_llmq_worker
 from scaler.daemon import Scaler
 from scaler.settings import ScalerSettings
+from shared.ports import free_port
 from tests.integration.helpers import submit, wait_final, wait_until
 
 # 5 words at 60 ms each: a batch takes 0.3 s; batches of up to 4 keep one worker at ~13 requests/s.
@@ -140,3 +141,23 @@ async def test_scale_down_during_load_loses_nothing(worker_settings, gateway, ht
 
 async def _async(value):
     return value
+
+
+async def test_workers_started_together_each_serve_metrics_on_a_port_of_their_own(start_scaler, http):
+    base = free_port()
+    scaler = await start_scaler(min=3, max=3, worker_metrics_port=base)
+    await wait_until(lambda: _async(len(scaler.backend.pids()) == 3), timeout=30, what="three workers")
+    ports = sorted(worker.metrics_port for worker in scaler.backend.workers)
+    assert len(set(ports)) == 3 and ports[0] >= base, ports
+
+    async def all_serve_metrics() -> bool:
+        for port in ports:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                    if resp.status != 200 or "llmq_worker_requests_total" not in await resp.text():
+                        return False
+            except OSError:
+                return False
+        return True
+
+    await wait_until(all_serve_metrics, timeout=60, what="each worker's /metrics")
