@@ -2,6 +2,7 @@
 
   llmq up            broker, Redis, gateway and the scaler with its workers (what `make up` runs)
   llmq submit TEXT   submit a prompt to a running gateway and wait for the answer
+  llmq get ID        a request's record (--wait N: until it finishes); llmq cancel ID
   llmq build-model   build the tiny local model `make up` serves
   llmq schema        rewrite the request message's JSON Schema file
   llmq keys create NAME | list | revoke NAME    API keys, in the Redis at LLMQ_REDIS_URL
@@ -16,10 +17,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from deploy.client import Client, ClientError, ClientSettings
 from deploy.devstack import Service, ServiceError, pick_port, python_env, start_broker, start_redis
 from deploy.settings import StackSettings
 from scaler.settings import ScalerSettings
@@ -27,26 +27,13 @@ from scaler.settings import ScalerSettings
 STATE_DIR = Path(".llmq")
 
 
-def _http_json(method: str, url: str, body: dict | None = None, timeout: float = 70) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
-
-
 def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
             raise ServiceError("a process of the stack exited during start-up (see its log above)")
-        try:
-            if _http_json("GET", f"{url}/readyz", timeout=2)[0] == 200:
-                return
-        except OSError:
-            pass
+        if Client(url, None, timeout=2).ready():
+            return
         time.sleep(0.2)
     raise ServiceError(f"the gateway was not ready within {timeout:.0f} s")
 
@@ -172,18 +159,46 @@ Ctrl-C stops everything.
 """
 
 
+def _client(args: argparse.Namespace) -> Client:
+    settings = ClientSettings()
+    key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+    return Client(args.url or settings.base_url, key)
+
+
+def _show(view: dict, text_only: bool) -> None:
+    if text_only:
+        output = view.get("output") or {}
+        print(output.get("text", ""))
+    else:
+        print(json.dumps(view, indent=2))
+
+
+def _outcome(view: dict) -> int:
+    """0 once succeeded; 1 for any other end, or still unfinished."""
+    return 0 if view.get("status") == "succeeded" else 1
+
+
 def submit(args: argparse.Namespace) -> int:
     body: dict = {"input": {"prompt": args.prompt}, "params": {"max_tokens": args.max_tokens,
                                                                "temperature": args.temperature}}
     if args.model:
         body["model"] = args.model
-    status, accepted = _http_json("POST", f"{args.url}/v1/requests", body)
-    if status != 202:
-        print(json.dumps(accepted, indent=2), file=sys.stderr)
-        return 1
-    status, view = _http_json("GET", f"{args.url}{accepted['status_url']}?wait={args.wait}")
-    print(json.dumps(view, indent=2))
-    return 0 if view.get("status") == "succeeded" else 1
+    client = _client(args)
+    accepted = client.submit(body)
+    view = client.wait_final(accepted["id"], args.wait) if args.wait > 0 else accepted
+    _show(view, args.text)
+    return _outcome(view) if args.wait > 0 else 0
+
+
+def get(args: argparse.Namespace) -> int:
+    view = _client(args).wait_final(args.id, args.wait)
+    _show(view, args.text)
+    return _outcome(view)
+
+
+def cancel(args: argparse.Namespace) -> int:
+    _show(_client(args).cancel(args.id), text_only=False)
+    return 0
 
 
 def build_model(args: argparse.Namespace) -> int:
@@ -195,6 +210,8 @@ def build_model(args: argparse.Namespace) -> int:
 
 def keys(args: argparse.Namespace) -> int:
     import asyncio
+
+    from redis.exceptions import RedisError
 
     from shared.apikeys import ApiKeyStore
     from shared.keys import Keys
@@ -221,6 +238,10 @@ def keys(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"llmq keys: {exc}", file=sys.stderr)
             return 1
+        except (RedisError, OSError) as exc:
+            print(f"llmq keys: cannot reach Redis at {settings.redis_url} ({exc}); set LLMQ_REDIS_URL",
+                  file=sys.stderr)
+            return 1
         finally:
             await redis.aclose()
 
@@ -242,14 +263,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="llmq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("up", help="run the whole stack locally").set_defaults(run=up)
-    p = commands.add_parser("submit", help="submit a prompt and wait for the result")
-    p.add_argument("prompt")
-    p.add_argument("--url", default=f"http://127.0.0.1:{StackSettings().http_port}")
-    p.add_argument("--model")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--wait", type=float, default=60)
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--url", help="the gateway's base URL (LLMQ_URL; default http://127.0.0.1:$LLMQ_HTTP_PORT)")
+    client.add_argument("--api-key", help="sent as `Authorization: Bearer <key>` (LLMQ_API_KEY)")
+    shown = argparse.ArgumentParser(add_help=False)
+    shown.add_argument("--text", action="store_true", help="print only the generated text")
+    p = commands.add_parser("submit", parents=[client, shown], help="submit a prompt and wait for the result")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--model", help="the model to run it on (default: the workers' own)")
+    p.add_argument("--max-tokens", type=int, default=32, help="most tokens to generate (32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (0)")
+    p.add_argument("--wait", type=float, default=60,
+                   help="seconds to wait for the result; 0: print the accepted id at once (60)")
     p.set_defaults(run=submit)
+    p = commands.add_parser("get", parents=[client, shown], help="show a request's record")
+    p.add_argument("id", help="the request's id")
+    p.add_argument("--wait", type=float, default=0, help="seconds to wait for it to finish (0)")
+    p.set_defaults(run=get)
+    p = commands.add_parser("cancel", parents=[client], help="cancel a queued or running request")
+    p.add_argument("id", help="the request's id")
+    p.set_defaults(run=cancel)
     p = commands.add_parser("build-model", help="build the tiny local model")
     p.add_argument("path", nargs="?", default=StackSettings.model_fields["model"].default)
     p.add_argument("--force", action="store_true")
@@ -260,7 +293,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("name", nargs="?")
     p.set_defaults(run=keys)
     args = parser.parse_args(argv)
-    sys.exit(args.run(args))
+    try:
+        sys.exit(args.run(args))
+    except ClientError as exc:
+        print(f"llmq {args.command}: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

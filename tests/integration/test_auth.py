@@ -6,12 +6,13 @@ Keys are made with the real `llmq keys` command against the test's Redis."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 
 import pytest
 
-from deploy.devstack import python_env
+from deploy.devstack import free_port, python_env
 from tests.conftest import serve_gateway
 from tests.integration.helpers import wait_final, wait_until
 
@@ -120,3 +121,46 @@ async def test_submits_are_refused_while_the_queue_is_over_its_bound(settings, h
         await wait_until(lambda: asyncio.sleep(0, gateway.queue_depth == 0), 30, "the backlog to drain")
         async with http.post(f"{gateway.url}/v1/requests", json=BODY) as resp:
             assert resp.status == 202
+
+
+def llmq(settings, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], env=python_env(**{**settings.to_env(), **env}),
+                          capture_output=True, text=True, timeout=90)
+
+
+async def test_the_llmq_client_submits_gets_and_cancels_with_a_key(secured, auth_settings, alice_and_bob, start_worker):
+    key = alice_and_bob["alice"]["Authorization"].removeprefix("Bearer ")
+    await start_worker()
+    done = await asyncio.to_thread(llmq, auth_settings, "submit", "hello from a shell", "--text", "--url", secured.url,
+                                   "--api-key", key)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "hello from a shell\n"
+
+    # LLMQ_API_KEY works as well as the flag; --wait 0 answers with the accepted id at once.
+    queued = await asyncio.to_thread(llmq, auth_settings, "submit", "later", "--wait", "0", "--url", secured.url,
+                                     LLMQ_API_KEY=key)
+    request_id = json.loads(queued.stdout)["id"]
+    got = await asyncio.to_thread(llmq, auth_settings, "get", request_id, "--wait", "30", "--url", secured.url,
+                                  LLMQ_API_KEY=key)
+    assert got.returncode == 0 and json.loads(got.stdout)["status"] == "succeeded", got.stderr
+    finished = await asyncio.to_thread(llmq, auth_settings, "cancel", request_id, "--url", secured.url,
+                                       LLMQ_API_KEY=key)
+    assert finished.returncode == 1
+    assert finished.stderr.startswith("llmq cancel: DELETE ") and "409 already_finished" in finished.stderr
+
+
+@pytest.mark.parametrize("case", ["no key", "wrong key", "no gateway", "no redis"])
+async def test_every_llmq_command_error_is_one_clear_line(secured, auth_settings, case):
+    if case == "no redis":
+        result = await asyncio.to_thread(llmq, auth_settings, "keys", "list",
+                                         LLMQ_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+        expected = "llmq keys: cannot reach Redis at redis://127.0.0.1:"
+    else:
+        url = f"http://127.0.0.1:{free_port()}" if case == "no gateway" else secured.url
+        key = ["--api-key", "llmq_not-a-real-key"] if case == "wrong key" else []
+        result = await asyncio.to_thread(llmq, auth_settings, "submit", "hi", "--url", url, *key)
+        expected = {"no key": "401 unauthorized: send an API key",
+                    "wrong key": "401 unauthorized: the API key is unknown or revoked",
+                    "no gateway": f"cannot reach the gateway at {url}"}[case]
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1 and expected in result.stderr, result.stderr

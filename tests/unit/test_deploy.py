@@ -18,6 +18,7 @@ import pytest
 import yaml
 from kubernetes_validate import utils as k8s_validate
 
+from deploy.client import ClientSettings
 from deploy.settings import StackSettings
 from gateway.main import parse_settings as gateway_parse
 from scaler.main import parse as scaler_parse
@@ -409,7 +410,7 @@ def test_keda_scaled_object_matches_its_crd_schema():
 
 def known_variables() -> set[str]:
     names = set()
-    for cls in (StackSettings, ScalerSettings):
+    for cls in (StackSettings, ScalerSettings, ClientSettings):
         for field in cls.model_fields:
             names.update(env_names(cls, field))
     return names
