@@ -15,6 +15,10 @@ fault per step:
   2. SIGTERM worker B, wait for it to drain and exit, start a new B
   3. stop Redis (SIGTERM), start it again on the same port and directory
   4. pause the broker (SIGSTOP) for a few seconds, then SIGCONT
+  5. scale down fast under running requests: workers C and D join, a few long
+     requests start, then D, C and B get SIGTERM one second apart (newest
+     first, as the scaler steps 4 -> 3 -> 2 -> 1), and B is started again;
+     partitions move while the long requests still run
 
 Then the load runs on to its end, and the bench waits for every accepted
 request to end. The report, from the Redis records and the workers' logs:
@@ -91,6 +95,7 @@ class Stack:
         self.tmp = tmp
         self.children = Children(tmp)
         self.generation = Counter()  # how many processes of each worker name were started
+        self.long_ids: list[str] = []  # the scale-down step's long requests, accounted like the load's
 
     def start(self) -> None:
         self.broker = start_broker(free_port(), self.tmp / "broker.log")
@@ -160,6 +165,40 @@ class Stack:
         self.children.services.append(self.redis)
         fault.took = self.args.redis_down
 
+    async def scale_down(self, fault: Fault) -> None:
+        joined = self.joined()
+        extra = [self.spawn_worker(name) for name in ("c", "d")]
+        deadline = time.monotonic() + 90
+        while self.joined() < joined + 2:
+            if time.monotonic() > deadline:
+                raise ServiceError("workers C and D did not join within 90 s")
+            await asyncio.sleep(0.2)
+        words = self.args.long_words
+        body = json.dumps({"input": {"prompt": " ".join(["long"] * words)}, "params": {"max_tokens": words}}).encode()
+        async with aiohttp.ClientSession() as http:
+            for _ in range(self.args.long_requests):
+                async with http.post(f"{self.url}/v1/requests", data=body, headers=JSON_CT) as resp:
+                    if resp.status == 202:
+                        self.long_ids.append((await resp.json())["id"])
+        await asyncio.sleep(1.0)  # running now, spread over the four workers
+        started = time.monotonic()
+        stopping = [extra[1], extra[0], self.workers["b"]]
+        for proc in stopping:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.0)
+        codes = []
+        for proc in stopping:
+            try:
+                codes.append(await asyncio.to_thread(proc.wait, self.args.grace))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append("killed")
+        fault.took = time.monotonic() - started
+        fault.note = (f"{len(self.long_ids)} requests of {words} tokens running; D, C, B stopped 1 s apart, "
+                      f"exit codes {codes}")
+        self.workers["b"] = self.spawn_worker("b")
+        fault.replacement = self.last_spawned
+
     async def pause_broker(self, fault: Fault) -> None:
         self.broker.pause()
         try:
@@ -203,7 +242,8 @@ async def load(stack: Stack, args: argparse.Namespace, faults: list[Fault]) -> t
     url = f"{stack.url}/v1/requests"
     items: list[Submit] = []
     steps = [("worker SIGKILL + restart", stack.kill_worker), ("worker SIGTERM + restart", stack.stop_worker),
-             ("Redis restart", stack.restart_redis), ("broker paused", stack.pause_broker)]
+             ("Redis restart", stack.restart_redis), ("broker paused", stack.pause_broker),
+             ("scale-down 4 -> 1 under long requests", stack.scale_down)]
 
     async def fault_script(start: float) -> None:
         for i, (name, action) in enumerate(steps):
@@ -297,13 +337,13 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict:
     items, load_start = await load(stack, args, faults)
     accepted = {item.request_id: item for item in items if item.request_id}
     log(f"load done: {len(accepted)} accepted; waiting for them to end")
-    records = await drain(stack, list(accepted), args.quiet_for)
+    records = await drain(stack, list(accepted) + stack.long_ids, args.quiet_for)
 
     # Everything Redis holds under this run's prefix: did a refused request run? The
     # gateway cancels what it refuses, so a worker skips it; one that a worker claimed
     # in the instant between the broker's late ack and that cancel runs, but its
     # result is discarded (the record stays cancelled).
-    others = await read_records(stack, sorted(set(await stored_ids(stack)) - set(accepted)))
+    others = await read_records(stack, sorted(set(await stored_ids(stack)) - set(accepted) - set(stack.long_ids)))
     refused_delivered = [i for i, r in others.items() if r.get("status") != "cancelled"]
     refused_discarded = [i for i, r in others.items() if r.get("status") == "cancelled" and int(r.get("attempts", 0))]
 
@@ -342,6 +382,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "faults": [vars(f) for f in faults],
         "submitted": len(items),
+        "long_requests": len(stack.long_ids),
         "accepted": len(accepted),
         "gave_up": Counter(item.gave_up for item in items if item.gave_up),
         "submits_retried": len(retried),
@@ -376,11 +417,11 @@ def report(result: dict) -> str:
     refusals = ", ".join(f"{n} {k}" for k, n in result["refusals"].most_common()) or "none"
     attempts = ", ".join(f"{n} × {k}" for k, n in sorted(result["attempts"].items()))
     rows = [
-        ("requests submitted", result["submitted"], ""),
+        ("requests submitted", result["submitted"], f"+ {result['long_requests']} long ones in the scale-down"),
         ("accepted (202)", result["accepted"], "all, after retries"),
         ("submits retried after a 503 / no answer", f"{result['submits_retried']} ({refusals})", ""),
         ("given up by the client", sum(result["gave_up"].values()), "0"),
-        ("succeeded", result["statuses"].get("succeeded", 0), "= accepted"),
+        ("succeeded", result["statuses"].get("succeeded", 0), "= accepted + long ones"),
         ("failed / expired", fail, "0"),
         ("lost (accepted, never final)", result["lost"], "0"),
         ("run twice to completion", result["run_twice_to_completion"], "0"),
@@ -426,6 +467,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grace", type=float, default=30.0, help="SIGTERMed worker's grace period (30 s)")
     parser.add_argument("--redis-down", type=float, default=3.0, help="seconds Redis stays down (3)")
     parser.add_argument("--broker-pause", type=float, default=8.0, help="seconds the broker stays paused (8)")
+    parser.add_argument("--long-requests", type=int, default=6,
+                        help="long requests running through the scale-down step (6)")
+    parser.add_argument("--long-words", type=int, default=300,
+                        help="their tokens (300: 6 s at the default token delay)")
     parser.add_argument("--give-up-after", type=float, default=60.0, help="a client stops retrying after (60 s)")
     parser.add_argument("--quiet-for", type=float, default=30.0,
                         help="after the load, stop waiting once nothing has ended for this long (30 s)")

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from gateway.errors import HTTP_ERROR_TYPES, ApiError, error_response
+from gateway.errors import HTTP_ERROR_TYPES, ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_document
 from gateway.settings import GatewaySettings
@@ -33,8 +33,9 @@ from shared.apikeys import ApiKeyStore
 from shared.kafka import JSON_HEADERS, ensure_topics, make_producer, start_with_retry
 from shared.keys import Keys
 from shared.lag import LagReader
-from shared.schema import REQUEST_ID_PATTERN, RequestMessage, RequestView, Status, SubmitRequest
+from shared.schema import REQUEST_ID_PATTERN, RequestMessage, RequestView, Status, SubmitRequest, describe_error
 from shared.store import RequestStore, base_fields, connect_redis
+from shared.store.models import ServedModels
 from shared.telemetry import NO_TRACING, OFFSET, PARTITION, REQUEST_ID, Tracing
 
 log = structlog.get_logger(__name__)
@@ -64,6 +65,7 @@ class Gateway:
         self.store: RequestStore | None = None
         self.waiter: CompletionWaiter | None = None
         self.api_keys: ApiKeyStore | None = None
+        self.served_models: ServedModels | None = None
         self.queue_depth = 0  # the workers' lag, read by _watch_queue when LLMQ_MAX_QUEUE_DEPTH is set
         self._queue_watch: asyncio.Task | None = None
         # Chosen once at start-up (configure_tracing): a no-op without an OTLP endpoint.
@@ -87,6 +89,7 @@ class Gateway:
         self.store = RequestStore(self.redis, Keys(s.redis_prefix, s.result_ttl_seconds))
         self.waiter = CompletionWaiter(self.store)
         self.api_keys = ApiKeyStore(self.redis, self.store.keys)
+        self.served_models = ServedModels(self.redis, self.store.keys)
         if not s.auth:
             log.warning("auth_off", detail="LLMQ_AUTH=false: every client can read every request")
         self.producer = make_producer(s)
@@ -136,17 +139,23 @@ class Gateway:
     async def _answer(self, request: web.Request, handler) -> web.StreamResponse:
         started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
+        refused: ApiError | None = None
         try:
             response = await handler(request)
         except ApiError as exc:
-            response = exc.response()
+            refused = exc
         except web.HTTPException as exc:
-            type_ = HTTP_ERROR_TYPES.get(exc.status, "http_error")
-            response = error_response(exc.status, type_, exc.reason)
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 says what would do
+            refused = ApiError(exc.status, HTTP_ERROR_TYPES.get(exc.status, "http_error"), exc.reason, headers=allow)
         except Exception:
             log.exception("unhandled_error", path=request.path)
-            response = error_response(500, "internal_error", "internal error")
+            refused = ApiError(500, "internal_error", "internal error")
         endpoint = _endpoint(request)
+        if refused is not None:
+            response = refused.response()
+            # Which key was refused what, and why; never the body (a prompt is private).
+            log.info("request_refused", status=refused.status, type=refused.type, field=refused.field,
+                     method=request.method, endpoint=endpoint)
         self.metrics.http_requests.labels(endpoint, request.method, str(response.status)).inc()
         self.metrics.http_duration.labels(endpoint, request.method).observe(time.perf_counter() - started)
         return response
@@ -191,6 +200,8 @@ class Gateway:
             # From the header alone: don't hold the connection for a body we'd refuse.
             raise ApiError(413, "body_too_large", f"the body is over the limit of {self.settings.max_body_bytes} bytes")
         spec = self._validate(await request.read())
+        if spec.model is not None:
+            await self._check_served(spec.model)
         if self.settings.max_queue_depth and self.queue_depth >= self.settings.max_queue_depth:
             raise ApiError(429, "queue_full", f"the queue holds {self.queue_depth} requests; try again later",
                            headers={"Retry-After": "5"})
@@ -255,16 +266,25 @@ class Gateway:
             first = exc.errors()[0]
             if first["type"] == "json_invalid":
                 raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-            field = ".".join(str(p) for p in first["loc"]) or None
-            raise ApiError(422, "invalid_request", f"{field or 'body'}: {first['msg']}", field) from None
-        if spec.prompt_chars() > self.settings.max_prompt_chars:
-            field = "input.prompt" if hasattr(spec.input, "prompt") else "input.messages"
-            raise ApiError(413, "prompt_too_large",
-                           f"the prompt is over the limit of {self.settings.max_prompt_chars} characters", field)
-        if spec.params.max_tokens > self.settings.max_tokens_limit:
-            raise ApiError(422, "invalid_request",
-                           f"params.max_tokens: must be at most {self.settings.max_tokens_limit}", "params.max_tokens")
+            field, message = describe_error(first)
+            raise ApiError(422, "invalid_request", f"{field or 'body'}: {message}", field or None) from None
+        over = spec.over_limits(self.settings.max_prompt_chars, self.settings.max_tokens_limit)
+        if over is not None:
+            raise ApiError(413 if over.type == "prompt_too_large" else 422, over.type, over.message, over.field)
+        if spec.deadline is not None and spec.deadline.timestamp() <= time.time():
+            raise ApiError(422, "invalid_request", "deadline: already passed; no worker could start it in time",
+                           "deadline")
         return spec
+
+    async def _check_served(self, model: str) -> None:
+        """422 for a model no worker serves: it could only fail once a worker took it."""
+        try:
+            served = await self.served_models.serves(model)
+        except (RedisError, OSError) as exc:
+            raise _redis_down(exc) from exc
+        if not served:
+            names = ", ".join(sorted(await self.served_models.names()))
+            raise ApiError(422, "model_not_found", f"model {model!r} is not served here (served: {names})", "model")
 
     @staticmethod
     def _request_id(request: web.Request) -> str:
@@ -335,4 +355,4 @@ class Gateway:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, _request: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(openapi_document()), content_type="application/json")
+        return web.Response(text=json.dumps(openapi_document(self.settings.auth)), content_type="application/json")

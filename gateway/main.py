@@ -18,7 +18,7 @@ def parse_settings(argv: list[str] | None = None) -> GatewaySettings:
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, service="llmq-gateway")
     tracing = configure_tracing("llmq-gateway")
     gateway = Gateway(settings, tracing)
     try:

@@ -21,12 +21,17 @@ def _json(description: str, model: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": {"$ref": _REF.format(model=model)}}}}
 
 
+# With auth on (LLMQ_AUTH, the default), /v1 needs `Authorization: Bearer <key>`.
+_KEY = [{"apiKey": []}]
+
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 128},
              "description": "The request id from `POST /v1/requests`, or a Kafka producer's own id."}
 
 
 @cache
-def openapi_document() -> dict:
+def openapi_document(auth: bool = True) -> dict:
+    """The document of a gateway with API keys on (`auth`, LLMQ_AUTH) or off: with them
+    off, no operation asks for the Bearer key, as none does."""
     _, top = models_json_schema(
         [(SubmitRequest, "validation"), (Accepted, "serialization"), (RequestView, "serialization"),
          (ErrorBody, "serialization")],
@@ -44,6 +49,7 @@ def openapi_document() -> dict:
                 "post": {
                     "summary": "Submit a generation request",
                     "operationId": "submitRequest",
+                    "security": _KEY if auth else [],
                     "requestBody": {"required": True,
                                     "content": {"application/json": {"schema": {"$ref": _REF.format(model="SubmitRequest")}}}},
                     "responses": {
@@ -53,7 +59,8 @@ def openapi_document() -> dict:
                         "413": _error("The body or the prompt is too large."),
                         "401": unauthorized,
                         "415": _error("Content-Type is not application/json."),
-                        "422": _error("A field is missing, of the wrong type, unknown or out of range."),
+                        "422": _error("A field is missing, of the wrong type, unknown or out of range (`invalid_request`), "
+                                      "or `model` names one no worker serves (`model_not_found`)."),
                         "429": _error("Over this key's rate (`rate_limited`) or the queue is full (`queue_full`); "
                                       "see Retry-After."),
                         "503": unavailable,
@@ -64,6 +71,7 @@ def openapi_document() -> dict:
                 "get": {
                     "summary": "Read a request's status and result",
                     "operationId": "getRequest",
+                    "security": _KEY if auth else [],
                     "parameters": [_ID_PARAM, {
                         "name": "wait", "in": "query", "required": False,
                         "schema": {"type": "number", "minimum": 0},
@@ -80,6 +88,7 @@ def openapi_document() -> dict:
                 "delete": {
                     "summary": "Cancel a request",
                     "operationId": "cancelRequest",
+                    "security": _KEY if auth else [],
                     "parameters": [_ID_PARAM],
                     "responses": {
                         "200": _json("Cancelled (or already cancelled).", "RequestView"),
@@ -99,5 +108,10 @@ def openapi_document() -> dict:
                                  "responses": {"200": {"description": "Prometheus text format.",
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         },
-        "components": {"schemas": top["$defs"]},
+        "components": {
+            "schemas": top["$defs"],
+            **({"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
+                                               "description": "An llmq API key (`llmq keys create NAME`)."}}}
+               if auth else {}),
+        },
     }

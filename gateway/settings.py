@@ -12,10 +12,6 @@ class GatewaySettings(ServiceSettings):
     http_port: int = Field(default=8000, ge=0, le=65535, json_schema_extra=cli("--port"))
     # Largest accepted HTTP request body, bytes (413 above it).
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
-    # Longest accepted prompt (or sum of chat message contents), characters (413 above it).
-    max_prompt_chars: int = Field(default=32_768, ge=1)
-    # Largest accepted params.max_tokens (422 above it).
-    max_tokens_limit: int = Field(default=4096, ge=1)
     # Cap on GET ?wait= seconds.
     max_wait_seconds: float = Field(default=60.0, ge=0)
 

@@ -48,7 +48,7 @@ async def serve(settings: ServiceSettings, scaler_settings: ScalerSettings) -> N
 
 def main(argv: list[str] | None = None) -> None:
     settings, scaler_settings = parse(argv)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, service="llmq-scaler")
     try:
         asyncio.run(serve(settings, scaler_settings))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown

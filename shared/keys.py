@@ -10,6 +10,9 @@
   `API_KEY_CACHE_SECONDS`, so a revoked key stops working within that long.
 - `{prefix}:ratelimit:{name}`: each key's rate-limit token bucket, expiring
   once it would be full again (`rate_limit_ttl`).
+- `{prefix}:models`: hash of the model names workers serve (name -> engine and
+  when a worker last registered it); no expiry, so it outlives a scale to zero.
+  Each gateway re-reads it at most every `SERVED_MODELS_CACHE_SECONDS`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 API_KEY_CACHE_SECONDS = 5.0
+SERVED_MODELS_CACHE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class Keys:
     @property
     def api_keys(self) -> str:
         return f"{self.prefix}:apikeys"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"
 
     def rate_limit(self, tenant: str) -> str:
         return f"{self.prefix}:ratelimit:{tenant}"

@@ -8,12 +8,23 @@ shared/schemas/request-v1.schema.json (regenerate: `make schema`).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 RequestId = Annotated[str, StringConstraints(pattern=REQUEST_ID_PATTERN)]
@@ -72,6 +83,22 @@ class ChatInput(_Strict):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
+def _input_kind(value) -> str | None:
+    """Which input this is, by its key, so an error names what is wrong with that kind
+    rather than listing how the body fails every kind."""
+    if isinstance(value, dict):
+        return "messages" if "messages" in value else "prompt" if "prompt" in value else None
+    return {PromptInput: "prompt", ChatInput: "messages"}.get(type(value))
+
+
+_INPUT_KINDS = ("prompt", "messages")
+Input = Annotated[
+    Annotated[PromptInput, Tag("prompt")] | Annotated[ChatInput, Tag("messages")],
+    Discriminator(_input_kind, custom_error_type="input_kind",
+                  custom_error_message="give `prompt` (a string) or `messages` (a list of {role, content})"),
+]
+
+
 class Params(_Strict):
     max_tokens: int = Field(default=256, ge=1, description="Most tokens to generate.")
     temperature: float = Field(default=1.0, ge=0.0, le=5.0, description="0 means greedy decoding.")
@@ -95,12 +122,16 @@ class RequestSpec(_Strict):
 
     model: str | None = Field(default=None, max_length=256, description="Omitted: the worker's default model.")
     adapter: str | None = Field(default=None, max_length=256, description="LoRA adapter name.")
-    input: PromptInput | ChatInput
+    input: Input
     params: Params = Field(default_factory=Params)
     priority: int | None = Field(default=None, ge=-1000, le=1000, description="Lower runs first where supported.")
     # strict=False: RFC 3339 strings must parse also after the model-level hooks
     # hand pydantic a Python dict (strict Python mode takes only datetime objects).
-    deadline: datetime | None = Field(default=None, strict=False, description="RFC 3339; not started by then means `expired`.")
+    # Aware: RFC 3339 requires an offset, and a deadline without one would mean a different
+    # instant on each machine.
+    deadline: AwareDatetime | None = Field(default=None, strict=False,
+                                           description="RFC 3339 with an offset; not started by then means "
+                                                       "`expired`. One already past is refused.")
     metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]] = Field(
         default_factory=dict, max_length=MAX_METADATA_ITEMS
     )
@@ -114,6 +145,25 @@ class RequestSpec(_Strict):
         if isinstance(self.input, PromptInput):
             return len(self.input.prompt)
         return sum(len(m.content) for m in self.input.messages)
+
+    def over_limits(self, max_prompt_chars: int, max_tokens: int) -> LimitError | None:
+        """How this request is over a deployment's limits (LLMQ_MAX_PROMPT_CHARS,
+        LLMQ_MAX_TOKENS_LIMIT), or None. The same words over HTTP and on Kafka."""
+        if self.prompt_chars() > max_prompt_chars:
+            field = "input.prompt" if isinstance(self.input, PromptInput) else "input.messages"
+            return LimitError("prompt_too_large", f"the prompt is over the limit of {max_prompt_chars} characters",
+                              field)
+        if self.params.max_tokens > max_tokens:
+            return LimitError("invalid_request", f"params.max_tokens: must be at most {max_tokens}",
+                              "params.max_tokens")
+        return None
+
+
+@dataclass(frozen=True)
+class LimitError:
+    type: str  # prompt_too_large | invalid_request
+    message: str
+    field: str
 
 
 class SubmitRequest(RequestSpec):
@@ -146,9 +196,17 @@ def parse_message(value: bytes | None) -> RequestMessage:
     try:
         return RequestMessage.model_validate_json(value)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "message"
-        raise MessageError(f"{where}: {first['msg']}") from exc
+        where, message = describe_error(exc.errors()[0])
+        raise MessageError(f"{where or 'message'}: {message}") from exc
+
+
+def describe_error(error: dict) -> tuple[str, str]:
+    """(field, message) of one pydantic error, the field as a client wrote it:
+    `input.messages.0.role`, without the input kind pydantic puts in the path."""
+    loc = list(error["loc"])
+    if len(loc) > 1 and loc[0] == "input" and loc[1] in _INPUT_KINDS:
+        del loc[1]
+    return ".".join(map(str, loc)), error["msg"]
 
 
 def message_json_schema() -> dict:

@@ -65,6 +65,12 @@ class ServiceSettings(BaseSettings):
     # How long a request record (and its result) stays readable in Redis.
     result_ttl_seconds: int = Field(default=86_400, ge=1)
 
+    # --- limits every request is held to, over HTTP and on Kafka alike --------
+    # Longest prompt (or sum of chat message contents), characters (HTTP: 413 above it).
+    max_prompt_chars: int = Field(default=32_768, ge=1)
+    # Largest params.max_tokens (HTTP: 422 above it).
+    max_tokens_limit: int = Field(default=4096, ge=1)
+
     # --- logs -----------------------------------------------------------------
     log_level: str = "info"
     # "auto" writes readable lines on a terminal and JSON lines otherwise.

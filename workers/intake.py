@@ -1,15 +1,19 @@
 """What happens to fetched messages before they run. Each group of them:
   1) goes to the dead-letter topic if undecodable or schema-invalid;
-  2) ends at once if it must not run (deadline passed, another model), or if
-     it was started too often already (a poison message: dead-lettered);
-  3) is claimed in Redis (running), skipping any already final (cancelled,
-     or finished before a redelivery);
+  2) ends at once if it must not run (over the deployment's limits, deadline
+     passed, another model), or if it was started too often already (a poison
+     message: dead-lettered);
+  3) is claimed in Redis (running, under this worker's lease), skipping any
+     already final (cancelled, or finished before a redelivery); one whose
+     claim another live worker holds waits, uncommitted, for that run to end or
+     its lease to lapse;
   4) is handed to the runner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import structlog
@@ -59,6 +63,7 @@ class Intake:
         self.metrics = metrics
         self.tracing = tracing
         self.stopping = stopping
+        self._awaiting: set[asyncio.Task] = set()  # requests whose claim another worker holds
 
     async def accept(self, records: list[ConsumerRecord]) -> None:
         self.metrics.stats.fetched += len(records)
@@ -119,23 +124,62 @@ class Intake:
             return
 
         # 3) claim; 4) start each on the engine
-        verdicts = await retry("claim", lambda: self.store.claim_many(
-            [(job.message.id, job.create_fields) for job in to_claim], self.worker_name), self.stopping)
-        for job, (verdict, attempts) in zip(to_claim, verdicts):
-            job.attempts = attempts
-            if verdict != "run":
-                self.metrics.stats.skipped += 1
-                log.info("request_skipped", status=verdict, **job.log_fields())
-                self.results.done(job)
-            elif attempts > self.settings.max_attempts:
+        for job, (verdict, attempts) in zip(to_claim, await self._claim(to_claim)):
+            await self._after_claim(job, verdict, attempts)
+
+    async def close(self) -> None:
+        for task in self._awaiting:
+            task.cancel()
+        await asyncio.gather(*self._awaiting, return_exceptions=True)
+
+    async def _claim(self, jobs: list[Job]) -> list[tuple[str, int]]:
+        return await retry("claim", lambda: self.store.claim_many(
+            [(job.message.id, job.create_fields) for job in jobs], self.worker_name,
+            self.settings.claim_lease_seconds), self.stopping)
+
+    async def _after_claim(self, job: Job, verdict: str, attempts: int) -> None:
+        job.attempts = attempts
+        if verdict == "run":
+            if attempts > self.settings.max_attempts:
                 await self._give_up(job)
             else:
                 self.runner.start(job)
+        elif verdict == "leased":
+            task = asyncio.create_task(self._await_lease(job), name=f"llmq-leased-{job.request_id}")
+            self._awaiting.add(task)
+            task.add_done_callback(self._awaiting.discard)
+        else:
+            self.metrics.stats.skipped += 1
+            log.info("request_skipped", status=verdict, **job.log_fields())
+            self.results.done(job)
+
+    async def _await_lease(self, job: Job) -> None:
+        """Another worker that is alive runs this request (its message came again: a
+        rebalance, or a duplicate produce). Hold it, uncommitted, until that run ends
+        (then skip it) or its lease lapses (its worker died: run it here)."""
+        log.info("request_leased_elsewhere", **job.log_fields())
+        try:
+            while True:
+                await asyncio.sleep(min(1.0, self.settings.claim_lease_seconds / 4))
+                if self.stopping.is_set():
+                    self.results.hand_back(job)
+                    return
+                [(verdict, attempts)] = await self._claim([job])
+                if verdict != "leased":
+                    await self._after_claim(job, verdict, attempts)
+                    return
+        except asyncio.CancelledError:
+            self.results.hand_back(job)
+            raise
 
     def _refusal(self, job: Job) -> Outcome | None:
-        """How the request ends without running (past its deadline, or for a model not
-        served here), or None: it runs."""
+        """How the request ends without running (over the deployment's limits, past its
+        deadline, or for a model not served here), or None: it runs."""
         message = job.message
+        over = message.over_limits(self.settings.max_prompt_chars, self.settings.max_tokens_limit)
+        if over is not None:  # produced straight to Kafka past what the gateway would take
+            return Outcome(message.id, Status.failed, finish_reason="error", error_type=over.type,
+                           error_message=over.message)
         if message.deadline is not None and message.deadline.timestamp() < time.time():
             return Outcome(message.id, Status.expired, error_type="deadline_exceeded",
                            error_message="the deadline passed before a worker started the request")
@@ -169,10 +213,32 @@ class Intake:
                 raise  # stopping with the broker away: leave it uncommitted for the next worker
             self.metrics.count_dead_letter_failed()
             log.error("dead_letter_failed", partition=record.partition, offset=record.offset, reason=reason,
-                      error=f"{type(exc).__name__}: {exc}", **job.log_fields())
+                      key=_printable(record.key), error=f"{type(exc).__name__}: {exc}", **_ids(job))
         else:
             self.metrics.count_dead_lettered()
             log.warning("message_dead_lettered", partition=record.partition, offset=record.offset, reason=reason,
-                        **job.log_fields())
+                        key=_printable(record.key), **_ids(job))
         if finish_offset:
             self.results.done(job)
+
+
+def _printable(key: bytes | None) -> str | None:
+    """A message key for a log line: the text it is, or its bytes' repr when it is not UTF-8."""
+    if key is None:
+        return None
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        return repr(key)
+
+
+def _ids(job: Job) -> dict[str, str]:
+    """The job's log ids; for a message that did not parse, the `id` it names, if it names one."""
+    fields = job.log_fields()
+    if job.message is None:
+        try:
+            named = json.loads(job.record.value).get("id")
+        except (TypeError, ValueError, AttributeError):
+            named = None
+        fields["request_id"] = named if isinstance(named, str) else None
+    return fields

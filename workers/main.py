@@ -13,7 +13,7 @@ from shared.settings import parse_settings as parse_settings_of
 from shared.telemetry import Tracing, configure_tracing
 from workers.engines import EngineError
 from workers.settings import WorkerSettings
-from workers.worker import Worker
+from workers.worker import Worker, worker_name
 
 
 def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
@@ -21,20 +21,33 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
     return settings
 
 
-async def serve(settings: WorkerSettings, tracing: Tracing) -> None:
-    worker = Worker(settings, tracing=tracing)
+async def serve(settings: WorkerSettings, tracing: Tracing, name: str) -> None:
+    worker = Worker(settings, name=name, tracing=tracing)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     await worker.run()
 
 
+def _route_transformers_logs() -> None:
+    """transformers logs through a handler of its own and draws progress bars (a model's
+    "Loading weights"): hand its records to the process's log lines instead, and draw none."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
-    configure_logging(settings.log_level, settings.log_format)
+    name = worker_name()
+    configure_logging(settings.log_level, settings.log_format, service="llmq-worker", worker=name)
+    if settings.engine in ("torch", "vllm"):
+        _route_transformers_logs()
     tracing = configure_tracing("llmq-worker")
     try:
-        asyncio.run(serve(settings, tracing))
+        asyncio.run(serve(settings, tracing, name))
     except EngineError as exc:
         structlog.get_logger("worker").error("engine_failed", error=str(exc))
         sys.exit(2)

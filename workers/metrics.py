@@ -24,6 +24,7 @@ class WorkerStats:
     failed: int = 0
     expired: int = 0
     skipped: int = 0  # already final when fetched (cancelled, or a redelivery)
+    cancelled: int = 0  # cancelled by a client while it ran here
     aborted: int = 0  # stopped in the engine: cancelled by a client, or handed back on shutdown
     dead_lettered: int = 0
     dead_letter_failed: int = 0  # the dead-letter topic refused the message (e.g. too large)
@@ -68,6 +69,11 @@ class WorkerMetrics(ServedMetrics):
         self.stats.results_written += 1
         setattr(self.stats, status.value, getattr(self.stats, status.value) + 1)
         self.requests.labels(status.value).inc()
+
+    def count_cancelled(self) -> None:
+        """A client cancelled a request this worker was running (the record was final already)."""
+        self.stats.cancelled += 1
+        self.requests.labels("cancelled").inc()
 
     def count_dead_lettered(self) -> None:
         self.stats.dead_lettered += 1

@@ -20,6 +20,7 @@ class Outcome:
     completion_tokens: int = 0
     error_type: str | None = None
     error_message: str | None = None
+    model: str | None = None  # the model that served it (set once an engine ran it)
     finished_at: float = field(default_factory=time.time)
 
     def fields(self) -> dict[str, object]:
@@ -31,6 +32,8 @@ class Outcome:
             "error_type": self.error_type,
             "error_message": self.error_message,
         }
+        if self.model is not None:
+            out["model"] = self.model
         if self.status is Status.succeeded:
             out["prompt_tokens"] = self.prompt_tokens
             out["completion_tokens"] = self.completion_tokens

@@ -55,6 +55,11 @@ class ResultWriter:
         self.offsets.finish(job.tp, job.record.offset)
         self.capacity.give_back()
 
+    def hand_back(self, job: Job) -> None:
+        """The request is left for another worker: its offset stays uncommitted."""
+        job.end_span()
+        self.capacity.give_back()
+
     async def run(self) -> None:
         while True:
             finished = [await self._finished.get()]
@@ -94,8 +99,9 @@ class ResultWriter:
                 self.metrics.stats.skipped += 1  # cancelled while it ran, or another worker finished it first
             if outcome.status is not Status.succeeded:
                 job.span.set_status(trace.StatusCode.ERROR, outcome.error_type or outcome.status.value)
+            error = {"error_type": outcome.error_type, "error": outcome.error_message} if outcome.error_type else {}
             log.info("request_finished", status=outcome.status.value, written=was_written, attempts=job.attempts,
-                     **job.log_fields())
+                     **error, **job.log_fields())
             self.done(job)
 
     async def _reply(self, job: Job) -> None:

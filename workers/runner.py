@@ -14,30 +14,33 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from shared.schema import PromptInput, Status
+from shared.store import RequestStore
 from shared.telemetry import REQUEST_ID, Tracing
-from workers.capacity import Capacity
 from workers.engines import Engine, EngineError, GenerationRequest, GenerationResult
 from workers.job import Job
 from workers.metrics import WorkerMetrics
 from workers.outcome import Outcome
 from workers.results import ResultWriter
+from workers.retry import is_transient
 from workers.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
 
 class Runner:
-    def __init__(self, settings: WorkerSettings, engine: Engine, results: ResultWriter, capacity: Capacity,
-                 metrics: WorkerMetrics, tracing: Tracing, on_fatal: Callable[[], None]) -> None:
+    def __init__(self, settings: WorkerSettings, worker_name: str, store: RequestStore, engine: Engine,
+                 results: ResultWriter, metrics: WorkerMetrics, tracing: Tracing, on_fatal: Callable[[], None]) -> None:
         self.settings = settings
+        self.worker_name = worker_name
+        self.store = store
         self.engine = engine
         self.results = results
-        self.capacity = capacity
         self.metrics = metrics
         self.tracing = tracing
         self.on_fatal = on_fatal  # called once the engine has died: the worker stops
         self.fatal: EngineError | None = None
         self.running: dict[str, Job] = {}  # in the engine, by request id
+        self._lapsing: set[str] = set()  # handed back: their leases are let go at the next renewal
         self._tasks: set[asyncio.Task] = set()
 
     def start(self, job: Job) -> None:
@@ -54,6 +57,27 @@ class Runner:
             job.cancelled = True
             await self.engine.abort(request_id)
 
+    async def keep_leases(self) -> None:
+        """Renew the lease on every request this worker holds, every third of its length,
+        so no other worker takes them over while this one is alive; let handed-back
+        ones lapse at once."""
+        lease = self.settings.claim_lease_seconds
+        while True:
+            await asyncio.sleep(lease / 3)
+            await self.renew_leases()
+
+    async def renew_leases(self) -> None:
+        lapsing, self._lapsing = self._lapsing, set()
+        try:
+            await self.store.renew_leases(list(self.running), self.worker_name, self.settings.claim_lease_seconds)
+            await self.store.renew_leases(lapsing, self.worker_name, 0)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # Redis is away: the leases may lapse and another worker run these again
+            # (at least once, as Kafka delivers); their results are still written once.
+            log.warning("lease_renewal_failed", error=str(exc), running=len(self.running))
+
     async def drain(self, grace_seconds: float) -> None:
         """Let running requests finish within the grace period, then hand back the rest."""
         if self._tasks and self.fatal is None:
@@ -64,6 +88,7 @@ class Runner:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
         await self.close()
+        await self.renew_leases()  # lets the handed-back ones lapse for the next worker
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -97,15 +122,17 @@ class Runner:
         if result.finish_reason == "abort":
             self.metrics.stats.aborted += 1
             if job.cancelled:  # the record is final already: nothing to write
+                self._observe(result, started)  # its tokens were generated all the same
+                self.metrics.count_cancelled()
                 log.info("request_aborted", reason="cancelled", **job.log_fields())
                 self.results.done(job)
-            else:  # shutting down: another worker runs it again
+            else:  # shutting down: another worker runs it again, without waiting for our lease
                 log.info("request_handed_back", **job.log_fields())
-                job.end_span()
-                self.capacity.give_back()
+                self._lapsing.add(job.request_id)
+                self.results.hand_back(job)
             return
         self._observe(result, started)
-        self.results.put(job, _outcome(job, result))
+        self.results.put(job, _outcome(job, result, self.engine.model_name))
 
     def _update_gauges(self) -> None:
         # The engine says how many of the requests it holds are in its running
@@ -156,9 +183,9 @@ class Runner:
                 m.time_per_output_token.observe((result.finished_at - first) / (result.completion_tokens - 1))
 
 
-def _outcome(job: Job, result: GenerationResult) -> Outcome:
+def _outcome(job: Job, result: GenerationResult, model: str) -> Outcome:
     if result.error is not None:
         return Outcome(job.message.id, Status.failed, finish_reason="error",
-                       error_type="generation_failed", error_message=result.error)
+                       error_type="generation_failed", error_message=result.error, model=model)
     return Outcome(job.message.id, Status.succeeded, text=result.text, finish_reason=result.finish_reason,
-                   prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+                   prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens, model=model)

@@ -52,6 +52,10 @@ class WorkerSettings(ServiceSettings):
     fetch_max_wait_ms: int = Field(default=10, ge=1)
     # Kafka group session timeout: how soon a dead worker's partitions move on.
     session_timeout_ms: int = Field(default=10_000, ge=1000)
+    # A running claim's lease: the worker running a request renews it every third of this;
+    # another worker handed the same message (after a rebalance, or a duplicate) runs it
+    # only once the lease has lapsed, so a request whose worker is alive never runs twice.
+    claim_lease_seconds: float = Field(default=15.0, gt=0)
     # After SIGTERM, how long a worker finishes what it holds before it hands the
     # rest back uncommitted (keep it under the scaler's LLMQ_SCALER_GRACE_SECONDS).
     drain_seconds: float = Field(default=25.0, ge=0)

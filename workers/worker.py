@@ -24,6 +24,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from shared.kafka import ensure_topics, make_consumer, make_producer, start_with_retry
 from shared.keys import Keys
 from shared.store import RequestStore, connect_redis
+from shared.store.models import ServedModels
 from shared.telemetry import NO_TRACING, Tracing
 from workers.cancels import CancelListener
 from workers.capacity import Capacity
@@ -32,10 +33,16 @@ from workers.intake import Intake
 from workers.metrics import WorkerMetrics, WorkerStats
 from workers.offsets import OffsetTracker
 from workers.results import ResultWriter
+from workers.retry import retry
 from workers.runner import Runner
 from workers.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
+
+
+def worker_name() -> str:
+    """This process's name in logs, records and the claim's owner: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class Worker:
@@ -43,7 +50,7 @@ class Worker:
                  tracing: Tracing = NO_TRACING) -> None:
         self.settings = settings
         self.engine = engine or load_engine(settings)
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.name = name or worker_name()
         self.tracing = tracing
         self.capacity = Capacity(settings.max_in_flight or 2 * self.engine.max_running)
         self.metrics = WorkerMetrics()
@@ -83,19 +90,25 @@ class Worker:
                                       heartbeat_interval_ms=max(s.session_timeout_ms // 4, 250))
         self.results = ResultWriter(store, self.producer, self.consumer, self.offsets, self.capacity, self.metrics,
                                     self.tracing, self._stopping)
-        self.runner = Runner(s, self.engine, self.results, self.capacity, self.metrics, self.tracing, self.stop)
-        served_models = (None, self.engine.model_name, s.model)
+        self.runner = Runner(s, self.name, store, self.engine, self.results, self.metrics, self.tracing, self.stop)
+        # What `model` may name: the engine's name, or (a model engine's) the path or hub name it loaded.
+        names = [self.engine.model_name] + ([s.model] if s.engine != "echo" and s.model != self.engine.model_name else [])
+        await retry("register_models", lambda: ServedModels(self.redis, store.keys).register(names, s.engine),
+                    self._stopping)
+        served_models = (None, *names)
         self.intake = Intake(s, self.name, served_models, store, self.producer, self.offsets, self.runner,
                              self.results, self.metrics, self.tracing, self._stopping)
         cancels = CancelListener(self.redis, store.keys.cancel_channel, self.runner)
         self.consumer.subscribe([s.request_topic], listener=_Rebalance(self))
         await start_with_retry(self.consumer, "consumer")
         self._background = [asyncio.create_task(self.results.run(), name="llmq-result-writer"),
-                            asyncio.create_task(cancels.run(), name="llmq-cancel-listener")]
+                            asyncio.create_task(cancels.run(), name="llmq-cancel-listener"),
+                            asyncio.create_task(self.runner.keep_leases(), name="llmq-lease-keeper")]
         try:
             self.metrics.serve(s.metrics_port, s.metrics_host)
         except OSError as exc:  # e.g. several workers on one host with the same port
-            log.warning("metrics_port_unavailable", port=s.metrics_port, error=str(exc))
+            log.warning("metrics_port_unavailable", worker=self.name, host=s.metrics_host, port=s.metrics_port,
+                        error=str(exc))
         log.info("worker_started", worker=self.name, engine=s.engine, model=self.engine.model_name,
                  topic=s.request_topic, group=s.consumer_group, max_in_flight=self.capacity.limit)
 
@@ -132,6 +145,8 @@ class Worker:
         if self._closed:
             return
         self._closed = True
+        if self.intake is not None:
+            await self.intake.close()
         if self.runner is not None:
             await self.runner.close()
         for task in self._background:
@@ -167,6 +182,11 @@ class Worker:
             self._paused = False
         fetched = await self.consumer.getmany(timeout_ms=200, max_records=room)
         records = [r for batch in fetched.values() for r in batch]
+        if records and self._stopping.is_set():
+            # Stopped while the fetch was in flight: start nothing new. Untracked, these
+            # offsets stay uncommitted, and the group's next owner reads them again.
+            log.info("fetched_while_stopping", handed_back=len(records))
+            return
         if records:
             self.capacity.take(len(records))
             self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.capacity.held)

@@ -11,7 +11,7 @@ from shared.keys import Keys
 from shared.schema import RequestView
 from shared.store.fields import flat
 from shared.store.pipelining import AutoPipeline, run_script_batch
-from shared.store.scripts import ADMIT, CANCEL, CLAIM, FINISH
+from shared.store.scripts import ADMIT, CANCEL, CLAIM, FINISH, RENEW
 from shared.store.view import view_of
 
 
@@ -24,6 +24,7 @@ class RequestStore:
         self._finish = redis.register_script(FINISH)
         self._cancel = redis.register_script(CANCEL)
         self._admit = redis.register_script(ADMIT)
+        self._renew = redis.register_script(RENEW)
         self._admissions = AutoPipeline(self._admit)
 
     async def create(self, fields: Mapping[str, object], rate: float = 0.0, burst: int = 1) -> float:
@@ -32,18 +33,26 @@ class RequestStore:
         the tenant is over its rate (nothing is created then)."""
         bucket = self.keys.rate_limit(str(fields.get("tenant") or ""))
         retry_after = await self._admissions.call(
-            [bucket, self.keys.request(str(fields["id"]))], [rate, burst, self.ttl_seconds, flat(fields), self.keys.rate_limit_ttl(rate, burst)]
+            [bucket, self.keys.request(str(fields["id"]))],
+            [rate, burst, self.ttl_seconds, flat(fields), self.keys.rate_limit_ttl(rate, burst)],
         )
         return float(retry_after)
 
     async def claim_many(
-        self, claims: Iterable[tuple[str, Mapping[str, object]]], worker: str
+        self, claims: Iterable[tuple[str, Mapping[str, object]]], worker: str, lease_seconds: float
     ) -> list[tuple[str, int]]:
-        """Mark each (id, create-fields) running. Returns (verdict, attempts) per id, in order."""
+        """Mark each (id, create-fields) running under `worker`'s lease. Returns (verdict,
+        attempts) per id, in order: 'run'; 'leased' while another live claim holds it;
+        or the final status."""
         now = str(time.time())
-        calls = [([self.keys.request(request_id)], [now, worker, self.ttl_seconds, flat(create)])
+        calls = [([self.keys.request(request_id)], [now, worker, self.ttl_seconds, flat(create), lease_seconds])
                  for request_id, create in claims]
         return [(verdict, int(attempts)) for verdict, attempts in await run_script_batch(self._claim, calls)]
+
+    async def renew_leases(self, request_ids: Iterable[str], worker: str, lease_seconds: float) -> list[bool]:
+        """Extend `worker`'s lease on each running claim (0 s: let it lapse now). True where held."""
+        calls = [([self.keys.request(request_id)], [worker, lease_seconds]) for request_id in request_ids]
+        return [bool(held) for held in await run_script_batch(self._renew, calls)] if calls else []
 
     async def finish_many(
         self, finishes: Iterable[tuple[str, Mapping[str, object], Mapping[str, object]]]

@@ -12,21 +12,45 @@ local function hset_json(key, encoded)
 end
 """
 
-# KEYS: record. ARGV: now, worker, ttl, fields to create a missing record with.
-# Returns {verdict, attempts}: verdict 'run', or the final status to skip.
-CLAIM = LUA_HSET_JSON + """
+# Redis's own clock, so that leases mean the same on every worker whatever their clocks say.
+LUA_NOW = """
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+"""
+
+# KEYS: record. ARGV: now, worker, ttl, fields to create a missing record with, lease seconds.
+# Returns {verdict, attempts}: verdict 'run'; 'leased' while another claim's lease
+# (renewed by the worker running it) has not lapsed; or the final status, to skip.
+CLAIM = LUA_HSET_JSON + LUA_NOW + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
   hset_json(KEYS[1], ARGV[4])
   status = 'queued'
 end
+local now = server_now()
+if status == 'running' and tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0') > now then
+  return {'leased', tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
+end
 if status == 'queued' or status == 'running' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2],
+             'lease_until', tostring(now + tonumber(ARGV[5])))
   local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   return {'run', attempts}
 end
 return {status, 0}
+"""
+
+# KEYS: record. ARGV: worker, lease seconds (0: let it lapse now, for a request handed back).
+# Returns 1 if this worker still holds the running claim, else 0.
+RENEW = LUA_NOW + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'lease_until', tostring(server_now() + tonumber(ARGV[2])))
+return 1
 """
 
 # KEYS: record, done channel. ARGV: ttl, result fields, fields to create a

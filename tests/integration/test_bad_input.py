@@ -32,15 +32,19 @@ async def _post(http, gateway, data: bytes, content_type: str = "application/jso
         (b"{not json", 400, "invalid_json", None),
         (b"", 400, "invalid_json", None),
         (b'{"params": {"max_tokens": 4}}', 422, "invalid_request", "input"),
-        (b'{"input": {"prompt": 42}}', 422, "invalid_request", "input.PromptInput.prompt"),
+        (b'{"input": {"prompt": 42}}', 422, "invalid_request", "input.prompt"),
+        (b'{"input": {"messages": [{"role": "tool", "content": "x"}]}}', 422, "invalid_request", "input.messages.0.role"),
+        (b'{"input": "Hello"}', 422, "invalid_request", "input"),
         (b'{"input": {"prompt": "hi"}, "params": {"max_tokens": "16"}}', 422, "invalid_request", "params.max_tokens"),
         (b'{"input": {"prompt": "hi"}, "params": {"temperature": "hot"}}', 422, "invalid_request", "params.temperature"),
         (b'{"input": {"prompt": "hi"}, "colour": "blue"}', 422, "invalid_request", "colour"),
         (b'{"input": {"prompt": "hi", "extra": 1}}', 422, "invalid_request", None),
         (b'{"input": {"prompt": "hi"}, "params": {"max_tokens": 0}}', 422, "invalid_request", "params.max_tokens"),
         (b'{"input": {"prompt": "hi"}, "params": {"max_tokens": 100000}}', 422, "invalid_request", "params.max_tokens"),
-        (b'{"input": {"messages": []}}', 422, "invalid_request", None),
+        (b'{"input": {"messages": []}}', 422, "invalid_request", "input.messages"),
         (b'[1, 2, 3]', 422, "invalid_request", None),
+        (b'{"input": {"prompt": "hi"}, "deadline": "2030-01-01T00:00:00"}', 422, "invalid_request", "deadline"),
+        (b'{"input": {"prompt": "hi"}, "deadline": "2020-01-01T00:00:00Z"}', 422, "invalid_request", "deadline"),
     ],
 )
 async def test_invalid_body_is_refused_with_a_json_error(settings, gateway, http, body, status, error_type, field):
@@ -51,6 +55,22 @@ async def test_invalid_body_is_refused_with_a_json_error(settings, gateway, http
     if field is not None:
         assert got["error"]["field"] == field
     await _nothing_enqueued(settings, gateway)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"input": {"messages": [{"role": "tool", "content": "x"}]}}',
+         "input.messages.0.role: Input should be 'system', 'user' or 'assistant'"),
+        (b'{"input": {"messages": []}}', "input.messages: List should have at least 1 item"),
+        (b'{"input": "Hello"}', "input: give `prompt` (a string) or `messages` (a list of {role, content})"),
+    ],
+)
+async def test_an_invalid_input_is_named_as_the_client_wrote_it(settings, gateway, http, body, message):
+    """The error names the field that is wrong and how, never pydantic's class names."""
+    status, got = await _post(http, gateway, body)
+    assert status == 422 and got["error"]["message"].startswith(message), got
+    assert "Input" not in got["error"]["field"]
 
 
 async def test_wrong_content_type_is_415(settings, gateway, http):
@@ -98,6 +118,7 @@ async def test_unknown_route_and_method_are_json_errors(gateway, http):
     async with http.put(f"{gateway.url}/v1/requests") as resp:
         assert resp.status == 405
         assert (await resp.json())["error"]["type"] == "method_not_allowed"
+        assert {method.strip() for method in resp.headers["Allow"].split(",")} == {"POST"}
 
 
 async def test_valid_request_after_bad_ones_is_accepted(gateway, http):

@@ -88,7 +88,7 @@ async def test_a_reply_too_large_for_the_broker_fails_alone_and_the_worker_keeps
                                                                                          start_worker):
     """A reply Kafka refuses for good (over the 1 MB a producer may send) is not retried for
     ever: the result stays readable, the failure is counted, and the next requests' replies flow."""
-    worker = await start_worker()
+    worker = await start_worker(max_prompt_chars=2_000_000)  # a deployment that takes such prompts
     replies = f"{settings.request_topic}.replies"
     # Another service, allowed larger messages than llmq's own producer.
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, max_request_size=4_000_000)
@@ -110,3 +110,27 @@ async def test_a_reply_too_large_for_the_broker_fails_alone_and_the_worker_keeps
 
     later = await submit(http, gateway.url, {"input": {"prompt": "still serving"}})
     assert (await wait_final(http, gateway.url, later))["status"] == "succeeded"
+
+
+async def test_a_message_over_the_deployments_limits_fails_as_it_would_over_http(settings, gateway, http,
+                                                                                 start_worker):
+    await start_worker(max_prompt_chars=20)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        for request_id, body in (("too-many-tokens", {"input": {"prompt": "hi"}, "params": {"max_tokens": 100000}}),
+                                 ("too-long", {"input": {"prompt": "x" * 21}}),
+                                 ("fits", {"input": {"prompt": "just right"}})):
+            await producer.send_and_wait(settings.request_topic, json.dumps({"v": 1, "id": request_id, **body}).encode())
+    finally:
+        await producer.stop()
+
+    tokens = await wait_final(http, gateway.url, "too-many-tokens", not_yet_recorded=True)
+    assert tokens["status"] == "failed"
+    assert (tokens["error"]["type"], tokens["error"]["message"]) == (
+        "invalid_request", "params.max_tokens: must be at most 4096")
+    long = await wait_final(http, gateway.url, "too-long", not_yet_recorded=True)
+    assert long["status"] == "failed"
+    assert (long["error"]["type"], long["error"]["message"]) == (
+        "prompt_too_large", "the prompt is over the limit of 20 characters")
+    assert (await wait_final(http, gateway.url, "fits", not_yet_recorded=True))["status"] == "succeeded"

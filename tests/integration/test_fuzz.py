@@ -131,17 +131,18 @@ _CONFORMANCE = [
 
 
 def accepts_what_it_documents(ctx, response, case):
-    """positive_data_acceptance, less the two limits that are deployment settings rather
-    than part of the document (LLMQ_MAX_PROMPT_CHARS, LLMQ_MAX_TOKENS_LIMIT): a request the
-    document calls valid may be refused for those, with their own typed errors, and for
-    nothing else."""
+    """positive_data_acceptance, less what a JSON Schema cannot say: the two limits that
+    are deployment settings (LLMQ_MAX_PROMPT_CHARS, LLMQ_MAX_TOKENS_LIMIT), and a deadline
+    already past when it arrives (the document says it is refused). A request the document
+    calls valid may be refused for those, with their own typed errors, and for nothing else."""
     if response.status_code in (413, 422):
         try:
             error = response.json()["error"]
         except (ValueError, KeyError, TypeError):
             error = {}
         if error.get("type") == "prompt_too_large" or (
-                error.get("field") == "params.max_tokens" and "must be at most" in error.get("message", "")):
+                error.get("field") == "params.max_tokens" and "must be at most" in error.get("message", "")) or (
+                error.get("field") == "deadline" and "already passed" in error.get("message", "")):
             return None
     return positive_data_acceptance(ctx, response, case)
 
@@ -156,8 +157,8 @@ _CHECKS = {
 #   single-operation property test does not make. They are passed as
 #   `excluded_checks` so that, should schemathesis turn them on by default, the
 #   exclusion stays explicit here.
-# - ignored_auth needs a documented security scheme; these tests run with auth
-#   off (tests/integration/test_auth.py covers auth) and the document has none.
+# - ignored_auth checks that calls without the documented Bearer key are refused;
+#   these tests run with auth off (tests/integration/test_auth.py covers auth).
 # - max_response_time is off by default and not a correctness property; GET
 #   with `wait` may hold an answer on purpose.
 _NOT_APPLICABLE = [use_after_free, ensure_resource_availability, ignored_auth]

@@ -155,6 +155,39 @@ async def test_one_request_is_one_trace_across_gateway_and_worker(stack, receive
         assert SECRET_PROMPT not in path.read_text()
 
 
+async def test_every_log_line_is_json_that_names_its_service_and_says_why_things_failed(stack, http):
+    settings, base, logs = stack
+    async with http.post(f"{base}/v1/requests", json={"input": {"prompt": 42}}) as resp:
+        assert resp.status == 422
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        for key, value in ((b"junk-1", b'{"v": 1, "id": "junk-1"}'),
+                           (b"over", json.dumps({"v": 1, "id": "over", "input": {"prompt": "p"},
+                                                 "params": {"max_tokens": 100000}}).encode())):
+            await producer.send_and_wait(settings.request_topic, value, key=key)
+    finally:
+        await producer.stop()
+    assert (await wait_final(http, base, "over", not_yet_recorded=True))["status"] == "failed"
+
+    async def dead_lettered() -> bool:
+        return any(line["event"] == "message_dead_lettered" for line in _log_lines(logs["worker"]))
+
+    await wait_until(dead_lettered, 15, "the dead letter's log line")
+    lines = {role: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+             for role, path in logs.items()}  # every line parses: no plain-text or progress-bar lines
+    assert {line["service"] for line in lines["gateway"]} == {"llmq-gateway"}
+    assert {line["service"] for line in lines["worker"]} == {"llmq-worker"}
+    assert len({line["worker"] for line in lines["worker"]}) == 1
+    [refused] = [line for line in lines["gateway"] if line["event"] == "request_refused" and line["method"] == "POST"]
+    assert (refused["status"], refused["type"], refused["field"]) == (422, "invalid_request", "input.prompt")
+    [dead] = [line for line in lines["worker"] if line["event"] == "message_dead_lettered"]
+    assert (dead["key"], dead["request_id"]) == ("junk-1", "junk-1") and dead["reason"].startswith("input:")
+    [failed] = [line for line in lines["worker"] if line["event"] == "request_finished" and line["request_id"] == "over"]
+    assert (failed["status"], failed["error_type"]) == ("failed", "invalid_request")
+    assert failed["error"] == "params.max_tokens: must be at most 4096"
+
+
 async def test_a_producer_s_traceparent_is_joined(stack, receiver, http):
     settings, base, _ = stack
     trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"

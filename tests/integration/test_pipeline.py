@@ -4,11 +4,13 @@ straight to Kafka, a worker serves it, the result is read back over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import json
+from datetime import datetime, timedelta, timezone
 
 from aiokafka import AIOKafkaProducer
 
 from shared.schema import RequestMessage
-from tests.integration.helpers import submit, wait_final
+from tests.integration.helpers import submit, wait_final, wait_until
 
 
 async def test_http_request_succeeds_with_engine_output(gateway, http, start_worker):
@@ -71,12 +73,30 @@ async def test_request_produced_straight_to_kafka_succeeds(settings, gateway, ht
     assert view["status"] == "succeeded"
     assert view["output"]["text"] == "user: hi there"
     assert view["metadata"] == {"team": "billing"}
+    assert view["model"] == "echo"  # the record says which model served it, though the message named none
 
 
-async def test_request_for_another_model_fails_with_a_reason(gateway, http, start_worker):
+async def test_a_model_no_worker_serves_is_refused_at_submit(gateway, http, start_worker):
+    await start_worker()  # registers the model it serves: echo
+    async with http.post(f"{gateway.url}/v1/requests", json={"model": "gpt-9", "input": {"prompt": "x"}}) as resp:
+        assert resp.status == 422
+        assert (await resp.json())["error"] == {"type": "model_not_found", "field": "model",
+                                                "message": "model 'gpt-9' is not served here (served: echo)"}
+    served = await submit(http, gateway.url, {"model": "echo", "input": {"prompt": "x"}})
+    assert (await wait_final(http, gateway.url, served))["status"] == "succeeded"
+
+
+async def test_a_message_for_another_model_fails_with_a_reason(settings, gateway, http, start_worker):
+    """Produced straight to Kafka, past the gateway's check: the worker refuses it."""
     await start_worker()
-    request_id = await submit(http, gateway.url, {"model": "gpt-9", "input": {"prompt": "x"}})
-    view = await wait_final(http, gateway.url, request_id)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        message = {"v": 1, "id": "for-gpt-9", "model": "gpt-9", "input": {"prompt": "x"}}
+        await producer.send_and_wait(settings.request_topic, json.dumps(message).encode())
+    finally:
+        await producer.stop()
+    view = await wait_final(http, gateway.url, "for-gpt-9", not_yet_recorded=True)
     assert view["status"] == "failed"
     assert view["error"]["type"] == "model_not_found"
     assert view["output"] is None
@@ -110,13 +130,42 @@ async def test_cancel_of_a_finished_request_is_a_conflict(gateway, http, start_w
         assert (await resp.json())["error"]["type"] == "already_finished"
 
 
-async def test_expired_deadline_is_not_run(gateway, http, start_worker):
-    request_id = await submit(http, gateway.url, {"input": {"prompt": "too late"}, "deadline": "2020-01-01T00:00:00Z"})
+async def test_a_deadline_that_passes_in_the_queue_is_not_run(gateway, http, start_worker):
+    # Accepted while its deadline was ahead (one already past is refused at submit); no
+    # worker takes it until the deadline has passed.
+    deadline = datetime.now(timezone.utc) + timedelta(seconds=1)
+    request_id = await submit(http, gateway.url, {"input": {"prompt": "too late"}, "deadline": deadline.isoformat()})
+    await asyncio.sleep(1.5)
     worker = await start_worker()
     view = await wait_final(http, gateway.url, request_id)
     assert view["status"] == "expired"
     assert view["error"]["type"] == "deadline_exceeded"
     assert worker.stats.expired == 1 and worker.stats.succeeded == 0
+
+
+async def test_a_message_delivered_again_while_its_request_runs_does_not_run_it_twice(settings, gateway, http,
+                                                                                    start_worker):
+    """Kafka delivers at least once: a producer's retry, or a rebalance that hands a partition
+    to another worker, brings a message back while the first run is still going. The live
+    run's lease keeps the second delivery waiting; it then sees the result and skips."""
+    worker = await start_worker(echo_token_delay_ms=50)
+    message = {"v": 1, "id": "twice", "input": {"prompt": " ".join(["word"] * 40)}, "params": {"max_tokens": 40}}
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        for _ in range(2):
+            await producer.send_and_wait(settings.request_topic, json.dumps(message).encode(), key=b"twice")
+    finally:
+        await producer.stop()
+
+    view = await wait_final(http, gateway.url, "twice", not_yet_recorded=True)
+    assert view["status"] == "succeeded" and view["attempts"] == 1
+    await wait_until(lambda: _true(worker.offsets.in_flight == 0), what="both deliveries to be done")
+    assert worker.stats.results_written == 1 and worker.stats.skipped == 1
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_two_workers_share_200_requests_each_run_exactly_once(gateway, http, start_worker):

@@ -41,6 +41,10 @@ async def test_delete_stops_a_running_request_in_the_engine(settings, gateway, h
     short = await submit(http, gateway.url, {"input": {"prompt": "still here"}, "params": {"max_tokens": 4}})
     assert (await wait_final(http, gateway.url, short, timeout=60))["status"] == "succeeded"
     assert worker.stats.results_written == 1
+    # The cancelled request is counted, by its final status, beside the one that succeeded.
+    count = worker.metrics.registry.get_sample_value
+    assert count("llmq_worker_requests_total", {"status": "cancelled"}) == 1
+    assert count("llmq_worker_requests_total", {"status": "succeeded"}) == 1
 
 
 async def _has_tokens(worker, request_id) -> bool:

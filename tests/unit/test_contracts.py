@@ -43,10 +43,36 @@ def test_invalid_messages_fail_schema_and_parser(message):
         parse_message(json.dumps(message).encode())
 
 
+@pytest.mark.parametrize(("input_", "reason"), [
+    ({"messages": [{"role": "tool", "content": "x"}]}, "input.messages.0.role: Input should be"),
+    ({"messages": []}, "input.messages: List should have at least 1 item"),
+    ("Hello", "input: give `prompt` (a string) or `messages`"),
+    ({"prompt": 42}, "input.prompt: Input should be a valid string"),
+])
+def test_a_dead_lettered_message_says_which_input_field_is_wrong(input_, reason):
+    with pytest.raises(MessageError) as refused:
+        parse_message(json.dumps({"v": 1, "id": "x", "input": input_}).encode())
+    assert str(refused.value).startswith(reason)
+
+
 def test_openapi_document_is_valid_openapi_3_1():
     document = openapi_document()
     validate(document)
     assert set(document["paths"]) >= {"/v1/requests", "/v1/requests/{id}", "/healthz", "/readyz", "/metrics"}
+
+
+def test_openapi_document_says_which_calls_need_the_bearer_key():
+    document = openapi_document()
+    assert document["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer", "description": "An llmq API key (`llmq keys create NAME`)."}
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            assert (operation.get("security") == [{"apiKey": []}]) == path.startswith("/v1/"), (path, operation)
+    # A gateway with API keys off (LLMQ_AUTH=false) says that none is needed.
+    keyless = openapi_document(auth=False)
+    assert "securitySchemes" not in keyless["components"]
+    assert all(not operation.get("security") for operations in keyless["paths"].values()
+               for operation in operations.values())
 
 
 def test_every_setting_is_documented_in_the_readme():
