@@ -65,7 +65,7 @@ class WorkerSettings(ServiceSettings):
     log_prompts: bool = False
     # Port of the worker's Prometheus /metrics (0: none).
     metrics_port: int = Field(default=9400, ge=0, le=65535)
-    # Address /metrics listens on. LLMQ_HTTP_HOST is still accepted, as before this had a name of its own.
+    # Address /metrics listens on; where unset, LLMQ_HTTP_HOST (what deployments set for every process) is read.
     metrics_host: str = Field(default="127.0.0.1",
                               validation_alias=AliasChoices("LLMQ_METRICS_HOST", "LLMQ_HTTP_HOST"))
 
