@@ -87,6 +87,8 @@ def start_broker(port: int, log_path: Path | None = None, timeout: float = 20.0)
         [broker_binary(), "broker", "--listener-url", address, "--advertised-listener-url", address,
          "--storage-engine", "memory://tansu/"],
         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        # Its log goes to a file: no terminal colour codes in it.
+        env={**os.environ, "NO_COLOR": "1"},
     )
     wait_for_port(port, timeout, proc, "Kafka broker (tansu)")
     return Service("broker", proc, port, f"127.0.0.1:{port}")

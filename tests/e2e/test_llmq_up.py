@@ -93,6 +93,8 @@ def test_llmq_up_serves_a_request_and_stops_cleanly_on_ctrl_c(tmp_path):
         assert not _listening(stopped), f"something still listens on port {stopped} after llmq up stopped"
     # Ctrl-C leaves no worker process behind (they run in sessions of their own, stopped by the scaler).
     assert not any(_is_worker(pid) for pid in worker_pids)
+    # The dev broker's log is plain text, as the README shows it: no terminal colour codes.
+    assert "\x1b[" not in (tmp_path / ".llmq" / "logs" / "broker.log").read_text(errors="replace")
 
 
 def _is_worker(pid: int) -> bool:
