@@ -65,7 +65,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._closed = False
         self._paused = False
-        self._background: list[asyncio.Task] = []  # result writer, cancel listener
+        self._background: list[asyncio.Task] = []  # result writer, cancel listener, lease keeper
 
     @property
     def stats(self) -> WorkerStats:
@@ -104,6 +104,8 @@ class Worker:
         self._background = [asyncio.create_task(self.results.run(), name="llmq-result-writer"),
                             asyncio.create_task(cancels.run(), name="llmq-cancel-listener"),
                             asyncio.create_task(self.runner.keep_leases(), name="llmq-lease-keeper")]
+        for task in self._background:
+            task.add_done_callback(self._background_ended)
         try:
             self.metrics.serve(s.metrics_port, s.metrics_host)
         except OSError as exc:  # e.g. several workers on one host with the same port
@@ -111,6 +113,14 @@ class Worker:
                         error=str(exc))
         log.info("worker_started", worker=self.name, engine=s.engine, model=self.engine.model_name,
                  topic=s.request_topic, group=s.consumer_group, max_in_flight=self.capacity.limit)
+
+    def _background_ended(self, task: asyncio.Task) -> None:
+        """A loop the worker cannot serve without ended on an error it could not retry:
+        say so and stop (drain), so the orchestrator starts a healthy worker."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("worker_loop_failed", worker=self.name, loop=task.get_name(), error=repr(task.exception()))
+        self.stop()
 
     def stop(self) -> None:
         """Ask the worker to drain and leave. Safe from a signal handler."""
