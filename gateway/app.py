@@ -33,7 +33,16 @@ from shared.apikeys import ApiKeyStore
 from shared.kafka import JSON_HEADERS, ensure_topics, make_producer, start_with_retry
 from shared.keys import Keys
 from shared.lag import LagReader
-from shared.schema import REQUEST_ID_PATTERN, RequestMessage, RequestView, Status, SubmitRequest, describe_error
+from shared.schema import (
+    REQUEST_ID_PATTERN,
+    ModelCard,
+    ModelList,
+    RequestMessage,
+    RequestView,
+    Status,
+    SubmitRequest,
+    describe_error,
+)
 from shared.store import RequestStore, base_fields, connect_redis
 from shared.store.models import ServedModels
 from shared.telemetry import NO_TRACING, OFFSET, PARTITION, REQUEST_ID, Tracing
@@ -74,6 +83,7 @@ class Gateway:
         self.app.add_routes([
             web.post("/v1/requests", self.submit),
             web.get("/v1/requests/{id}", self.get_request),
+            web.get("/v1/models", self.list_models),
             web.delete("/v1/requests/{id}", self.cancel),
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
@@ -332,6 +342,17 @@ class Gateway:
         return web.json_response(text=view.model_dump_json())
 
     # ---- operations ------------------------------------------------------------
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        """The models the workers serve (what `model` may name), in OpenAI's shape, so
+        OpenAI clients can list them; registered by workers, so listed at zero workers too."""
+        await self._tenant(request)
+        try:
+            registered = await self.served_models.registered()
+        except (RedisError, OSError) as exc:
+            raise _redis_down(exc) from exc
+        cards = [ModelCard(id=name, created=int(at)) for name, at in sorted(registered.items())]
+        return web.json_response(text=ModelList(data=cards).model_dump_json())
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

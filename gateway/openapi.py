@@ -7,7 +7,7 @@ from functools import cache
 
 from pydantic.json_schema import models_json_schema
 
-from shared.schema import Accepted, ErrorBody, RequestView, SubmitRequest
+from shared.schema import Accepted, ErrorBody, ModelList, RequestView, SubmitRequest
 
 _REF = "#/components/schemas/{model}"
 
@@ -34,7 +34,7 @@ def openapi_document(auth: bool = True) -> dict:
     off, no operation asks for the Bearer key, as none does."""
     _, top = models_json_schema(
         [(SubmitRequest, "validation"), (Accepted, "serialization"), (RequestView, "serialization"),
-         (ErrorBody, "serialization")],
+         (ErrorBody, "serialization"), (ModelList, "serialization")],
         ref_template=_REF,
     )
     unavailable = _error("Redis or the broker is unreachable; nothing was recorded.")
@@ -95,6 +95,18 @@ def openapi_document(auth: bool = True) -> dict:
                         "401": unauthorized,
                         "404": _error("No such request."),
                         "409": _error("The request already finished."),
+                        "503": unavailable,
+                    },
+                },
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "List the models the workers serve (OpenAI's shape)",
+                    "operationId": "listModels",
+                    "security": _KEY if auth else [],
+                    "responses": {
+                        "200": _json("The served models; empty until a worker has started.", "ModelList"),
+                        "401": unauthorized,
                         "503": unavailable,
                     },
                 },

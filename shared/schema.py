@@ -274,6 +274,22 @@ class Accepted(BaseModel):
     status_url: str
 
 
+class ModelCard(BaseModel):
+    """One served model, in OpenAI's `model` shape."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="When a worker first registered it (Unix seconds).")
+    owned_by: str = "llmq"
+
+
+class ModelList(BaseModel):
+    """Answer to `GET /v1/models`, in OpenAI's shape: the models the workers serve."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 class ErrorBody(BaseModel):
     error: ErrorDetail
 

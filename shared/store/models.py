@@ -23,8 +23,17 @@ class ServedModels:
         self._read_at = float("-inf")
 
     async def register(self, names: Iterable[str], engine: str) -> None:
+        """Add `names`, keeping when each was first registered."""
         entry = json.dumps({"engine": engine, "registered_at": time.time()})
-        await self.redis.hset(self.keys.models, mapping={name: entry for name in names})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hsetnx(self.keys.models, name, entry)
+            await pipe.execute()
+
+    async def registered(self) -> dict[str, float]:
+        """Every registered name, with when a worker first registered it."""
+        entries = await self.redis.hgetall(self.keys.models)
+        return {name: json.loads(entry)["registered_at"] for name, entry in entries.items()}
 
     async def names(self) -> frozenset[str]:
         """Every registered name, read at most once per `cache_seconds`."""

@@ -86,3 +86,9 @@ async def committed_offsets(settings) -> list[int | None]:
                 for p in range(settings.request_partitions)]
     finally:
         await probe.stop()
+
+
+def llmq_keys(settings, *args: str) -> subprocess.CompletedProcess:
+    """The real `llmq keys ...` command against the test's Redis."""
+    return subprocess.run([sys.executable, "-m", "deploy.cli", "keys", *args], env=python_env(**settings.to_env()),
+                          capture_output=True, text=True, timeout=60)

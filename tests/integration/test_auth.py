@@ -14,14 +14,9 @@ import pytest
 
 from deploy.devstack import free_port, python_env
 from tests.conftest import serve_gateway
-from tests.integration.helpers import wait_final, wait_until
+from tests.integration.helpers import llmq_keys, wait_final, wait_until
 
 BODY = {"input": {"prompt": "mine alone"}, "params": {"max_tokens": 4}}
-
-
-def llmq_keys(settings, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.cli", "keys", *args], env=python_env(**settings.to_env()),
-                          capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture

@@ -175,6 +175,7 @@ OPERATIONS = [
     "POST /v1/requests",
     "GET /v1/requests/{id}",
     "DELETE /v1/requests/{id}",
+    "GET /v1/models",
     "GET /healthz",
     "GET /readyz",
     "GET /metrics",
