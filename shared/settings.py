@@ -110,7 +110,8 @@ def parse_settings(argv: Sequence[str] | None, prog: str, description: str,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for index, cls in enumerate(classes):
         for name, info in cls.model_fields.items():
-            flag = (info.json_schema_extra or {}).get("flag") if isinstance(info.json_schema_extra, dict) else None
+            extra = info.json_schema_extra
+            flag = extra.get("flag") if isinstance(extra, dict) else None
             if flag is None:
                 continue
             kind = _unoptional(info.annotation)

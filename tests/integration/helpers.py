@@ -88,7 +88,12 @@ async def committed_offsets(settings) -> list[int | None]:
         await probe.stop()
 
 
+def llmq(settings, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """The real `llmq ...` command, with the test's settings (and `env`) in its environment."""
+    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], env=python_env(**{**settings.to_env(), **env}),
+                          capture_output=True, text=True, timeout=90)
+
+
 def llmq_keys(settings, *args: str) -> subprocess.CompletedProcess:
-    """The real `llmq keys ...` command against the test's Redis."""
-    return subprocess.run([sys.executable, "-m", "deploy.cli", "keys", *args], env=python_env(**settings.to_env()),
-                          capture_output=True, text=True, timeout=60)
+    """`llmq keys ...` against the test's Redis."""
+    return llmq(settings, "keys", *args)

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 
 import pytest
 
-from deploy.devstack import free_port, python_env
+from deploy.devstack import free_port
 from tests.conftest import serve_gateway
-from tests.integration.helpers import llmq_keys, wait_final, wait_until
+from tests.integration.helpers import llmq, llmq_keys, wait_final, wait_until
 
 BODY = {"input": {"prompt": "mine alone"}, "params": {"max_tokens": 4}}
 
@@ -116,11 +114,6 @@ async def test_submits_are_refused_while_the_queue_is_over_its_bound(settings, h
         await wait_until(lambda: asyncio.sleep(0, gateway.queue_depth == 0), 30, "the backlog to drain")
         async with http.post(f"{gateway.url}/v1/requests", json=BODY) as resp:
             assert resp.status == 202
-
-
-def llmq(settings, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], env=python_env(**{**settings.to_env(), **env}),
-                          capture_output=True, text=True, timeout=90)
 
 
 async def test_the_llmq_client_submits_gets_and_cancels_with_a_key(secured, auth_settings, alice_and_bob, start_worker):
