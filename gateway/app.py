@@ -28,6 +28,7 @@ from gateway.errors import HTTP_ERROR_TYPES, ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_document
 from gateway.settings import GatewaySettings
+from gateway.streaming import KEEP_ALIVE, StreamGone, client_gone, follow, open_event_stream, sse_event, sse_json
 from gateway.waiter import CompletionWaiter
 from shared.apikeys import ApiKeyStore
 from shared.kafka import JSON_HEADERS, ensure_topics, make_producer, start_with_retry
@@ -45,6 +46,7 @@ from shared.schema import (
 )
 from shared.store import RequestStore, base_fields, connect_redis
 from shared.store.models import ServedModels
+from shared.store.streams import ENTRY_ID, TokenStreams, entry_key
 from shared.telemetry import NO_TRACING, OFFSET, PARTITION, REQUEST_ID, Tracing
 
 log = structlog.get_logger(__name__)
@@ -72,6 +74,7 @@ class Gateway:
         self.producer = None
         self.redis = None
         self.store: RequestStore | None = None
+        self.streams: TokenStreams | None = None
         self.waiter: CompletionWaiter | None = None
         self.api_keys: ApiKeyStore | None = None
         self.served_models: ServedModels | None = None
@@ -83,6 +86,7 @@ class Gateway:
         self.app.add_routes([
             web.post("/v1/requests", self.submit),
             web.get("/v1/requests/{id}", self.get_request),
+            web.get("/v1/requests/{id}/stream", self.stream_request),
             web.get("/v1/models", self.list_models),
             web.delete("/v1/requests/{id}", self.cancel),
             web.get("/healthz", self.healthz),
@@ -96,7 +100,8 @@ class Gateway:
     async def _start(self, _app: web.Application) -> None:
         s = self.settings
         self.redis = connect_redis(s.redis_url)
-        self.store = RequestStore(self.redis, Keys(s.redis_prefix, s.result_ttl_seconds))
+        self.store = RequestStore(self.redis, Keys.of(s))
+        self.streams = TokenStreams(self.redis, self.store.keys)
         self.waiter = CompletionWaiter(self.store)
         self.api_keys = ApiKeyStore(self.redis, self.store.keys)
         self.served_models = ServedModels(self.redis, self.store.keys)
@@ -324,6 +329,67 @@ class Gateway:
         if not 0 <= wait < float("inf"):
             raise ApiError(422, "invalid_request", "wait: must be a non-negative number of seconds", "wait")
         return min(wait, self.settings.max_wait_seconds)
+
+    async def stream_request(self, request: web.Request) -> web.StreamResponse:
+        """The request's text as it is generated, as Server-Sent Events: `delta` events
+        ({"text"}: new text), `reset` ({"text"}: the whole text so far, replacing what was
+        received), then `done` with the final record. Each event has an id: reconnecting
+        with `Last-Event-ID` resumes after it."""
+        request_id = self._request_id(request)
+        trace.get_current_span().set_attribute(REQUEST_ID, request_id)
+        await self._owned_view(request, request_id, lambda: self.store.get(request_id))
+        try:
+            if not await self.streams.attach(request_id):
+                raise ApiError(404, "not_found", "no such request")  # expired in between
+            after, position, ended = await self._resume_point(request_id, request.headers.get("Last-Event-ID"))
+        except (RedisError, OSError) as exc:
+            raise _redis_down(exc) from exc
+        response = await open_event_stream(request)
+        try:
+            if ended:
+                await self._write_done(response, request_id, after)
+                return response
+            async for piece in follow(self.streams, request_id, after, position):
+                if piece.kind == "idle":
+                    if client_gone(request):
+                        return response
+                    await response.write(KEEP_ALIVE)
+                elif piece.kind == "end":
+                    await self._write_done(response, request_id, piece.id)
+                else:
+                    await response.write(sse_json({"text": piece.text}, piece.kind, piece.id))
+        except ConnectionResetError:
+            return response  # the client went away; it may come back with Last-Event-ID
+        except (RedisError, OSError, StreamGone) as exc:
+            log.warning("stream_lost", request_id=request_id, error=repr(exc))
+            await response.write(sse_json({"error": {
+                "type": "stream_lost", "message": "the token stream was lost (the result store restarted or it "
+                                                  "expired); reconnect to resume, or read the record"}}, "error"))
+        return response
+
+    async def _resume_point(self, request_id: str, last_event_id: str | None) -> tuple[str, int | None, bool]:
+        """Where a stream read starts: (after this entry, holding this many bytes of the
+        text (None: unknown), the request already ended there)."""
+        if last_event_id is None:
+            return "0-0", 0, False
+        if not ENTRY_ID.match(last_event_id):
+            raise ApiError(400, "invalid_last_event_id", "Last-Event-ID: not an event id this stream sent",
+                           "Last-Event-ID")
+        entry = await self.streams.entry(request_id, last_event_id)
+        if entry is not None:
+            return last_event_id, entry.at + len(entry.delta.encode()), entry.end is not None
+        first = await self.streams.first_id(request_id)
+        if first is not None and entry_key(last_event_id) < entry_key(first):
+            return last_event_id, None, False  # trimmed away (or from an expired stream): start from the text so far
+        raise ApiError(400, "invalid_last_event_id", "Last-Event-ID: not an event id this stream sent",
+                       "Last-Event-ID")
+
+    async def _write_done(self, response: web.StreamResponse, request_id: str, event_id: str | None) -> None:
+        view = await self.store.get(request_id)
+        if view is None:
+            await response.write(sse_json({"error": {"type": "not_found", "message": "the record expired"}}, "error"))
+        else:
+            await response.write(sse_event(view.model_dump_json(), "done", event_id))
 
     async def cancel(self, request: web.Request) -> web.Response:
         request_id = self._request_id(request)

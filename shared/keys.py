@@ -2,6 +2,10 @@
 
 - `{prefix}:req:{id}`: a request record, one hash, expiring `result_ttl_seconds`
   (LLMQ_RESULT_TTL_SECONDS, default 24 h) after its last change.
+- `{prefix}:stream:{id}`: a request's token stream (a Redis Stream of
+  deltas, then an entry marking its end), created only once a client
+  watches the request (SSE), capped at `stream_max_entries` entries and
+  expiring `stream_ttl_seconds` after its last entry.
 - `{prefix}:done`: channel announcing each finished request (message: the id),
   so long-polls wake without busy polling; `{prefix}:cancelled` announces
   cancelled ones, so the worker running one stops it.
@@ -28,9 +32,20 @@ SERVED_MODELS_CACHE_SECONDS = 5.0
 class Keys:
     prefix: str = "llmq"
     result_ttl_seconds: int = 86_400
+    stream_ttl_seconds: int = 3_600
+    stream_max_entries: int = 4_096
+
+    @classmethod
+    def of(cls, settings) -> Keys:
+        """The keys and lifetimes a process's settings (shared.settings.ServiceSettings) name."""
+        return cls(settings.redis_prefix, settings.result_ttl_seconds, settings.stream_ttl_seconds,
+                   settings.stream_max_entries)
 
     def request(self, request_id: str) -> str:
         return f"{self.prefix}:req:{request_id}"
+
+    def stream(self, request_id: str) -> str:
+        return f"{self.prefix}:stream:{request_id}"
 
     @property
     def done_channel(self) -> str:

@@ -64,6 +64,11 @@ class ServiceSettings(BaseSettings):
     redis_prefix: str = "llmq"
     # How long a request record (and its result) stays readable in Redis.
     result_ttl_seconds: int = Field(default=86_400, ge=1)
+    # How long a watched request's token stream (SSE, and resuming one) stays in Redis after its last entry.
+    stream_ttl_seconds: int = Field(default=3_600, ge=1)
+    # Most entries a token stream keeps (each one write's worth of deltas); a reader that falls
+    # further behind gets what it missed from the record's text, so the worker never waits for it.
+    stream_max_entries: int = Field(default=4_096, ge=16)
 
     # --- limits every request is held to, over HTTP and on Kafka alike --------
     # Longest prompt (or sum of chat message contents), characters (HTTP: 413 above it).

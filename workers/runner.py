@@ -20,6 +20,7 @@ from workers.engines import Engine, EngineError, GenerationRequest, GenerationRe
 from workers.job import Job
 from workers.metrics import WorkerMetrics
 from workers.outcome import Outcome
+from workers.progress import ProgressWriter
 from workers.results import ResultWriter
 from workers.retry import is_transient
 from workers.settings import WorkerSettings
@@ -29,12 +30,14 @@ log = structlog.get_logger(__name__)
 
 class Runner:
     def __init__(self, settings: WorkerSettings, worker_name: str, store: RequestStore, engine: Engine,
-                 results: ResultWriter, metrics: WorkerMetrics, tracing: Tracing, on_fatal: Callable[[], None]) -> None:
+                 results: ResultWriter, progress: ProgressWriter, metrics: WorkerMetrics, tracing: Tracing,
+                 on_fatal: Callable[[], None]) -> None:
         self.settings = settings
         self.worker_name = worker_name
         self.store = store
         self.engine = engine
         self.results = results
+        self.progress = progress
         self.metrics = metrics
         self.tracing = tracing
         self.on_fatal = on_fatal  # called once the engine has died: the worker stops
@@ -102,9 +105,11 @@ class Runner:
         self.metrics.batch_size.observe(len(self.running))
         result: GenerationResult | None = None
         try:
-            # Deltas are read as they come; the last output carries the result.
+            # Deltas go out as they come (the last output's text is in its result).
             async for output in self.engine.generate(self._generation_request(job)):
                 result = output.result
+                if result is None and output.delta:
+                    self.progress.add(job.request_id, output.delta)
         except EngineError as exc:
             self.fatal = exc  # the engine is dead: stop the process, leave this uncommitted
             log.error("engine_died", error=str(exc), **job.log_fields())

@@ -32,6 +32,7 @@ from workers.engines import Engine, load_engine
 from workers.intake import Intake
 from workers.metrics import WorkerMetrics, WorkerStats
 from workers.offsets import OffsetTracker
+from workers.progress import ProgressWriter
 from workers.results import ResultWriter
 from workers.retry import retry
 from workers.runner import Runner
@@ -81,7 +82,7 @@ class Worker:
         s = self.settings
         await self.engine.start()
         self.redis = connect_redis(s.redis_url)
-        store = RequestStore(self.redis, Keys(s.redis_prefix, s.result_ttl_seconds))
+        store = RequestStore(self.redis, Keys.of(s))
         self.producer = make_producer(s)
         await start_with_retry(self.producer, "producer")
         await ensure_topics(s)
@@ -90,7 +91,9 @@ class Worker:
                                       heartbeat_interval_ms=max(s.session_timeout_ms // 4, 250))
         self.results = ResultWriter(store, self.producer, self.consumer, self.offsets, self.capacity, self.metrics,
                                     self.tracing, self._stopping)
-        self.runner = Runner(s, self.name, store, self.engine, self.results, self.metrics, self.tracing, self.stop)
+        progress = ProgressWriter(store, self.name)
+        self.runner = Runner(s, self.name, store, self.engine, self.results, progress, self.metrics, self.tracing,
+                             self.stop)
         # What `model` may name: the engine's name, or (a model engine's) the path or hub name it loaded.
         names = [self.engine.model_name] + ([s.model] if s.engine != "echo" and s.model != self.engine.model_name else [])
         await retry("register_models", lambda: ServedModels(self.redis, store.keys).register(names, s.engine),
@@ -102,6 +105,7 @@ class Worker:
         self.consumer.subscribe([s.request_topic], listener=_Rebalance(self))
         await start_with_retry(self.consumer, "consumer")
         self._background = [asyncio.create_task(self.results.run(), name="llmq-result-writer"),
+                            asyncio.create_task(progress.run(), name="llmq-progress-writer"),
                             asyncio.create_task(cancels.run(), name="llmq-cancel-listener"),
                             asyncio.create_task(self.runner.keep_leases(), name="llmq-lease-keeper")]
         for task in self._background:

@@ -1,4 +1,4 @@
-"""The request record in Redis: create, claim, finish, cancel, read."""
+"""The request record in Redis: create, claim, progress, finish, cancel, read."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from shared.keys import Keys
 from shared.schema import RequestView
 from shared.store.fields import flat
 from shared.store.pipelining import AutoPipeline, run_script_batch
-from shared.store.scripts import ADMIT, CANCEL, CLAIM, FINISH, RENEW
+from shared.store.scripts import ADMIT, CANCEL, CLAIM, FINISH, PROGRESS, RENEW
 from shared.store.view import view_of
 
 
@@ -25,6 +25,7 @@ class RequestStore:
         self._cancel = redis.register_script(CANCEL)
         self._admit = redis.register_script(ADMIT)
         self._renew = redis.register_script(RENEW)
+        self._progress = redis.register_script(PROGRESS)
         self._admissions = AutoPipeline(self._admit)
 
     async def create(self, fields: Mapping[str, object], rate: float = 0.0, burst: int = 1) -> float:
@@ -54,19 +55,32 @@ class RequestStore:
         calls = [([self.keys.request(request_id)], [worker, lease_seconds]) for request_id in request_ids]
         return [bool(held) for held in await run_script_batch(self._renew, calls)] if calls else []
 
+    async def progress_many(self, deltas: Iterable[tuple[str, str]], worker: str) -> list[bool]:
+        """Append each (id, text delta) to its record's text so far, and to its token
+        stream if a client watches it, where `worker` still holds the running claim."""
+        k = self.keys
+        calls = [([k.request(request_id), k.stream(request_id)], [worker, delta, k.stream_max_entries,
+                                                                  k.stream_ttl_seconds])
+                 for request_id, delta in deltas]
+        return [bool(held) for held in await run_script_batch(self._progress, calls)] if calls else []
+
     async def finish_many(
         self, finishes: Iterable[tuple[str, Mapping[str, object], Mapping[str, object]]]
     ) -> list[bool]:
         """Write each (id, result fields, create-fields) unless its record is already
         final. True where written."""
-        calls = [([self.keys.request(request_id), self.keys.done_channel],
-                  [self.ttl_seconds, flat(result), flat(create), request_id])
+        k = self.keys
+        calls = [([k.request(request_id), k.done_channel, k.stream(request_id)],
+                  [self.ttl_seconds, flat(result), flat(create), request_id, k.stream_max_entries,
+                   k.stream_ttl_seconds])
                  for request_id, result, create in finishes]
         return [bool(written) for written in await run_script_batch(self._finish, calls)]
 
     async def cancel(self, request_id: str) -> str | None:
-        keys = [self.keys.request(request_id), self.keys.done_channel, self.keys.cancel_channel]
-        return await self._cancel(keys=keys, args=[time.time(), self.ttl_seconds, request_id])
+        k = self.keys
+        keys = [k.request(request_id), k.done_channel, k.cancel_channel, k.stream(request_id)]
+        return await self._cancel(keys=keys, args=[time.time(), self.ttl_seconds, request_id, k.stream_max_entries,
+                                                   k.stream_ttl_seconds])
 
     async def get(self, request_id: str) -> RequestView | None:
         record = await self.redis.hgetall(self.keys.request(request_id))

@@ -20,6 +20,19 @@ local function server_now()
 end
 """
 
+# A request's token stream gets entries only while a client watches it (ATTACH
+# created it). Each entry is `at` (the byte offset in the record's text where
+# its delta starts), `d` (the delta) and, on the last one, `end` (the final
+# status): a reader that finds `at` past what it has read knows entries were
+# trimmed, and one before it that the text started over (a second attempt).
+LUA_STREAM_ADD = """
+local function stream_add(key, maxlen, ttl, ...)
+  if redis.call('EXISTS', key) == 0 then return end
+  redis.call('XADD', key, 'MAXLEN', maxlen, '*', ...)
+  redis.call('EXPIRE', key, ttl)
+end
+"""
+
 # KEYS: record. ARGV: now, worker, ttl, fields to create a missing record with, lease seconds.
 # Returns {verdict, attempts}: verdict 'run'; 'leased' while another claim's lease
 # (renewed by the worker running it) has not lapsed; or the final status, to skip.
@@ -36,6 +49,7 @@ end
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2],
              'lease_until', tostring(now + tonumber(ARGV[5])))
+  redis.call('HDEL', KEYS[1], 'text')  -- a run taken over starts its text again
   local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   return {'run', attempts}
@@ -53,13 +67,32 @@ redis.call('HSET', KEYS[1], 'lease_until', tostring(server_now() + tonumber(ARGV
 return 1
 """
 
-# KEYS: record, done channel. ARGV: ttl, result fields, fields to create a
-# missing record with, id. Returns 1 if written, 0 if the record was final.
-FINISH = LUA_HSET_JSON + """
+# KEYS: record, stream. ARGV: worker, delta, stream cap, stream ttl.
+# The text generated so far grows by `delta` (GET shows it while the request
+# runs), and so does the stream if watched. Returns 1, or 0 if this worker no
+# longer holds the running claim.
+PROGRESS = LUA_STREAM_ADD + """
+local record = redis.call('HMGET', KEYS[1], 'status', 'worker', 'text')
+if record[1] ~= 'running' or record[2] ~= ARGV[1] then return 0 end
+local text = record[3] or ''
+redis.call('HSET', KEYS[1], 'text', text .. ARGV[2])
+stream_add(KEYS[2], ARGV[3], ARGV[4], 'at', #text, 'd', ARGV[2])
+return 1
+"""
+
+# KEYS: record, done channel, stream. ARGV: ttl, result fields, fields to create a
+# missing record with, id, stream cap, stream ttl. Returns 1 if written, 0 if the
+# record was final. The stream's last entry holds the text not yet streamed.
+FINISH = LUA_HSET_JSON + LUA_STREAM_ADD + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status and status ~= 'queued' and status ~= 'running' then return 0 end
 if not status then hset_json(KEYS[1], ARGV[3]) end
+local streamed = redis.call('HGET', KEYS[1], 'text') or ''
 hset_json(KEYS[1], ARGV[2])
+local text = redis.call('HGET', KEYS[1], 'text') or ''
+local at, rest = #streamed, text:sub(#streamed + 1)
+if text:sub(1, #streamed) ~= streamed then at, rest = 0, text end
+stream_add(KEYS[3], ARGV[5], ARGV[6], 'at', at, 'd', rest, 'end', redis.call('HGET', KEYS[1], 'status'))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('PUBLISH', KEYS[2], ARGV[4])
 return 1
@@ -84,17 +117,50 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 0
 """
 
-# KEYS: record, done channel, cancel channel. ARGV: now, ttl, id.
+# KEYS: record, done channel, cancel channel, stream. ARGV: now, ttl, id, stream cap, stream ttl.
 # Returns 'cancelled' if this call cancelled it, the status if it was final, nil if unknown.
-CANCEL = """
+CANCEL = LUA_STREAM_ADD + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'finish_reason', 'cancelled')
   redis.call('EXPIRE', KEYS[1], ARGV[2])
+  local text = redis.call('HGET', KEYS[1], 'text') or ''
+  stream_add(KEYS[4], ARGV[4], ARGV[5], 'at', #text, 'd', '', 'end', 'cancelled')
   redis.call('PUBLISH', KEYS[2], ARGV[3])
   redis.call('PUBLISH', KEYS[3], ARGV[3])
   return 'cancelled'
 end
 return status
+"""
+
+# KEYS: record, stream. ARGV: stream cap, stream ttl.
+# Starts a request's token stream (once) for a client about to watch it, with
+# the text so far, so stream entries from here on continue it. Returns 1, or 0
+# if there is no such record.
+ATTACH = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
+local record = redis.call('HMGET', KEYS[1], 'status', 'text')
+if not record[1] then return 0 end
+local entry = {'at', '0', 'd', record[2] or ''}
+if record[1] ~= 'queued' and record[1] ~= 'running' then
+  entry[5], entry[6] = 'end', record[1]
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], '*', unpack(entry))
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: record, stream. Returns {text so far, id of the stream's last entry, its `end` or ''}:
+# where a reader that lost its place picks up, consistent because every write
+# to both is one script.
+SNAPSHOT = """
+local text = redis.call('HGET', KEYS[1], 'text') or ''
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if not last then return {text, '0-0', ''} end
+local ended = ''
+for i = 1, #last[2], 2 do
+  if last[2][i] == 'end' then ended = last[2][i + 1] end
+end
+return {text, last[1], ended}
 """

@@ -29,6 +29,8 @@ def view_of(record: Mapping[str, str]) -> RequestView:
         output = Output(text=record.get("text", ""), finish_reason=record.get("finish_reason"))
         prompt, completion = int(record.get("prompt_tokens", 0)), int(record.get("completion_tokens", 0))
         usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    elif status is Status.running and record.get("text"):
+        output = Output(text=record["text"])  # the text so far
     if record.get("error_type"):
         error = ErrorDetail(type=record["error_type"], message=record.get("error_message", ""))
     return RequestView(

@@ -97,3 +97,25 @@ def llmq(settings, *args: str, **env: str) -> subprocess.CompletedProcess:
 def llmq_keys(settings, *args: str) -> subprocess.CompletedProcess:
     """`llmq keys ...` against the test's Redis."""
     return llmq(settings, "keys", *args)
+
+
+async def sse_events(resp):
+    """The Server-Sent Events of an open response, as dicts {event, id, data} (data
+    parsed as JSON when it is), parsed by the rules of the SSE spec a browser follows."""
+    import json
+
+    event: dict = {}
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if "data" in event:
+                try:
+                    event["data"] = json.loads(event["data"])
+                except ValueError:
+                    pass
+                yield event
+            event = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            event[name] = f"{event[name]}\n{value}" if name == "data" and "data" in event else value
