@@ -99,6 +99,30 @@ def openapi_document(auth: bool = True) -> dict:
                     },
                 },
             },
+            "/v1/requests/{id}/stream": {
+                "get": {
+                    "summary": "Follow a request's text as it is generated (Server-Sent Events)",
+                    "description": "Events: `delta` (`{\"text\"}`: new text), `reset` (`{\"text\"}`: the whole text so "
+                                   "far, replacing what was received: after a resume the stream no longer holds, or "
+                                   "when another worker ran the request again), `done` (the final record, as `GET` "
+                                   "shows it), `error` (the stream was lost: reconnect). Every event has an `id`; "
+                                   "reconnecting with `Last-Event-ID` resumes after it. Works on any gateway replica.",
+                    "operationId": "streamRequest",
+                    "security": _KEY if auth else [],
+                    "parameters": [_ID_PARAM, {
+                        "name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"},
+                        "description": "Resume after this event (what EventSource sends when it reconnects).",
+                    }],
+                    "responses": {
+                        "200": {"description": "The event stream.",
+                                "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                        "400": _error("`Last-Event-ID` is not an event of this stream (`invalid_last_event_id`)."),
+                        "401": unauthorized,
+                        "404": _error("No such request (or it expired)."),
+                        "503": unavailable,
+                    },
+                },
+            },
             "/v1/models": {
                 "get": {
                     "summary": "List the models the workers serve (OpenAI's shape)",
