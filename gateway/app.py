@@ -24,8 +24,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from gateway.errors import HTTP_ERROR_TYPES, ApiError
+from gateway.errors import HTTP_ERROR_TYPES, ApiError, redis_down
 from gateway.metrics import GatewayMetrics
+from gateway.openai_compat import OpenAIError
+from gateway.openai_routes import PATHS as OPENAI_PATHS
+from gateway.openai_routes import OpenAIRoutes, openai_error
 from gateway.openapi import openapi_document
 from gateway.settings import GatewaySettings
 from gateway.streaming import KEEP_ALIVE, StreamGone, client_gone, follow, open_event_stream, sse_event, sse_json
@@ -51,12 +54,6 @@ from shared.telemetry import NO_TRACING, OFFSET, PARTITION, REQUEST_ID, Tracing
 
 log = structlog.get_logger(__name__)
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
-
-
-def _redis_down(exc: Exception) -> ApiError:
-    log.warning("redis_unavailable", error=str(exc))
-    return ApiError(503, "redis_unavailable", "the result store is unreachable; try again shortly",
-                    headers={"Retry-After": "1"})
 
 
 def _endpoint(request: web.Request) -> str:
@@ -93,6 +90,7 @@ class Gateway:
             web.get("/readyz", self.readyz),
             web.get("/metrics", self.metrics_endpoint),
             web.get("/openapi.json", self.openapi),
+            *OpenAIRoutes(self).routes(),
         ])
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._close)
@@ -154,10 +152,10 @@ class Gateway:
     async def _answer(self, request: web.Request, handler) -> web.StreamResponse:
         started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
-        refused: ApiError | None = None
+        refused: ApiError | OpenAIError | None = None
         try:
             response = await handler(request)
-        except ApiError as exc:
+        except (ApiError, OpenAIError) as exc:
             refused = exc
         except web.HTTPException as exc:
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 says what would do
@@ -166,7 +164,13 @@ class Gateway:
             log.exception("unhandled_error", path=request.path)
             refused = ApiError(500, "internal_error", "internal error")
         endpoint = _endpoint(request)
-        if refused is not None:
+        if isinstance(refused, ApiError) and endpoint in OPENAI_PATHS:
+            refused = openai_error(refused)  # OpenAI's clients read OpenAI's error shape
+        if isinstance(refused, OpenAIError):
+            response = web.json_response(refused.body(), status=refused.status, headers=refused.headers)
+            log.info("request_refused", status=refused.status, type=refused.code, field=refused.param,
+                     method=request.method, endpoint=endpoint)
+        elif refused is not None:
             response = refused.response()
             # Which key was refused what, and why; never the body (a prompt is private).
             log.info("request_refused", status=refused.status, type=refused.type, field=refused.field,
@@ -188,7 +192,7 @@ class Gateway:
         try:
             name = await self.api_keys.name_of(key.strip())
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
+            raise redis_down(exc) from exc
         if name is None:
             raise ApiError(401, "unauthorized", "the API key is unknown or revoked",
                            headers={"WWW-Authenticate": "Bearer"})
@@ -201,7 +205,7 @@ class Gateway:
         try:
             view = await view_of()
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
+            raise redis_down(exc) from exc
         if view is None or (self.settings.auth and view.tenant != tenant):
             raise ApiError(404, "not_found", "no such request")
         return view
@@ -209,12 +213,7 @@ class Gateway:
     async def submit(self, request: web.Request) -> web.Response:
         # 1) authenticate, then validate: content type, size, JSON, schema, configured limits
         tenant = await self._tenant(request)
-        if request.content_type != "application/json":
-            raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-        if (request.content_length or 0) > self.settings.max_body_bytes:
-            # From the header alone: don't hold the connection for a body we'd refuse.
-            raise ApiError(413, "body_too_large", f"the body is over the limit of {self.settings.max_body_bytes} bytes")
-        spec = self._validate(await request.read())
+        spec = self._validate(await self._read_body(request))
         if spec.model is not None:
             await self._check_served(spec.model)
         if self.settings.max_queue_depth and self.queue_depth >= self.settings.max_queue_depth:
@@ -231,7 +230,7 @@ class Gateway:
             retry_after = await self.store.create(base_fields(request_id, spec, submitted_at, "http", tenant),
                                                   rate, self.settings.rate_limit_burst)
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
+            raise redis_down(exc) from exc
         if retry_after:
             raise ApiError(429, "rate_limited", f"over {self.settings.rate_limit_rps:g} requests per second for this key",
                            headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
@@ -274,6 +273,15 @@ class Gateway:
         async with asyncio.timeout(self.settings.produce_timeout_seconds):
             return await self.producer.send_and_wait(topic, value, key=request_id.encode(), headers=headers)
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        """A JSON body within the size limit (415, 413 otherwise)."""
+        if request.content_type != "application/json":
+            raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+        if (request.content_length or 0) > self.settings.max_body_bytes:
+            # From the header alone: don't hold the connection for a body we'd refuse.
+            raise ApiError(413, "body_too_large", f"the body is over the limit of {self.settings.max_body_bytes} bytes")
+        return await request.read()
+
     def _validate(self, body: bytes) -> SubmitRequest:
         try:
             spec = SubmitRequest.model_validate_json(body)
@@ -296,7 +304,7 @@ class Gateway:
         try:
             served = await self.served_models.serves(model)
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
+            raise redis_down(exc) from exc
         if not served:
             names = ", ".join(sorted(await self.served_models.names()))
             raise ApiError(422, "model_not_found", f"model {model!r} is not served here (served: {names})", "model")
@@ -343,7 +351,7 @@ class Gateway:
                 raise ApiError(404, "not_found", "no such request")  # expired in between
             after, position, ended = await self._resume_point(request_id, request.headers.get("Last-Event-ID"))
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
+            raise redis_down(exc) from exc
         response = await open_event_stream(request)
         try:
             if ended:
@@ -399,7 +407,7 @@ class Gateway:
             await self.store.cancel(request_id)
             view = await self.store.get(request_id)
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
+            raise redis_down(exc) from exc
         if view is None:  # expired in between
             raise ApiError(404, "not_found", "no such request")
         if view.status is not Status.cancelled:
@@ -416,7 +424,7 @@ class Gateway:
         try:
             registered = await self.served_models.registered()
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
+            raise redis_down(exc) from exc
         cards = [ModelCard(id=name, created=int(at)) for name, at in sorted(registered.items())]
         return web.json_response(text=ModelList(data=cards).model_dump_json())
 

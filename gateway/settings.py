@@ -14,6 +14,9 @@ class GatewaySettings(ServiceSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     # Cap on GET ?wait= seconds.
     max_wait_seconds: float = Field(default=60.0, ge=0)
+    # Longest a non-streamed OpenAI call (or a stream) waits for its request to end;
+    # then the request is cancelled and the client gets a 504 `timeout`.
+    completion_timeout_seconds: float = Field(default=600.0, gt=0)
 
     # Require `Authorization: Bearer <key>` on /v1 (keys: `llmq keys create NAME`). `llmq up` turns it off.
     auth: bool = True
