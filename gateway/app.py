@@ -4,17 +4,20 @@ metrics and the OpenAPI document.
 
 A request is answered 202 only once Redis holds its record and the broker has
 acknowledged its message; if either fails the client gets a 503 and nothing
-is left half-written.
+is left half-written. An `Idempotency-Key` makes a retried submit answer with
+the request it first admitted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import structlog
@@ -38,23 +41,44 @@ from shared.schema import (
     ModelCard,
     ModelList,
     RequestMessage,
+    RequestSpec,
     RequestView,
     Status,
     SubmitRequest,
     describe_error,
 )
-from shared.store import RequestStore, base_fields, connect_redis
+from shared.store import IdempotencyClaim, RequestStore, base_fields, connect_redis
 from shared.store.models import ServedModels
 from shared.telemetry import NO_TRACING, OFFSET, PARTITION, REQUEST_ID, Tracing
 
 log = structlog.get_logger(__name__)
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+# The IETF httpapi Idempotency-Key draft: a retry with the same key answers with
+# the request the key first admitted; the same key with another body is refused
+# with 422. Bounded so that a key is no more than an opaque id.
+IDEMPOTENCY_KEY = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
 def _redis_down(exc: Exception) -> ApiError:
     log.warning("redis_unavailable", error=str(exc))
     return ApiError(503, "redis_unavailable", "the result store is unreachable; try again shortly",
                     headers={"Retry-After": "1"})
+
+
+def fingerprint_of(spec: RequestSpec) -> str:
+    """What an Idempotency-Key's retries must repeat: the validated body, so that
+    whitespace, key order and spellings pydantic normalises don't count."""
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request the queue holds: new, or the one its Idempotency-Key admitted before."""
+
+    id: str
+    replayed: bool = False
+    status: Status = Status.queued  # a replayed one's status when it was looked up
 
 
 def _endpoint(request: web.Request) -> str:
@@ -209,31 +233,54 @@ class Gateway:
         if (request.content_length or 0) > self.settings.max_body_bytes:
             # From the header alone: don't hold the connection for a body we'd refuse.
             raise ApiError(413, "body_too_large", f"the body is over the limit of {self.settings.max_body_bytes} bytes")
-        spec = self._validate(await request.read())
-        if spec.model is not None:
-            await self._check_served(spec.model)
+        body = self._validate(await request.read())
+        if body.model is not None:
+            await self._check_served(body.model)
+
+        # 2) admit it; 3) answer. Only a request with an Idempotency-Key needs a
+        # fingerprint (a serialisation and a hash).
+        fingerprint = fingerprint_of(body) if IDEMPOTENCY_KEY in request.headers else ""
+        admitted = await self.admit(request, body, tenant, fingerprint, body.id)
+        return await self._accepted(request, admitted)
+
+    async def admit(self, request: web.Request, spec: RequestSpec, tenant: str | None, fingerprint: str,
+                    request_id: str | None = None) -> Admitted:
+        """Everything after validation, the same for every endpoint that submits: the
+        queue's bound, the Idempotency-Key, the key's rate, the record, the message.
+        `fingerprint` is what a retry with the same Idempotency-Key must repeat (read
+        only when the request has one). Raises ApiError."""
+        idempotency = self._idempotency(request, fingerprint)
         if self.settings.max_queue_depth and self.queue_depth >= self.settings.max_queue_depth:
             raise ApiError(429, "queue_full", f"the queue holds {self.queue_depth} requests; try again later",
                            headers={"Retry-After": "5"})
 
-        # 2) record it, then enqueue it; undo the record if the broker won't take it
-        request_id = uuid.uuid4().hex
+        # Record it (unless its Idempotency-Key admitted one before), then enqueue it;
+        # undo the record if the broker won't take it.
+        request_id = request_id or uuid.uuid4().hex
         submitted_at = time.time()
         trace.get_current_span().set_attribute(REQUEST_ID, request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         rate = self.settings.rate_limit_rps if self.settings.auth else 0.0
         try:
-            retry_after = await self.store.create(base_fields(request_id, spec, submitted_at, "http", tenant),
-                                                  rate, self.settings.rate_limit_burst)
+            admission = await self.store.create(base_fields(request_id, spec, submitted_at, "http", tenant),
+                                                rate, self.settings.rate_limit_burst, idempotency)
         except (RedisError, OSError) as exc:
             raise _redis_down(exc) from exc
-        if retry_after:
+        if admission.outcome == "replay":
+            return await self._replayed(request, spec, tenant, idempotency, request_id, admission.request_id)
+        if admission.outcome == "key_reused":
+            raise ApiError(422, "idempotency_key_reused", "Idempotency-Key: already used with another body; "
+                           "send a new key with a new request", IDEMPOTENCY_KEY)
+        if admission.outcome == "rate_limited":
             raise ApiError(429, "rate_limited", f"over {self.settings.rate_limit_rps:g} requests per second for this key",
-                           headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+                           headers={"Retry-After": str(max(1, math.ceil(admission.retry_after)))})
+        if admission.outcome == "id_in_use":
+            # The same answer whoever owns it: nothing of another key's request is read or shown.
+            raise ApiError(409, "id_in_use", "a request with this id already exists; choose another id", "id")
         # Already validated: construct without validating a second time on the hot path.
         message = RequestMessage.model_construct(
             v=1, id=request_id, tenant=tenant, submitted_at=datetime.fromtimestamp(submitted_at, timezone.utc),
-            **dict(spec),
+            **{name: getattr(spec, name) for name in RequestSpec.model_fields},
         )
         try:
             await self._publish(request_id, message.to_bytes())
@@ -245,16 +292,51 @@ class Gateway:
                 # then recreate a deleted record and run a request the client was told
                 # was refused. A cancelled record is final, so workers skip it.
                 await self.store.cancel(request_id)
+                if idempotency is not None:
+                    # Told that nothing was accepted, the client may retry with the same key.
+                    await self.store.release_idempotency(tenant, idempotency)
             except (RedisError, OSError):
                 log.warning("record_cleanup_failed", request_id=request_id)
             raise ApiError(503, "broker_unavailable", "the queue is unreachable; the request was not accepted",
                            headers={"Retry-After": "1"}) from exc
         self.metrics.enqueued.inc()
+        return Admitted(request_id)
 
-        # 3) answer
-        status_url = f"/v1/requests/{request_id}"
-        body = {"id": request_id, "status": Status.queued.value, "status_url": status_url}
-        return web.json_response(body, status=202, headers={"Location": status_url})
+    def _idempotency(self, request: web.Request, fingerprint: str) -> IdempotencyClaim | None:
+        key = request.headers.get(IDEMPOTENCY_KEY)
+        if key is None:
+            return None
+        if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+            raise ApiError(422, "invalid_request", f"Idempotency-Key: must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} "
+                           "characters", IDEMPOTENCY_KEY)
+        return IdempotencyClaim(key, fingerprint, self.settings.idempotency_window_seconds)
+
+    async def _replayed(self, request: web.Request, spec: RequestSpec, tenant: str | None,
+                        idempotency: IdempotencyClaim, request_id: str, replayed_id: str) -> Admitted:
+        """The request an Idempotency-Key admitted before, as it is now."""
+        trace.get_current_span().set_attribute(REQUEST_ID, replayed_id)
+        structlog.contextvars.bind_contextvars(request_id=replayed_id)
+        try:
+            view = await self.store.get(replayed_id)
+            if view is None:
+                # Its record expired before the key did (a window longer than the records'
+                # TTL): the key names nothing any more, so it admits this request.
+                await self.store.release_idempotency(tenant, idempotency)
+        except (RedisError, OSError) as exc:
+            raise _redis_down(exc) from exc
+        if view is None:
+            return await self.admit(request, spec, tenant, idempotency.fingerprint, request_id)
+        log.info("request_replayed")
+        return Admitted(replayed_id, replayed=True, status=view.status)
+
+    async def _accepted(self, request: web.Request, admitted: Admitted) -> web.Response:
+        """202 with where to read the request."""
+        status_url = f"/v1/requests/{admitted.id}"
+        headers = {"Location": status_url}
+        if admitted.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        body = {"id": admitted.id, "status": admitted.status.value, "status_url": status_url}
+        return web.json_response(body, status=202, headers=headers)
 
     async def _publish(self, request_id: str, value: bytes) -> None:
         """Produce the message and wait for the broker's ack, in a PRODUCER span

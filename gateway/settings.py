@@ -25,3 +25,5 @@ class GatewaySettings(ServiceSettings):
     # Queue admission: refuse submits (429 queue_full) while the workers' lag is at or
     # above this many requests (0: no bound). The gateway reads the lag once a second.
     max_queue_depth: int = Field(default=0, ge=0)
+    # How long an `Idempotency-Key` on POST /v1/requests answers with the request it first admitted.
+    idempotency_window_seconds: int = Field(default=86_400, ge=1)
