@@ -5,7 +5,8 @@ metrics and the OpenAPI document.
 A request is answered 202 only once Redis holds its record and the broker has
 acknowledged its message; if either fails the client gets a 503 and nothing
 is left half-written. An `Idempotency-Key` makes a retried submit answer with
-the request it first admitted.
+the request it first admitted, and `Prefer: wait=N` holds the answer until the
+request is final.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 # with 422. Bounded so that a key is no more than an opaque id.
 IDEMPOTENCY_KEY = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY_CHARS = 255
+# RFC 7240's `wait` preference is delta-seconds; a fraction is read too.
+_WAIT_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def _redis_down(exc: Exception) -> ApiError:
@@ -70,6 +73,19 @@ def fingerprint_of(spec: RequestSpec) -> str:
     """What an Idempotency-Key's retries must repeat: the validated body, so that
     whitespace, key order and spellings pydantic normalises don't count."""
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+
+
+def preferred_wait(request: web.Request) -> float | None:
+    """The seconds of `Prefer: wait=N` (RFC 7240), or None. As the RFC asks, a
+    preference that is absent or can't be read is ignored, not refused, and only
+    its first instance counts."""
+    for header in request.headers.getall("Prefer", ()):
+        for preference in header.split(","):
+            name, _, value = preference.split(";", 1)[0].partition("=")
+            if name.strip().lower() == "wait":
+                value = value.strip().strip('"')
+                return float(value) if _WAIT_SECONDS.fullmatch(value) else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -237,8 +253,8 @@ class Gateway:
         if body.model is not None:
             await self._check_served(body.model)
 
-        # 2) admit it; 3) answer. Only a request with an Idempotency-Key needs a
-        # fingerprint (a serialisation and a hash).
+        # 2) admit it; 3) answer, once it is final if `Prefer: wait` asks. Only a request
+        # with an Idempotency-Key needs a fingerprint (a serialisation and a hash).
         fingerprint = fingerprint_of(body) if IDEMPOTENCY_KEY in request.headers else ""
         admitted = await self.admit(request, body, tenant, fingerprint, body.id)
         return await self._accepted(request, admitted)
@@ -330,12 +346,26 @@ class Gateway:
         return Admitted(replayed_id, replayed=True, status=view.status)
 
     async def _accepted(self, request: web.Request, admitted: Admitted) -> web.Response:
-        """202 with where to read the request."""
+        """202 with where to read the request; 200 with the record if `Prefer: wait=N`
+        asked to wait and it finished in time."""
         status_url = f"/v1/requests/{admitted.id}"
         headers = {"Location": status_url}
         if admitted.replayed:
             headers["Idempotent-Replayed"] = "true"
-        body = {"id": admitted.id, "status": admitted.status.value, "status_url": status_url}
+        status = admitted.status
+        wait = min(preferred_wait(request) or 0.0, self.settings.max_wait_seconds)
+        if wait > 0:
+            headers["Preference-Applied"] = f"wait={wait:g}"
+            try:
+                view = await self.waiter.wait(admitted.id, wait)
+            except (RedisError, OSError) as exc:
+                # Accepted already: a 503 now would tell the client it was not.
+                log.warning("wait_failed", error=str(exc))
+                view = None
+            if view is not None and view.status.is_final:
+                return web.json_response(text=view.model_dump_json(), headers=headers)
+            status = view.status if view is not None else status
+        body = {"id": admitted.id, "status": status.value, "status_url": status_url}
         return web.json_response(body, status=202, headers=headers)
 
     async def _publish(self, request_id: str, value: bytes) -> None:

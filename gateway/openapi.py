@@ -24,7 +24,7 @@ def _json(description: str, model: str) -> dict:
 # With auth on (LLMQ_AUTH, the default), /v1 needs `Authorization: Bearer <key>`.
 _KEY = [{"apiKey": []}]
 
-# The IETF httpapi Idempotency-Key draft.
+# The IETF httpapi Idempotency-Key draft, and RFC 7240's `wait` preference (as Replicate's API uses it).
 _IDEMPOTENCY_KEY_PARAM = {
     "name": "Idempotency-Key", "in": "header", "required": False,
     "schema": {"type": "string", "minLength": 1, "maxLength": 255},
@@ -33,8 +33,15 @@ _IDEMPOTENCY_KEY_PARAM = {
                    "first admitted (`Idempotent-Replayed: true`) and enqueues nothing; with another body it is refused "
                    "(422 `idempotency_key_reused`). A submit refused with 503 leaves the key free.",
 }
+_PREFER_PARAM = {
+    "name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
+    "description": "`wait=N` (RFC 7240): hold the answer up to N seconds (capped) until the request is finished, "
+                   "then answer 200 with its record. Preferences that can't be read are ignored.",
+}
 _REPLAYED = {"Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]},
                                      "description": "The answer is for the request the Idempotency-Key admitted before."}}
+_PREFERENCE_APPLIED = {"Preference-Applied": {"schema": {"type": "string"},
+                                              "description": "`wait=N`: it waited up to N seconds (after the cap)."}}
 
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 128},
              "description": "The request id from `POST /v1/requests`, or a Kafka producer's own id."}
@@ -62,13 +69,17 @@ def openapi_document(auth: bool = True) -> dict:
                     "summary": "Submit a generation request",
                     "operationId": "submitRequest",
                     "security": _KEY if auth else [],
-                    "parameters": [_IDEMPOTENCY_KEY_PARAM],
+                    "parameters": [_IDEMPOTENCY_KEY_PARAM, _PREFER_PARAM],
                     "requestBody": {"required": True,
                                     "content": {"application/json": {"schema": {"$ref": _REF.format(model="SubmitRequest")}}}},
                     "responses": {
+                        "200": {**_json("Finished within `Prefer: wait=N`: the request's record.", "RequestView"),
+                                "headers": {"Location": {"schema": {"type": "string"}}, **_PREFERENCE_APPLIED,
+                                            **_REPLAYED}},
                         "202": {**_json("Accepted: the broker has the request (or had it, for a replayed "
                                         "Idempotency-Key; `status` is its status now).", "Accepted"),
-                                "headers": {"Location": {"schema": {"type": "string"}}, **_REPLAYED}},
+                                "headers": {"Location": {"schema": {"type": "string"}}, **_PREFERENCE_APPLIED,
+                                            **_REPLAYED}},
                         "400": _error("The body is not JSON."),
                         "413": _error("The body or the prompt is too large."),
                         "401": unauthorized,

@@ -12,7 +12,7 @@ class GatewaySettings(ServiceSettings):
     http_port: int = Field(default=8000, ge=0, le=65535, json_schema_extra=cli("--port"))
     # Largest accepted HTTP request body, bytes (413 above it).
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
-    # Cap on GET ?wait= seconds.
+    # Cap on GET ?wait= and POST `Prefer: wait=` seconds.
     max_wait_seconds: float = Field(default=60.0, ge=0)
 
     # Require `Authorization: Bearer <key>` on /v1 (keys: `llmq keys create NAME`). `llmq up` turns it off.

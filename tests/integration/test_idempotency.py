@@ -1,11 +1,13 @@
-"""`POST /v1/requests` made safe to retry: an `Idempotency-Key` answers a retry
-with the request it first admitted (nothing enqueued twice), and a client may
-choose the request's `id` (never overwriting another request)."""
+"""`POST /v1/requests` made safe to retry and to wait on: an `Idempotency-Key`
+answers a retry with the request it first admitted (nothing enqueued twice), a
+client may choose the request's `id` (never overwriting another request), and
+`Prefer: wait=N` answers with the finished record when it is done in time."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -214,3 +216,49 @@ async def test_another_api_key_cannot_take_or_read_a_chosen_id(secured, http, al
     async with http.get(f"{secured.url}/v1/requests/alice-1", headers=alice) as resp:
         view = await resp.json()
         assert resp.status == 200 and view["status"] == "queued"
+
+
+# ---- Prefer: wait=N -------------------------------------------------------------------------
+
+
+async def test_prefer_wait_answers_with_the_finished_record(gateway, http, start_worker):
+    await start_worker()
+    status, view, headers = await post(http, gateway.url, {"input": {"prompt": "done while you wait"}},
+                                       Prefer="wait=5")
+    assert status == 200
+    assert view["status"] == "succeeded"
+    assert view["output"] == {"text": "done while you wait", "finish_reason": "stop"}
+    assert headers["Preference-Applied"] == "wait=5"
+    assert headers["Location"] == f"/v1/requests/{view['id']}"
+    async with http.get(f"{gateway.url}{headers['Location']}") as resp:
+        assert await resp.json() == view
+
+
+async def test_prefer_wait_runs_out_into_a_202(gateway, http):
+    started = time.monotonic()
+    status, accepted, headers = await post(http, gateway.url, BODY, Prefer="respond-async, wait=1")
+    assert time.monotonic() - started >= 0.9  # it did wait: no worker runs it
+    assert status == 202 and accepted["status"] == "queued"
+    assert headers["Location"] == accepted["status_url"]
+    assert headers["Preference-Applied"] == "wait=1"
+
+
+async def test_prefer_wait_is_capped_and_unreadable_preferences_are_ignored(settings, http):
+    capped = settings.model_copy(update={"max_wait_seconds": 0.5})
+    async with serve_gateway(capped) as gateway:
+        status, _, headers = await post(http, gateway.url, BODY, Prefer="wait=30")
+        assert status == 202 and headers["Preference-Applied"] == "wait=0.5"
+        for prefer in ("wait=soon", "wait=-1", "wait", "wait=0", "handling=lenient"):
+            status, _, headers = await post(http, gateway.url, BODY, Prefer=prefer)
+            assert status == 202 and "Preference-Applied" not in headers, prefer
+
+
+async def test_a_replay_with_prefer_wait_waits_on_the_first_request(settings, gateway, http, start_worker):
+    status, first, _ = await post(http, gateway.url, BODY, Idempotency_Key="wait-on-me")
+    assert status == 202
+    await start_worker()
+    status, view, headers = await post(http, gateway.url, BODY, Idempotency_Key="wait-on-me", Prefer="wait=10")
+    assert status == 200
+    assert (view["id"], view["status"], view["output"]["text"]) == (first["id"], "succeeded", "only once please")
+    assert headers["Idempotent-Replayed"] == "true" and headers["Preference-Applied"] == "wait=10"
+    assert await messages_on_topic(settings) == 1
