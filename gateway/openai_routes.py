@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from gateway.admission import IDEMPOTENCY_KEY, fingerprint_of
 from gateway.errors import ApiError, redis_down
 from gateway.openai_compat import (
     SSE_DONE,
@@ -73,7 +74,8 @@ class OpenAIRoutes:
                               "invalid_value")
         await gw._check_served(call.spec.model)
         # 2) admitted as POST /v1/requests admits; a retry with the same Idempotency-Key gets the same request
-        fingerprint = f"{kind}:{call.stream}:{call.include_usage}:{gw.fingerprint_of(call.spec)}"
+        fingerprint = f"{kind}:{call.stream}:{call.include_usage}:{fingerprint_of(call.spec)}" \
+            if IDEMPOTENCY_KEY in request.headers else ""
         admitted = await gw.admit(request, call.spec, tenant, fingerprint)
         # 3) the answer, streamed or once final
         if call.stream:
