@@ -172,3 +172,37 @@ async def test_the_torch_engine_streams_exactly_its_final_text(gateway, http, st
     done = events[-1]["data"]
     assert done["status"] == "succeeded" and done["usage"]["completion_tokens"] == 48
     assert sum(e["event"] == "delta" for e in events) > 1 and _text(events) == done["output"]["text"]
+
+
+async def test_a_redis_restart_mid_stream_ends_it_clearly_and_the_client_resumes(broker, tmp_path, http):
+    from deploy.devstack import free_port, start_redis
+    from tests.conftest import isolated_settings
+    from workers.worker import Worker
+
+    port, redis_dir = free_port(), tmp_path / "redis"
+    redis = start_redis(port, redis_dir, persistent=True)  # restarted below with what it held
+    own = isolated_settings(broker, redis)
+    worker = Worker(own.model_copy(update={"echo_token_delay_ms": 40}))
+    task = asyncio.create_task(worker.run())
+    try:
+        async with serve_gateway(own) as gateway:
+            words = " ".join(f"w{i}" for i in range(80))
+            request_id = await submit(http, gateway.url, {"input": {"prompt": words}, "params": {"max_tokens": 80}})
+            events = []
+            async with asyncio.timeout(20):  # nothing hangs
+                async with http.get(f"{gateway.url}/v1/requests/{request_id}/stream") as resp:
+                    async for event in sse_events(resp):
+                        events.append(event)
+                        if len(events) == 3:
+                            redis.stop()
+            assert events[-1]["event"] == "error" and events[-1]["data"]["error"]["type"] == "stream_lost"
+
+            redis = start_redis(port, redis_dir, persistent=True)
+            last_id = [e for e in events if e.get("id")][-1]["id"]
+            rest, status = await _stream(http, gateway.url, request_id, headers={"Last-Event-ID": last_id})
+            assert status == 200 and rest[-1]["event"] == "done" and rest[-1]["data"]["status"] == "succeeded"
+            assert _text(events[:-1] + rest) == words
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+        redis.stop()
