@@ -34,7 +34,16 @@ from gateway.openai_routes import PATHS as OPENAI_PATHS
 from gateway.openai_routes import OpenAIRoutes, openai_error
 from gateway.openapi import openapi_document
 from gateway.settings import GatewaySettings
-from gateway.streaming import KEEP_ALIVE, StreamGone, client_gone, follow, open_event_stream, sse_event, sse_json
+from gateway.streaming import (
+    KEEP_ALIVE,
+    StreamGone,
+    StreamHub,
+    client_gone,
+    follow,
+    open_event_stream,
+    sse_event,
+    sse_json,
+)
 from gateway.waiter import CompletionWaiter
 from shared.apikeys import ApiKeyStore
 from shared.kafka import JSON_HEADERS, ensure_topics, make_producer, start_with_retry
@@ -74,6 +83,7 @@ class Gateway:
         self.redis = None
         self.store: RequestStore | None = None
         self.streams: TokenStreams | None = None
+        self.stream_hub: StreamHub | None = None
         self.waiter: CompletionWaiter | None = None
         self.api_keys: ApiKeyStore | None = None
         self.served_models: ServedModels | None = None
@@ -102,6 +112,7 @@ class Gateway:
         self.redis = connect_redis(s.redis_url)
         self.store = RequestStore(self.redis, Keys.of(s))
         self.streams = TokenStreams(self.redis, self.store.keys)
+        self.stream_hub = StreamHub(s.redis_url, self.store.keys, self.redis)
         self.waiter = CompletionWaiter(self.store)
         self.api_keys = ApiKeyStore(self.redis, self.store.keys)
         self.served_models = ServedModels(self.redis, self.store.keys)
@@ -134,6 +145,8 @@ class Gateway:
             await asyncio.gather(self._queue_watch, return_exceptions=True)
         if self.waiter is not None:
             await self.waiter.close()
+        if self.stream_hub is not None:
+            await self.stream_hub.close()
         if self.producer is not None:
             await self.producer.stop()
         if self.redis is not None:
@@ -431,7 +444,7 @@ class Gateway:
             if ended:
                 await self._write_done(response, request_id, after)
                 return response
-            async for piece in follow(self.streams, request_id, after, position):
+            async for piece in follow(self.streams, self.stream_hub, request_id, after, position):
                 if piece.kind == "idle":
                     if client_gone(request):
                         return response

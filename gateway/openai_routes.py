@@ -129,7 +129,7 @@ class OpenAIRoutes:
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             await response.write(sse(chunks.first()))
-            async for piece in follow(gw.streams, request_id):
+            async for piece in follow(gw.streams, gw.stream_hub, request_id):
                 if piece.kind == "idle":
                     if client_gone(request):
                         raise ConnectionResetError("client gone")

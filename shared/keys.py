@@ -6,6 +6,9 @@
   deltas, then an entry marking its end), created only once a client
   watches the request (SSE), capped at `stream_max_entries` entries and
   expiring `stream_ttl_seconds` after its last entry.
+- `{prefix}:wake:{gateway}`: a gateway's wake-up stream (one entry), which
+  ends its blocking read of the token streams when a client starts
+  watching; expires 10 minutes after its last use.
 - `{prefix}:done`: channel announcing each finished request (message: the id),
   so long-polls wake without busy polling; `{prefix}:cancelled` announces
   cancelled ones, so the worker running one stops it.
@@ -50,6 +53,9 @@ class Keys:
 
     def stream(self, request_id: str) -> str:
         return f"{self.prefix}:stream:{request_id}"
+
+    def gateway_wake(self, gateway: str) -> str:
+        return f"{self.prefix}:wake:{gateway}"
 
     @property
     def done_channel(self) -> str:

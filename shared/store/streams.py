@@ -54,15 +54,10 @@ class TokenStreams:
         args = [self.keys.stream_max_entries, self.keys.stream_ttl_seconds]
         return bool(await self._attach(keys=self._keys(request_id), args=args))
 
-    async def read(self, request_id: str, after: str, block_ms: int) -> list[StreamEntry]:
-        """Entries after `after`, waiting up to `block_ms` for one; [] if none came."""
-        answer = await self.redis.xread({self.keys.stream(request_id): after}, count=256, block=block_ms)
-        return [_entry(entry_id, fields) for _, entries in answer for entry_id, fields in entries]
-
     async def entry(self, request_id: str, entry_id: str) -> StreamEntry | None:
         """One entry by id, or None if the stream doesn't hold it (trimmed, or never was)."""
         found = await self.redis.xrange(self.keys.stream(request_id), entry_id, entry_id)
-        return _entry(*found[0]) if found else None
+        return stream_entry(*found[0]) if found else None
 
     async def first_id(self, request_id: str) -> str | None:
         found = await self.redis.xrange(self.keys.stream(request_id), count=1)
@@ -76,6 +71,7 @@ class TokenStreams:
         return bool(await self.redis.exists(self.keys.stream(request_id)))
 
 
-def _entry(entry_id: str, fields: dict[str, str]) -> StreamEntry:
+def stream_entry(entry_id: str, fields: dict[str, str]) -> StreamEntry:
+    """An entry as XREAD/XRANGE return it (decoded)."""
     end = fields.get("end")
     return StreamEntry(entry_id, int(fields.get("at", 0)), fields.get("d", ""), Status(end) if end else None)

@@ -99,6 +99,16 @@ def llmq_keys(settings, *args: str) -> subprocess.CompletedProcess:
     return llmq(settings, "keys", *args)
 
 
+def api_keys(settings, *names: str) -> dict[str, str]:
+    """A new API key for each name (`llmq keys create`), by name."""
+    keys = {}
+    for name in names:
+        made = llmq_keys(settings, "create", name)
+        assert made.returncode == 0, made.stderr
+        keys[name] = made.stdout.strip()
+    return keys
+
+
 async def sse_events(resp):
     """The Server-Sent Events of an open response, as dicts {event, id, data} (data
     parsed as JSON when it is), parsed by the rules of the SSE spec a browser follows."""

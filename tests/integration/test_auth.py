@@ -12,7 +12,7 @@ import pytest
 
 from deploy.devstack import free_port
 from tests.conftest import serve_gateway
-from tests.integration.helpers import llmq, llmq_keys, wait_final, wait_until
+from tests.integration.helpers import api_keys, llmq, llmq_keys, wait_final, wait_until
 
 BODY = {"input": {"prompt": "mine alone"}, "params": {"max_tokens": 4}}
 
@@ -30,12 +30,7 @@ async def secured(auth_settings):
 
 @pytest.fixture
 def alice_and_bob(auth_settings):
-    keys = {}
-    for name in ("alice", "bob"):
-        made = llmq_keys(auth_settings, "create", name)
-        assert made.returncode == 0, made.stderr
-        keys[name] = {"Authorization": f"Bearer {made.stdout.strip()}"}
-    return keys
+    return {name: {"Authorization": f"Bearer {key}"} for name, key in api_keys(auth_settings, "alice", "bob").items()}
 
 
 async def test_no_or_wrong_key_is_401(secured, http):

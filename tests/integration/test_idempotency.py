@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from deploy.devstack import free_port, start_broker
 from tests.conftest import serve_gateway
-from tests.integration.helpers import llmq_keys, submit, wait_final, wait_until
+from tests.integration.helpers import api_keys, submit, wait_final, wait_until
 
 BODY = {"input": {"prompt": "only once please"}, "params": {"max_tokens": 8}}
 
@@ -123,12 +123,7 @@ async def secured(auth_settings):
 
 @pytest.fixture
 def alice_and_bob(auth_settings):
-    keys = {}
-    for name in ("alice", "bob"):
-        made = llmq_keys(auth_settings, "create", name)
-        assert made.returncode == 0, made.stderr
-        keys[name] = made.stdout.strip()
-    return keys
+    return api_keys(auth_settings, "alice", "bob")
 
 
 async def test_each_api_key_has_keys_of_its_own(secured, http, alice_and_bob, auth_settings):

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from tests.conftest import serve_gateway
-from tests.integration.helpers import llmq_keys, wait_until
+from tests.integration.helpers import api_keys, llmq_keys, wait_until
 
 
 async def test_models_list_shows_what_the_workers_serve(gateway, start_worker):
@@ -127,8 +127,7 @@ async def test_what_llmq_cannot_do_is_refused_in_openais_shape(gateway, start_wo
 
 async def test_keys_and_rates_apply_to_the_openai_endpoints(settings, http, start_worker):
     secured = settings.model_copy(update={"auth": True, "rate_limit_rps": 0.01, "rate_limit_burst": 1})
-    key = llmq_keys(secured, "create", "sdk-user").stdout.strip()
-    other = llmq_keys(secured, "create", "someone-else").stdout.strip()
+    key, other = api_keys(secured, "sdk-user", "someone-else").values()
     await start_worker()
     async with serve_gateway(secured) as gateway:
         with pytest.raises(openai.AuthenticationError):
