@@ -120,6 +120,7 @@ class Runner:
             result = GenerationResult(job.request_id, finish_reason="error", error="the engine failed on this request")
         finally:
             self.running.pop(job.request_id, None)
+            self.progress.forget(job.request_id)
             self._update_gauges()
         if result is None:
             result = GenerationResult(job.request_id, finish_reason="error", error="the engine returned no result")

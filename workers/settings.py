@@ -38,6 +38,10 @@ class WorkerSettings(ServiceSettings):
     # echo engine: simulated time per output token (benchmarks, scaler tests).
     echo_token_delay_ms: float = Field(default=0.0, ge=0)
 
+    # Most one write of running requests' new text (GET's text so far, SSE streams) per this
+    # many ms; a request's first text is never held. 0: a write per step (one in flight at a time).
+    stream_interval_ms: float = Field(default=0.0, ge=0)
+
     # --- consuming ------------------------------------------------------------
     # Most requests a worker holds (running + waiting for a slot); it pauses its
     # Kafka fetch at this many. 0: twice batch_max_size.

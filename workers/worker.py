@@ -91,7 +91,7 @@ class Worker:
                                       heartbeat_interval_ms=max(s.session_timeout_ms // 4, 250))
         self.results = ResultWriter(store, self.producer, self.consumer, self.offsets, self.capacity, self.metrics,
                                     self.tracing, self._stopping)
-        progress = ProgressWriter(store, self.name)
+        progress = ProgressWriter(store, self.name, s.stream_interval_ms / 1000)
         self.runner = Runner(s, self.name, store, self.engine, self.results, progress, self.metrics, self.tracing,
                              self.stop)
         # What `model` may name: the engine's name, or (a model engine's) the path or hub name it loaded.
