@@ -5,8 +5,8 @@
 One run builds the tiny model, starts its own broker (Tansu), redis-server, one
 `gateway` (LLMQ_AUTH=false) and ONE torch `worker` serving that model, all on
 free loopback ports, and waits until the worker has registered it. Then, for
-each concurrency C (a fixed 4 x C requests per level, --requests-per-slot, at
-most C in flight; the same prompts of about --prompt-tokens tokens, greedy,
+each concurrency C (a fixed 4 x C requests per level, at least 16, at most C
+in flight; the same prompts of about --prompt-tokens tokens, greedy,
 --max-tokens each), the two sides take turns (llmq then direct; the next round
 direct then llmq), never both at once:
 
@@ -19,7 +19,8 @@ direct then llmq), never both at once:
 Per request: TTFT = the call → the first non-empty content (a chunk's
 `delta.content`, or an engine output's `delta`); ITL = the gaps between
 successive non-empty contents (through llmq a chunk may carry several tokens:
-the worker batches its writes, so tokens per chunk is reported too); output
+the worker batches its writes, so tokens per chunk is reported too, and TPOT =
+(last content - first) / (tokens - 1), which chunking does not change); output
 tokens = the usage chunk's `completion_tokens` (direct: the result's). Per
 level: output tok/s = sum(completion_tokens) / the level's wall time, and the
 CPU per output token of the processes on the path (llmq: gateway, worker,
@@ -70,9 +71,20 @@ class Sample:
     ttft: float | None = None  # seconds, the call → first non-empty content
     gaps: list[float] = field(default_factory=list)  # seconds between successive non-empty contents
     chunks: int = 0  # non-empty contents received
+    last: float | None = None  # seconds, the call → the last non-empty content
     tokens: int = 0  # completion tokens, as the usage (or the result) counts them
     text: str = ""
     error: str | None = None
+
+    def content(self, text: str, since_call: float) -> None:
+        """A non-empty piece of text, `since_call` seconds after the call."""
+        if self.ttft is None:
+            self.ttft = since_call
+        else:
+            self.gaps.append(since_call - self.last)
+        self.last = since_call
+        self.chunks += 1
+        self.text += text
 
 
 @dataclass
@@ -91,6 +103,7 @@ class Level:
     ttft_p99_ms: float | None
     itl_p50_ms: float | None
     itl_p99_ms: float | None
+    tpot_p50_ms: float | None  # per request: (last content - first content) / (tokens - 1), chunking aside
     tokens_per_chunk: float | None
     cpu_s: dict[str, float]
     first_error: str | None = None
@@ -101,10 +114,12 @@ def summarise(side: str, concurrency: int, round_: int, samples: list[Sample], w
     ok = [s for s in samples if s.error is None]
     ttfts = [s.ttft for s in ok if s.ttft is not None]
     gaps = [g for s in ok for g in s.gaps]
+    tpots = [(s.last - s.ttft) / (s.tokens - 1) for s in ok if s.ttft is not None and s.tokens > 1]
     tokens, chunks = sum(s.tokens for s in ok), sum(s.chunks for s in ok)
     return Level(side, concurrency, round_, len(samples), round(wall, 3), tokens, len(samples) - len(ok),
                  round(tokens / wall, 1), ms(percentile(ttfts, 50)), ms(percentile(ttfts, 99)),
-                 ms(percentile(gaps, 50)), ms(percentile(gaps, 99)), round(tokens / chunks, 2) if chunks else None,
+                 ms(percentile(gaps, 50)), ms(percentile(gaps, 99)), ms(percentile(tpots, 50)),
+                 round(tokens / chunks, 2) if chunks else None,
                  {name: round(v, 3) for name, v in cpu.items()},
                  next((s.error for s in samples if s.error is not None), None))
 
@@ -114,7 +129,7 @@ def summarise(side: str, concurrency: int, round_: int, samples: list[Sample], w
 
 async def through_llmq(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> Sample:
     sample = Sample()
-    started = last = time.perf_counter()
+    started = time.perf_counter()
     try:
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
@@ -123,14 +138,7 @@ async def through_llmq(client: openai.AsyncOpenAI, model: str, prompt: str, max_
             async for chunk in stream:
                 content = chunk.choices[0].delta.content if chunk.choices else None
                 if content:
-                    now = time.perf_counter()
-                    if sample.ttft is None:
-                        sample.ttft = now - started
-                    else:
-                        sample.gaps.append(now - last)
-                    last = now
-                    sample.chunks += 1
-                    sample.text += content
+                    sample.content(content, time.perf_counter() - started)
                 if chunk.usage is not None:
                     sample.tokens = chunk.usage.completion_tokens
     except openai.APIError as exc:
@@ -142,17 +150,10 @@ async def direct(engine: TorchEngine, request_id: str, prompt: str, max_tokens: 
     sample = Sample()
     request = GenerationRequest(request_id, Params(max_tokens=max_tokens, temperature=0),
                                 messages=[ChatMessage(role="user", content=prompt)])
-    started = last = time.perf_counter()
+    started = time.perf_counter()
     async for output in engine.generate(request):
         if output.delta:
-            now = time.perf_counter()
-            if sample.ttft is None:
-                sample.ttft = now - started
-            else:
-                sample.gaps.append(now - last)
-            last = now
-            sample.chunks += 1
-            sample.text += output.delta
+            sample.content(output.delta, time.perf_counter() - started)
         if output.result is not None:
             sample.tokens = output.result.completion_tokens
             sample.error = output.result.error
@@ -213,6 +214,10 @@ def start_stack(children: Children, tmp: Path, model_dir: Path) -> tuple[str, st
 # ---- the run -----------------------------------------------------------------------------
 
 
+def requests_at(args: argparse.Namespace, concurrency: int) -> int:
+    return max(concurrency * args.requests_per_slot, args.min_requests)
+
+
 async def measure(args: argparse.Namespace, base: str, model: str, model_dir: Path, prompts: list[str],
                   pids: dict[str, int | None], children: Children) -> tuple[list[Level], dict]:
     # The worker's own settings: the same LLMQ_* environment, and the engine and model it was given.
@@ -251,7 +256,7 @@ async def measure(args: argparse.Namespace, base: str, model: str, model_dir: Pa
                         raise ServiceError("a child process exited during the run")
                     meter = CpuMeter(pids)
                     meter.start()
-                    samples, wall = await run_level(ones[side], prompts, c, c * args.requests_per_slot)
+                    samples, wall = await run_level(ones[side], prompts, c, requests_at(args, c))
                     level = summarise(side, c, r + 1, samples, wall, meter.stop())
                     levels.append(level)
                     texts[(side, c, r + 1)] = [s.text if s.error is None else None for s in samples]
@@ -287,7 +292,7 @@ def run(args: argparse.Namespace, children: Children, tmp: Path) -> dict:
     from transformers import AutoTokenizer
 
     # Prompts of about --prompt-tokens tokens from the model's own corpus, fixed seed.
-    work = make_workload(AutoTokenizer.from_pretrained(model_dir), args.requests_per_slot * max(args.levels),
+    work = make_workload(AutoTokenizer.from_pretrained(model_dir), max(requests_at(args, c) for c in args.levels),
                          args.prompt_tokens)
     log(f"starting broker, redis, gateway and a torch worker in {tmp}")
     base, model, pids = start_stack(children, tmp, model_dir)
@@ -295,7 +300,7 @@ def run(args: argparse.Namespace, children: Children, tmp: Path) -> dict:
     info["loadavg_at_end"] = os.getloadavg()
     return {
         "machine": info,
-        "config": {"levels": args.levels, "requests_per_level": {c: c * args.requests_per_slot for c in args.levels},
+        "config": {"levels": args.levels, "requests_per_level": [requests_at(args, c) for c in args.levels],
                    "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens, "rounds": args.rounds,
                    "model": model, "engine": "torch", "workers": 1,
                    "env_overrides": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LLMQ_")}},
@@ -316,6 +321,10 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _verdict(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
 def report(result: dict) -> str:
     m, cfg, check = result["machine"], result["config"], result["correctness"]
     by = {}
@@ -326,16 +335,18 @@ def report(result: dict) -> str:
         f"machine: {m['nproc']} CPUs ({m['cpu_model']}), python {m['python']}, "
         f"load average at start {m['loadavg_at_start'][0]:.2f}, at end {m['loadavg_at_end'][0]:.2f}",
         f"model {cfg['model']} (torch engine, 1 worker), prompts of {cfg['prompt_tokens']} tokens as one user "
-        f"message, max_tokens {cfg['max_tokens']}, greedy; {cfg['requests_per_level']} requests per level; {rounds}",
+        f"message, max_tokens {cfg['max_tokens']}, greedy; "
+        + ", ".join(f"{n} requests at C={c}" for c, n in zip(cfg["levels"], cfg["requests_per_level"])) + f"; {rounds}",
         "",
-        "| C | path | TTFT p50 / p99 ms | ITL p50 / p99 ms | tokens per chunk | output tok/s | CPU ms per token (path) |",
-        "|---|---|---|---|---|---|---|",
+        "| C | path | TTFT p50 / p99 ms | ITL p50 / p99 ms | TPOT p50 ms | tokens per chunk | output tok/s | "
+        "CPU ms per token (path) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in cfg["levels"]:
         for side in SIDES:
             runs = by.get((side, c))
             if not runs:
-                lines.append(f"| {c} | {side} | not served | | | | |")
+                lines.append(f"| {c} | {side} | not served | | | | | |")
                 continue
             # The processes on the path: through llmq every one (this one is its client), direct only this one.
             cpu = median([(sum(r["cpu_s"].values()) if side == "llmq" else r["cpu_s"]["bench"]) * 1000 / r["tokens"]
@@ -345,6 +356,7 @@ def report(result: dict) -> str:
                 f"| {c} | {side}{f' ({errors} errors)' if errors else ''} | "
                 f"{_fmt(_med(runs, 'ttft_p50_ms'))} / {_fmt(_med(runs, 'ttft_p99_ms'))} | "
                 f"{_fmt(_med(runs, 'itl_p50_ms'))} / {_fmt(_med(runs, 'itl_p99_ms'))} | "
+                f"{_fmt(_med(runs, 'tpot_p50_ms'))} | "
                 f"{_fmt(_med(runs, 'tokens_per_chunk'), 2)} | {_fmt(_med(runs, 'tok_per_s'), 0)} | {cpu:.2f} |")
     if not check["llmq_served"]:
         lines += ["", "llmq: the gateway does not serve POST /v1/chat/completions yet; direct engine only."]
@@ -358,9 +370,9 @@ def report(result: dict) -> str:
                 if a["ttft_p50_ms"] is not None and b["ttft_p50_ms"] is not None]
         ratios = [a["tok_per_s"] / b["tok_per_s"] for a, b in pairs if b["tok_per_s"]]
         hop, ratio = (median(hops) if hops else None), (median(ratios) if ratios else None)
-        hop_target = "≤ 15 ms" + (f" ({'pass' if hop <= 15 else 'FAIL'})" if hop is not None else "") if c == 8 else "—"
-        ratio_ok = "—" if ratio is None else ("pass" if ratio >= 0.9 else "FAIL")
-        lines.append(f"| {c} | {_fmt(hop)} ms | {hop_target} | {_fmt(ratio, 2)} | ≥ 0.90 ({ratio_ok}) |")
+        hop_target = "—" if c != 8 else f"≤ 15 ms ({_verdict(hop is not None and hop <= 15)})"
+        ratio_target = f"≥ 0.90 ({_verdict(ratio is not None and ratio >= 0.9)})"
+        lines.append(f"| {c} | {_fmt(hop)} ms | {hop_target} | {_fmt(ratio, 2)} | {ratio_target} |")
     lines += ["", f"greedy text, llmq vs direct (same prompt, level, round): {check['mismatched']} mismatches "
                   f"of {check['compared']} compared"]
     for example in check["examples"]:
@@ -384,7 +396,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--levels", type=levels_arg, default=[1, 8, 32], help="concurrency levels (1,8,32)")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (64)")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="tokens of each prompt's text (32)")
-    parser.add_argument("--requests-per-slot", type=int, default=4, help="requests per level = this x C (4)")
+    parser.add_argument("--requests-per-slot", type=int, default=4, help="requests per level = this x C ... (4)")
+    parser.add_argument("--min-requests", type=int, default=16, help="... but at least this many (16)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, each side first every other round (2)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (child logs)")
