@@ -4,7 +4,9 @@ metrics and the OpenAPI document.
 
 A request is answered 202 only once Redis holds its record and the broker has
 acknowledged its message; if either fails the client gets a 503 and nothing
-is left half-written.
+is left half-written. An `Idempotency-Key` makes a retried submit answer with
+the request it first admitted, and `Prefer: wait=N` holds the answer until the
+request is final.
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from gateway.errors import HTTP_ERROR_TYPES, ApiError
+from gateway.admission import IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_CHARS, Admitted, fingerprint_of, preferred_wait
+from gateway.errors import HTTP_ERROR_TYPES, ApiError, redis_down
 from gateway.metrics import GatewayMetrics
+from gateway.openai_compat import OpenAIError
+from gateway.openai_routes import PATHS as OPENAI_PATHS
+from gateway.openai_routes import OpenAIRoutes, openai_error
 from gateway.openapi import openapi_document
 from gateway.settings import GatewaySettings
 from gateway.streaming import KEEP_ALIVE, StreamGone, client_gone, follow, open_event_stream, sse_event, sse_json
@@ -39,26 +45,19 @@ from shared.schema import (
     ModelCard,
     ModelList,
     RequestMessage,
+    RequestSpec,
     RequestView,
     Status,
     SubmitRequest,
     describe_error,
 )
-from shared.store import RequestStore, base_fields, connect_redis
+from shared.store import IdempotencyClaim, RequestStore, base_fields, connect_redis
 from shared.store.models import ServedModels
 from shared.store.streams import ENTRY_ID, TokenStreams, entry_key
 from shared.telemetry import NO_TRACING, OFFSET, PARTITION, REQUEST_ID, Tracing
 
 log = structlog.get_logger(__name__)
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
-
-
-def _redis_down(exc: Exception) -> ApiError:
-    log.warning("redis_unavailable", error=str(exc))
-    return ApiError(503, "redis_unavailable", "the result store is unreachable; try again shortly",
-                    headers={"Retry-After": "1"})
-
-
 def _endpoint(request: web.Request) -> str:
     """The route's template (`/v1/requests/{id}`), so metrics and spans don't explode per id."""
     route = request.match_info.route.resource
@@ -93,6 +92,7 @@ class Gateway:
             web.get("/readyz", self.readyz),
             web.get("/metrics", self.metrics_endpoint),
             web.get("/openapi.json", self.openapi),
+            *OpenAIRoutes(self).routes(),
         ])
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._close)
@@ -154,10 +154,10 @@ class Gateway:
     async def _answer(self, request: web.Request, handler) -> web.StreamResponse:
         started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
-        refused: ApiError | None = None
+        refused: ApiError | OpenAIError | None = None
         try:
             response = await handler(request)
-        except ApiError as exc:
+        except (ApiError, OpenAIError) as exc:
             refused = exc
         except web.HTTPException as exc:
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 says what would do
@@ -166,7 +166,13 @@ class Gateway:
             log.exception("unhandled_error", path=request.path)
             refused = ApiError(500, "internal_error", "internal error")
         endpoint = _endpoint(request)
-        if refused is not None:
+        if isinstance(refused, ApiError) and endpoint in OPENAI_PATHS:
+            refused = openai_error(refused)  # OpenAI's clients read OpenAI's error shape
+        if isinstance(refused, OpenAIError):
+            response = web.json_response(refused.body(), status=refused.status, headers=refused.headers)
+            log.info("request_refused", status=refused.status, type=refused.code, field=refused.param,
+                     method=request.method, endpoint=endpoint)
+        elif refused is not None:
             response = refused.response()
             # Which key was refused what, and why; never the body (a prompt is private).
             log.info("request_refused", status=refused.status, type=refused.type, field=refused.field,
@@ -188,7 +194,7 @@ class Gateway:
         try:
             name = await self.api_keys.name_of(key.strip())
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
+            raise redis_down(exc) from exc
         if name is None:
             raise ApiError(401, "unauthorized", "the API key is unknown or revoked",
                            headers={"WWW-Authenticate": "Bearer"})
@@ -201,7 +207,7 @@ class Gateway:
         try:
             view = await view_of()
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
+            raise redis_down(exc) from exc
         if view is None or (self.settings.auth and view.tenant != tenant):
             raise ApiError(404, "not_found", "no such request")
         return view
@@ -209,36 +215,54 @@ class Gateway:
     async def submit(self, request: web.Request) -> web.Response:
         # 1) authenticate, then validate: content type, size, JSON, schema, configured limits
         tenant = await self._tenant(request)
-        if request.content_type != "application/json":
-            raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-        if (request.content_length or 0) > self.settings.max_body_bytes:
-            # From the header alone: don't hold the connection for a body we'd refuse.
-            raise ApiError(413, "body_too_large", f"the body is over the limit of {self.settings.max_body_bytes} bytes")
-        spec = self._validate(await request.read())
-        if spec.model is not None:
-            await self._check_served(spec.model)
+        body = self._validate(await self._read_body(request))
+        if body.model is not None:
+            await self._check_served(body.model)
+
+        # 2) admit it; 3) answer, once it is final if `Prefer: wait` asks. Only a request
+        # with an Idempotency-Key needs a fingerprint (a serialisation and a hash).
+        fingerprint = fingerprint_of(body) if IDEMPOTENCY_KEY in request.headers else ""
+        admitted = await self.admit(request, body, tenant, fingerprint, body.id)
+        return await self._accepted(request, admitted)
+
+    async def admit(self, request: web.Request, spec: RequestSpec, tenant: str | None, fingerprint: str,
+                    request_id: str | None = None) -> Admitted:
+        """Everything after validation, the same for every endpoint that submits: the
+        queue's bound, the Idempotency-Key, the key's rate, the record, the message.
+        `fingerprint` is what a retry with the same Idempotency-Key must repeat (read
+        only when the request has one). Raises ApiError."""
+        idempotency = self._idempotency(request, fingerprint)
         if self.settings.max_queue_depth and self.queue_depth >= self.settings.max_queue_depth:
             raise ApiError(429, "queue_full", f"the queue holds {self.queue_depth} requests; try again later",
                            headers={"Retry-After": "5"})
 
-        # 2) record it, then enqueue it; undo the record if the broker won't take it
-        request_id = uuid.uuid4().hex
+        # Record it (unless its Idempotency-Key admitted one before), then enqueue it;
+        # undo the record if the broker won't take it.
+        request_id = request_id or uuid.uuid4().hex
         submitted_at = time.time()
         trace.get_current_span().set_attribute(REQUEST_ID, request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         rate = self.settings.rate_limit_rps if self.settings.auth else 0.0
         try:
-            retry_after = await self.store.create(base_fields(request_id, spec, submitted_at, "http", tenant),
-                                                  rate, self.settings.rate_limit_burst)
+            admission = await self.store.create(base_fields(request_id, spec, submitted_at, "http", tenant),
+                                                rate, self.settings.rate_limit_burst, idempotency)
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
-        if retry_after:
+            raise redis_down(exc) from exc
+        if admission.outcome == "replay":
+            return await self._replayed(request, spec, tenant, idempotency, request_id, admission.request_id)
+        if admission.outcome == "key_reused":
+            raise ApiError(422, "idempotency_key_reused", "Idempotency-Key: already used with another body; "
+                           "send a new key with a new request", IDEMPOTENCY_KEY)
+        if admission.outcome == "rate_limited":
             raise ApiError(429, "rate_limited", f"over {self.settings.rate_limit_rps:g} requests per second for this key",
-                           headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+                           headers={"Retry-After": str(max(1, math.ceil(admission.retry_after)))})
+        if admission.outcome == "id_in_use":
+            # The same answer whoever owns it: nothing of another key's request is read or shown.
+            raise ApiError(409, "id_in_use", "a request with this id already exists; choose another id", "id")
         # Already validated: construct without validating a second time on the hot path.
         message = RequestMessage.model_construct(
             v=1, id=request_id, tenant=tenant, submitted_at=datetime.fromtimestamp(submitted_at, timezone.utc),
-            **dict(spec),
+            **{name: getattr(spec, name) for name in RequestSpec.model_fields},
         )
         try:
             await self._publish(request_id, message.to_bytes())
@@ -250,16 +274,65 @@ class Gateway:
                 # then recreate a deleted record and run a request the client was told
                 # was refused. A cancelled record is final, so workers skip it.
                 await self.store.cancel(request_id)
+                if idempotency is not None:
+                    # Told that nothing was accepted, the client may retry with the same key.
+                    await self.store.release_idempotency(tenant, idempotency)
             except (RedisError, OSError):
                 log.warning("record_cleanup_failed", request_id=request_id)
             raise ApiError(503, "broker_unavailable", "the queue is unreachable; the request was not accepted",
                            headers={"Retry-After": "1"}) from exc
         self.metrics.enqueued.inc()
+        return Admitted(request_id)
 
-        # 3) answer
-        status_url = f"/v1/requests/{request_id}"
-        body = {"id": request_id, "status": Status.queued.value, "status_url": status_url}
-        return web.json_response(body, status=202, headers={"Location": status_url})
+    def _idempotency(self, request: web.Request, fingerprint: str) -> IdempotencyClaim | None:
+        key = request.headers.get(IDEMPOTENCY_KEY)
+        if key is None:
+            return None
+        if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+            raise ApiError(422, "invalid_request", f"Idempotency-Key: must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} "
+                           "characters", IDEMPOTENCY_KEY)
+        return IdempotencyClaim(key, fingerprint, self.settings.idempotency_window_seconds)
+
+    async def _replayed(self, request: web.Request, spec: RequestSpec, tenant: str | None,
+                        idempotency: IdempotencyClaim, request_id: str, replayed_id: str) -> Admitted:
+        """The request an Idempotency-Key admitted before, as it is now."""
+        trace.get_current_span().set_attribute(REQUEST_ID, replayed_id)
+        structlog.contextvars.bind_contextvars(request_id=replayed_id)
+        try:
+            view = await self.store.get(replayed_id)
+            if view is None:
+                # Its record expired before the key did (a window longer than the records'
+                # TTL): the key names nothing any more, so it admits this request.
+                await self.store.release_idempotency(tenant, idempotency)
+        except (RedisError, OSError) as exc:
+            raise redis_down(exc) from exc
+        if view is None:
+            return await self.admit(request, spec, tenant, idempotency.fingerprint, request_id)
+        log.info("request_replayed")
+        return Admitted(replayed_id, replayed=True, status=view.status)
+
+    async def _accepted(self, request: web.Request, admitted: Admitted) -> web.Response:
+        """202 with where to read the request; 200 with the record if `Prefer: wait=N`
+        asked to wait and it finished in time."""
+        status_url = f"/v1/requests/{admitted.id}"
+        headers = {"Location": status_url}
+        if admitted.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        status = admitted.status
+        wait = min(preferred_wait(request) or 0.0, self.settings.max_wait_seconds)
+        if wait > 0:
+            headers["Preference-Applied"] = f"wait={wait:g}"
+            try:
+                view = await self.waiter.wait(admitted.id, wait)
+            except (RedisError, OSError) as exc:
+                # Accepted already: a 503 now would tell the client it was not.
+                log.warning("wait_failed", error=str(exc))
+                view = None
+            if view is not None and view.status.is_final:
+                return web.json_response(text=view.model_dump_json(), headers=headers)
+            status = view.status if view is not None else status
+        body = {"id": admitted.id, "status": status.value, "status_url": status_url}
+        return web.json_response(body, status=202, headers=headers)
 
     async def _publish(self, request_id: str, value: bytes) -> None:
         """Produce the message and wait for the broker's ack, in a PRODUCER span
@@ -273,6 +346,15 @@ class Gateway:
         # asyncio.timeout, not wait_for: wait_for makes a Task per call.
         async with asyncio.timeout(self.settings.produce_timeout_seconds):
             return await self.producer.send_and_wait(topic, value, key=request_id.encode(), headers=headers)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """A JSON body within the size limit (415, 413 otherwise)."""
+        if request.content_type != "application/json":
+            raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+        if (request.content_length or 0) > self.settings.max_body_bytes:
+            # From the header alone: don't hold the connection for a body we'd refuse.
+            raise ApiError(413, "body_too_large", f"the body is over the limit of {self.settings.max_body_bytes} bytes")
+        return await request.read()
 
     def _validate(self, body: bytes) -> SubmitRequest:
         try:
@@ -296,7 +378,7 @@ class Gateway:
         try:
             served = await self.served_models.serves(model)
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
+            raise redis_down(exc) from exc
         if not served:
             names = ", ".join(sorted(await self.served_models.names()))
             raise ApiError(422, "model_not_found", f"model {model!r} is not served here (served: {names})", "model")
@@ -343,7 +425,7 @@ class Gateway:
                 raise ApiError(404, "not_found", "no such request")  # expired in between
             after, position, ended = await self._resume_point(request_id, request.headers.get("Last-Event-ID"))
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
+            raise redis_down(exc) from exc
         response = await open_event_stream(request)
         try:
             if ended:
@@ -399,7 +481,7 @@ class Gateway:
             await self.store.cancel(request_id)
             view = await self.store.get(request_id)
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
+            raise redis_down(exc) from exc
         if view is None:  # expired in between
             raise ApiError(404, "not_found", "no such request")
         if view.status is not Status.cancelled:
@@ -416,7 +498,7 @@ class Gateway:
         try:
             registered = await self.served_models.registered()
         except (RedisError, OSError) as exc:
-            raise _redis_down(exc) from exc
+            raise redis_down(exc) from exc
         cards = [ModelCard(id=name, created=int(at)) for name, at in sorted(registered.items())]
         return web.json_response(text=ModelList(data=cards).model_dump_json())
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import structlog
 from aiohttp import web
+
+log = structlog.get_logger(__name__)
 
 
 class ApiError(Exception):
@@ -36,3 +39,9 @@ HTTP_ERROR_TYPES = {
     405: "method_not_allowed",
     413: "body_too_large",
 }
+
+
+def redis_down(exc: Exception) -> ApiError:
+    log.warning("redis_unavailable", error=str(exc))
+    return ApiError(503, "redis_unavailable", "the result store is unreachable; try again shortly",
+                    headers={"Retry-After": "1"})

@@ -24,6 +24,25 @@ def _json(description: str, model: str) -> dict:
 # With auth on (LLMQ_AUTH, the default), /v1 needs `Authorization: Bearer <key>`.
 _KEY = [{"apiKey": []}]
 
+# The IETF httpapi Idempotency-Key draft, and RFC 7240's `wait` preference (as Replicate's API uses it).
+_IDEMPOTENCY_KEY_PARAM = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "Makes a retry safe (the IETF httpapi Idempotency-Key draft): within "
+                   "LLMQ_IDEMPOTENCY_WINDOW_SECONDS, the same key from the same API key answers with the request it "
+                   "first admitted (`Idempotent-Replayed: true`) and enqueues nothing; with another body it is refused "
+                   "(422 `idempotency_key_reused`). A submit refused with 503 leaves the key free.",
+}
+_PREFER_PARAM = {
+    "name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
+    "description": "`wait=N` (RFC 7240): hold the answer up to N seconds (capped) until the request is finished, "
+                   "then answer 200 with its record. Preferences that can't be read are ignored.",
+}
+_REPLAYED = {"Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]},
+                                     "description": "The answer is for the request the Idempotency-Key admitted before."}}
+_PREFERENCE_APPLIED = {"Preference-Applied": {"schema": {"type": "string"},
+                                              "description": "`wait=N`: it waited up to N seconds (after the cap)."}}
+
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 128},
              "description": "The request id from `POST /v1/requests`, or a Kafka producer's own id."}
 
@@ -50,17 +69,26 @@ def openapi_document(auth: bool = True) -> dict:
                     "summary": "Submit a generation request",
                     "operationId": "submitRequest",
                     "security": _KEY if auth else [],
+                    "parameters": [_IDEMPOTENCY_KEY_PARAM, _PREFER_PARAM],
                     "requestBody": {"required": True,
                                     "content": {"application/json": {"schema": {"$ref": _REF.format(model="SubmitRequest")}}}},
                     "responses": {
-                        "202": {**_json("Accepted: the broker has the request.", "Accepted"),
-                                "headers": {"Location": {"schema": {"type": "string"}}}},
+                        "200": {**_json("Finished within `Prefer: wait=N`: the request's record.", "RequestView"),
+                                "headers": {"Location": {"schema": {"type": "string"}}, **_PREFERENCE_APPLIED,
+                                            **_REPLAYED}},
+                        "202": {**_json("Accepted: the broker has the request (or had it, for a replayed "
+                                        "Idempotency-Key; `status` is its status now).", "Accepted"),
+                                "headers": {"Location": {"schema": {"type": "string"}}, **_PREFERENCE_APPLIED,
+                                            **_REPLAYED}},
                         "400": _error("The body is not JSON."),
                         "413": _error("The body or the prompt is too large."),
                         "401": unauthorized,
+                        "409": _error("The chosen `id` is in use (`id_in_use`), whichever key's request it is."),
                         "415": _error("Content-Type is not application/json."),
-                        "422": _error("A field is missing, of the wrong type, unknown or out of range (`invalid_request`), "
-                                      "or `model` names one no worker serves (`model_not_found`)."),
+                        "422": _error("A field is missing, of the wrong type, unknown or out of range, or the "
+                                      "Idempotency-Key is empty or too long (`invalid_request`); `model` names one "
+                                      "no worker serves (`model_not_found`); or the Idempotency-Key was used with "
+                                      "another body (`idempotency_key_reused`)."),
                         "429": _error("Over this key's rate (`rate_limited`) or the queue is full (`queue_full`); "
                                       "see Retry-After."),
                         "503": unavailable,
@@ -95,6 +123,30 @@ def openapi_document(auth: bool = True) -> dict:
                         "401": unauthorized,
                         "404": _error("No such request."),
                         "409": _error("The request already finished."),
+                        "503": unavailable,
+                    },
+                },
+            },
+            "/v1/requests/{id}/stream": {
+                "get": {
+                    "summary": "Follow a request's text as it is generated (Server-Sent Events)",
+                    "description": "Events: `delta` (`{\"text\"}`: new text), `reset` (`{\"text\"}`: the whole text so "
+                                   "far, replacing what was received: after a resume the stream no longer holds, or "
+                                   "when another worker ran the request again), `done` (the final record, as `GET` "
+                                   "shows it), `error` (the stream was lost: reconnect). Every event has an `id`; "
+                                   "reconnecting with `Last-Event-ID` resumes after it. Works on any gateway replica.",
+                    "operationId": "streamRequest",
+                    "security": _KEY if auth else [],
+                    "parameters": [_ID_PARAM, {
+                        "name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"},
+                        "description": "Resume after this event (what EventSource sends when it reconnects).",
+                    }],
+                    "responses": {
+                        "200": {"description": "The event stream.",
+                                "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                        "400": _error("`Last-Event-ID` is not an event of this stream (`invalid_last_event_id`)."),
+                        "401": unauthorized,
+                        "404": _error("No such request (or it expired)."),
                         "503": unavailable,
                     },
                 },

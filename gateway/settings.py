@@ -12,8 +12,11 @@ class GatewaySettings(ServiceSettings):
     http_port: int = Field(default=8000, ge=0, le=65535, json_schema_extra=cli("--port"))
     # Largest accepted HTTP request body, bytes (413 above it).
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
-    # Cap on GET ?wait= seconds.
+    # Cap on GET ?wait= and POST `Prefer: wait=` seconds.
     max_wait_seconds: float = Field(default=60.0, ge=0)
+    # Longest a non-streamed OpenAI call (or a stream) waits for its request to end;
+    # then the request is cancelled and the client gets a 504 `timeout`.
+    completion_timeout_seconds: float = Field(default=600.0, gt=0)
 
     # Require `Authorization: Bearer <key>` on /v1 (keys: `llmq keys create NAME`). `llmq up` turns it off.
     auth: bool = True
@@ -25,3 +28,5 @@ class GatewaySettings(ServiceSettings):
     # Queue admission: refuse submits (429 queue_full) while the workers' lag is at or
     # above this many requests (0: no bound). The gateway reads the lag once a second.
     max_queue_depth: int = Field(default=0, ge=0)
+    # How long an `Idempotency-Key` on POST /v1/requests answers with the request it first admitted.
+    idempotency_window_seconds: int = Field(default=86_400, ge=1)

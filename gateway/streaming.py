@@ -91,10 +91,11 @@ def client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-async def open_event_stream(request: web.Request) -> web.StreamResponse:
+async def open_event_stream(request: web.Request, headers: dict[str, str] | None = None) -> web.StreamResponse:
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",  # nginx would otherwise hold events back
+        **(headers or {}),
     })
     await response.prepare(request)
     return response

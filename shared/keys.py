@@ -17,6 +17,10 @@
 - `{prefix}:models`: hash of the model names workers serve (name -> engine and
   when a worker last registered it); no expiry, so it outlives a scale to zero.
   Each gateway re-reads it at most every `SERVED_MODELS_CACHE_SECONDS`.
+- `{prefix}:idem:{name}:{sha256 of the Idempotency-Key}`: hash of the request id
+  a client's `Idempotency-Key` admitted and its body's fingerprint, expiring
+  `idempotency_window_seconds` (LLMQ_IDEMPOTENCY_WINDOW_SECONDS, default 24 h)
+  after it was first used; `name` is the API key's name, empty with auth off.
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ class Keys:
 
     def rate_limit(self, tenant: str) -> str:
         return f"{self.prefix}:ratelimit:{tenant}"
+
+    def idempotency(self, tenant: str, key_hash: str) -> str:
+        return f"{self.prefix}:idem:{tenant}:{key_hash}"
 
     @staticmethod
     def rate_limit_ttl(rate: float, burst: int) -> int:

@@ -169,6 +169,9 @@ class LimitError:
 class SubmitRequest(RequestSpec):
     """Body of `POST /v1/requests`."""
 
+    id: RequestId | None = Field(default=None, description="Omitted: the gateway makes one. Chosen: it must not "
+                                                           "be in use (409 `id_in_use`).")
+
 
 class RequestMessage(RequestSpec):
     """Kafka request message, version 1. Key: the id. Headers: traceparent, content-type."""

@@ -7,6 +7,6 @@ lifetimes are in shared/keys.py."""
 
 from shared.store.connection import connect_redis
 from shared.store.fields import base_fields
-from shared.store.records import RequestStore
+from shared.store.records import Admission, IdempotencyClaim, RequestStore
 
-__all__ = ["RequestStore", "base_fields", "connect_redis"]
+__all__ = ["Admission", "IdempotencyClaim", "RequestStore", "base_fields", "connect_redis"]

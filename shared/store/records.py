@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
@@ -13,6 +15,31 @@ from shared.store.fields import flat
 from shared.store.pipelining import AutoPipeline, run_script_batch
 from shared.store.scripts import ADMIT, CANCEL, CLAIM, FINISH, PROGRESS, RENEW
 from shared.store.view import view_of
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """A client's Idempotency-Key on a create, and the fingerprint of the body it came with."""
+
+    key: str
+    fingerprint: str
+    window_seconds: int
+
+    @property
+    def key_hash(self) -> str:
+        # Hashed: a client's key may be long or private; stored keys have one fixed shape.
+        return hashlib.sha256(self.key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a create did: 'created', or why not: 'rate_limited' (see `retry_after`),
+    'id_in_use', or the idempotency key was seen before: 'replay' (same body) or
+    'key_reused' (another body), with the id it first admitted in `request_id`."""
+
+    outcome: str
+    retry_after: float = 0.0
+    request_id: str | None = None
 
 
 class RequestStore:
@@ -28,16 +55,25 @@ class RequestStore:
         self._progress = redis.register_script(PROGRESS)
         self._admissions = AutoPipeline(self._admit)
 
-    async def create(self, fields: Mapping[str, object], rate: float = 0.0, burst: int = 1) -> float:
-        """Create a new record, after taking a token from its tenant's bucket when
-        `rate` > 0 (one script for both). Returns 0, or the seconds to wait when
-        the tenant is over its rate (nothing is created then)."""
-        bucket = self.keys.rate_limit(str(fields.get("tenant") or ""))
-        retry_after = await self._admissions.call(
-            [bucket, self.keys.request(str(fields["id"]))],
-            [rate, burst, self.ttl_seconds, flat(fields), self.keys.rate_limit_ttl(rate, burst)],
-        )
-        return float(retry_after)
+    async def create(self, fields: Mapping[str, object], rate: float = 0.0, burst: int = 1,
+                     idempotency: IdempotencyClaim | None = None) -> Admission:
+        """Create a new record, in one script: unless `idempotency`'s key was seen
+        before, after taking a token from its tenant's bucket when `rate` > 0, and
+        only if no record has its id. Nothing is created unless it says 'created'."""
+        request_id, tenant = str(fields["id"]), str(fields.get("tenant") or "")
+        keys = [self.keys.rate_limit(tenant), self.keys.request(request_id)]
+        args = [rate, burst, self.ttl_seconds, flat(fields), self.keys.rate_limit_ttl(rate, burst), request_id]
+        if idempotency is not None:
+            keys.append(self.keys.idempotency(tenant, idempotency.key_hash))
+            args += [idempotency.fingerprint, idempotency.window_seconds]
+        outcome, *detail = await self._admissions.call(keys, args)
+        if outcome == "rate_limited":
+            return Admission(outcome, retry_after=float(detail[0]))
+        return Admission(outcome, request_id=detail[0] if detail else None)
+
+    async def release_idempotency(self, tenant: str | None, idempotency: IdempotencyClaim) -> None:
+        """Forget a key's claim, so that the client's retry with it is admitted anew."""
+        await self.redis.delete(self.keys.idempotency(tenant or "", idempotency.key_hash))
 
     async def claim_many(
         self, claims: Iterable[tuple[str, Mapping[str, object]]], worker: str, lease_seconds: float

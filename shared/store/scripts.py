@@ -98,23 +98,37 @@ redis.call('PUBLISH', KEYS[2], ARGV[4])
 return 1
 """
 
-# Admission: one token from the caller's bucket (if rate-limited), then the new record.
-# KEYS: bucket, record. ARGV: rate per second (0: no limit), burst, record ttl, fields, bucket ttl.
-# Returns 0 if created, else the seconds until a token is free.
+# Admission: an Idempotency-Key seen before answers with its request; else one token
+# from the caller's bucket (if rate-limited), then the new record unless its id is
+# taken (a chosen id must not overwrite another request), and the key's claim.
+# KEYS: bucket, record, and the idempotency key when the client sent one.
+# ARGV: rate per second (0: no limit), burst, record ttl, fields, bucket ttl, id,
+# body fingerprint, idempotency window seconds.
+# Returns {'created'}; {'rate_limited', seconds until a token is free}; {'id_in_use'};
+# or for a key seen before {'replay', its id} (same body) or {'key_reused', its id}.
 ADMIT = LUA_HSET_JSON + """
+if KEYS[3] then
+  local claimed = redis.call('HMGET', KEYS[3], 'id', 'fingerprint')
+  if claimed[1] then return {claimed[2] == ARGV[7] and 'replay' or 'key_reused', claimed[1]} end
+end
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 if rate > 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
   local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'at')
   local tokens = math.min(burst, (tonumber(bucket[1]) or burst) + (now - (tonumber(bucket[2]) or now)) * rate)
-  if tokens < 1 then return tostring((1 - tokens) / rate) end
+  if tokens < 1 then return {'rate_limited', tostring((1 - tokens) / rate)} end
   redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'at', tostring(now))
   redis.call('EXPIRE', KEYS[1], ARGV[5])
 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'id_in_use'} end
 hset_json(KEYS[2], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-return 0
+if KEYS[3] then
+  redis.call('HSET', KEYS[3], 'id', ARGV[6], 'fingerprint', ARGV[7])
+  redis.call('EXPIRE', KEYS[3], ARGV[8])
+end
+return {'created'}
 """
 
 # KEYS: record, done channel, cancel channel, stream. ARGV: now, ttl, id, stream cap, stream ttl.

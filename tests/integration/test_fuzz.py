@@ -132,15 +132,17 @@ _CONFORMANCE = [
 
 def accepts_what_it_documents(ctx, response, case):
     """positive_data_acceptance, less what a JSON Schema cannot say: the two limits that
-    are deployment settings (LLMQ_MAX_PROMPT_CHARS, LLMQ_MAX_TOKENS_LIMIT), and a deadline
-    already past when it arrives (the document says it is refused). A request the document
-    calls valid may be refused for those, with their own typed errors, and for nothing else."""
+    are deployment settings (LLMQ_MAX_PROMPT_CHARS, LLMQ_MAX_TOKENS_LIMIT), a deadline
+    already past when it arrives (the document says it is refused), and an Idempotency-Key
+    that an earlier generated request already used with another body (a refusal that
+    depends on what came before, as the document says). A request the document calls valid
+    may be refused for those, with their own typed errors, and for nothing else."""
     if response.status_code in (413, 422):
         try:
             error = response.json()["error"]
         except (ValueError, KeyError, TypeError):
             error = {}
-        if error.get("type") == "prompt_too_large" or (
+        if error.get("type") in ("prompt_too_large", "idempotency_key_reused") or (
                 error.get("field") == "params.max_tokens" and "must be at most" in error.get("message", "")) or (
                 error.get("field") == "deadline" and "already passed" in error.get("message", "")):
             return None

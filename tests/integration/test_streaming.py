@@ -162,3 +162,13 @@ async def test_streams_of_finished_unknown_and_bad_resumes(gateway, http, start_
     for bad in ("garbage", "99999999999999-0"):
         body, status = await _stream(http, gateway.url, request_id, headers={"Last-Event-ID": bad})
         assert status == 400 and body[0]["error"]["type"] == "invalid_last_event_id"
+
+
+async def test_the_torch_engine_streams_exactly_its_final_text(gateway, http, start_worker, tiny_model_dir):
+    await start_worker(engine="torch", model=str(tiny_model_dir))
+    body = {"input": {"prompt": "The queue hands every request to"}, "params": {"max_tokens": 48, "temperature": 0}}
+    request_id = await submit(http, gateway.url, body)
+    events, _ = await _stream(http, gateway.url, request_id)
+    done = events[-1]["data"]
+    assert done["status"] == "succeeded" and done["usage"]["completion_tokens"] == 48
+    assert sum(e["event"] == "delta" for e in events) > 1 and _text(events) == done["output"]["text"]
