@@ -321,6 +321,21 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def cpu_table(levels: list[int], by: dict[tuple[str, int], list[dict]]) -> list[str]:
+    """CPU ms per output token of each process: where the hop's cost lands on the shared cores
+    (during direct, the idle gateway, worker and broker still poll)."""
+    names = list(next(iter(by.values()))[0]["cpu_s"])
+    lines = [f"| C | path | CPU ms per output token: {' / '.join(names)} (bench: this process, the openai "
+             "client or the direct engine) |", "|---|---|---|"]
+    for c in levels:
+        for side in SIDES:
+            runs = [r for r in by.get((side, c), []) if r["tokens"]]
+            if runs:
+                per = [median([r["cpu_s"][name] * 1000 / r["tokens"] for r in runs]) for name in names]
+                lines.append(f"| {c} | {side} | {' / '.join(f'{v:.2f}' for v in per)} |")
+    return lines
+
+
 def _verdict(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
@@ -373,6 +388,7 @@ def report(result: dict) -> str:
         hop_target = "—" if c != 8 else f"≤ 15 ms ({_verdict(hop is not None and hop <= 15)})"
         ratio_target = f"≥ 0.90 ({_verdict(ratio is not None and ratio >= 0.9)})"
         lines.append(f"| {c} | {_fmt(hop)} ms | {hop_target} | {_fmt(ratio, 2)} | {ratio_target} |")
+    lines += ["", *cpu_table(cfg["levels"], by)]
     lines += ["", f"greedy text, llmq vs direct (same prompt, level, round): {check['mismatched']} mismatches "
                   f"of {check['compared']} compared"]
     for example in check["examples"]:
