@@ -196,6 +196,20 @@ class CompletionBody(_Body):
 _BODIES: dict[Kind, type[_Body]] = {"chat": ChatCompletionBody, "completion": CompletionBody}
 
 
+def body_schema(kind: Kind, ref_template: str) -> tuple[dict, dict]:
+    """(the JSON Schema of a call's body, the schemas it refers to) for the OpenAPI
+    document: the parameters llmq takes, and those it accepts only with their neutral
+    values, as the enums of those values."""
+    schema = _BODIES[kind].model_json_schema(ref_template=ref_template)
+    defs = schema.pop("$defs", {})
+    for name, neutrals in _NEUTRAL[kind].items():
+        schema["properties"][name] = {"enum": list(neutrals),
+                                      "description": "Not implemented by llmq: accepted only with this value."}
+    for name in _HINTS[kind]:
+        schema["properties"][name] = {"description": "A cache-routing hint: accepted and ignored."}
+    return schema, defs
+
+
 @dataclass(frozen=True)
 class OpenAICall:
     """One OpenAI call as llmq runs it: the spec to enqueue and how to answer."""

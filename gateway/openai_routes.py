@@ -101,6 +101,9 @@ class OpenAIRoutes:
                     raise OpenAIError(504, f"no result within {timeout:g} s (LLMQ_COMPLETION_TIMEOUT_SECONDS); "
                                       "the request was cancelled", None, "timeout", "server_error",
                                       {"x-request-id": request_id, "x-should-retry": "false"})
+        except asyncio.CancelledError:  # where aiohttp cancels the handlers of closed connections
+            await asyncio.shield(self._abandon(request_id, "client_disconnected"))
+            raise
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc  # in OpenAI's shape: see openai_error
         if view is None:
@@ -151,8 +154,12 @@ class OpenAIRoutes:
                 if text:
                     sent += text
                     await response.write(sse(chunks.delta(text)))
-        except ConnectionResetError:
-            await self._abandon(request_id, "client_disconnected")
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
+            # Gone (a failed write or a closed transport; or, where aiohttp cancels the
+            # handlers of closed connections, cancelled): nobody reads the rest.
+            await asyncio.shield(self._abandon(request_id, "client_disconnected"))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         except (RedisError, OSError, StreamGone) as exc:
             log.warning("stream_lost", request_id=request_id, error=repr(exc))
             await response.write(sse(OpenAIError(503, "the token stream was lost (the result store restarted or "

@@ -7,6 +7,7 @@ from functools import cache
 
 from pydantic.json_schema import models_json_schema
 
+from gateway.openai_compat import body_schema
 from shared.schema import Accepted, ErrorBody, ModelList, RequestView, SubmitRequest
 
 _REF = "#/components/schemas/{model}"
@@ -45,6 +46,59 @@ _PREFERENCE_APPLIED = {"Preference-Applied": {"schema": {"type": "string"},
 
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 128},
              "description": "The request id from `POST /v1/requests`, or a Kafka producer's own id."}
+
+
+# One Server-Sent Event, as event-stream readers (schemathesis among them) see it; `data` holds JSON.
+_EVENT = {"type": "object", "properties": {"event": {"type": "string"}, "id": {"type": "string"},
+                                           "data": {"type": "string"}}}
+_OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def _openai_operation(kind: str, summary: str, operation_id: str, answer: str, auth: bool) -> dict:
+    schema, _ = body_schema(kind, _REF)
+
+    def error(description: str) -> dict:
+        return {"description": description, "content": {"application/json": {"schema": _OPENAI_ERROR}}}
+
+    return {"post": {
+        "summary": summary,
+        "description": "OpenAI's API, over llmq's queue: the call is admitted as `POST /v1/requests` is (recorded, "
+                       "rate-limited, enqueued; `Idempotency-Key` honoured), then answered once its request ends, or "
+                       "streamed as Server-Sent Events with `stream: true`. A client that disconnects cancels it. "
+                       "Errors have OpenAI's shape.",
+        "operationId": operation_id,
+        "security": _KEY if auth else [],
+        "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                        "description": "A retry with the same key gets the same request."}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+        "responses": {
+            "200": {"description": f"The {answer} (OpenAI's shape), or with `stream: true` its chunks as "
+                                   "`data:` events ending `data: [DONE]`.",
+                    "headers": {"x-request-id": {"schema": {"type": "string"}}},
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": _EVENT}}},
+            "400": error("Not valid JSON, a parameter missing, of the wrong type or out of range, one llmq does not "
+                         "implement (`unsupported_parameter`), or over a limit (`context_length_exceeded`)."),
+            "401": error("No API key, or an unknown or revoked one (when auth is on)."),
+            "404": error("`model` is not served here (`model_not_found`)."),
+            "409": error("The request was cancelled (`DELETE /v1/requests/{id}`) before it finished."),
+            "413": error("The body is over LLMQ_MAX_BODY_BYTES."),
+            "415": error("Content-Type is not application/json."),
+            "429": error("Over this key's rate (`rate_limited`) or the queue is full (`queue_full`); see Retry-After."),
+            "500": error("The request failed in the engine."),
+            "503": error("Redis or the broker is unreachable."),
+            "504": error("No result within LLMQ_COMPLETION_TIMEOUT_SECONDS (the request was cancelled), or its "
+                         "deadline passed before a worker started it."),
+        },
+    }}
+
+
+def _openai_defs() -> dict:
+    return {name: schema for kind in ("chat", "completion") for name, schema in body_schema(kind, _REF)[1].items()}
 
 
 @cache
@@ -143,7 +197,7 @@ def openapi_document(auth: bool = True) -> dict:
                     }],
                     "responses": {
                         "200": {"description": "The event stream.",
-                                "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                "content": {"text/event-stream": {"schema": _EVENT}}},
                         "400": _error("`Last-Event-ID` is not an event of this stream (`invalid_last_event_id`)."),
                         "401": unauthorized,
                         "404": _error("No such request (or it expired)."),
@@ -151,6 +205,10 @@ def openapi_document(auth: bool = True) -> dict:
                     },
                 },
             },
+            "/v1/chat/completions": _openai_operation("chat", "Create a chat completion (OpenAI)", "createChatCompletion",
+                                                      "`chat.completion`", auth),
+            "/v1/completions": _openai_operation("completion", "Create a text completion (OpenAI)", "createCompletion",
+                                                 "`text_completion`", auth),
             "/v1/models": {
                 "get": {
                     "summary": "List the models the workers serve (OpenAI's shape)",
@@ -173,7 +231,7 @@ def openapi_document(auth: bool = True) -> dict:
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         },
         "components": {
-            "schemas": top["$defs"],
+            "schemas": {**top["$defs"], **_openai_defs()},
             **({"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
                                                "description": "An llmq API key (`llmq keys create NAME`)."}}}
                if auth else {}),

@@ -12,8 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from aiohttp import ClientSession
-from aiohttp.test_utils import TestServer
+from aiohttp import ClientSession, web
 
 from deploy.devstack import Service, free_port, start_broker, start_redis
 from deploy.settings import StackSettings
@@ -71,15 +70,20 @@ def settings(broker: Service, redis_server: Service) -> StackSettings:
 
 @asynccontextmanager
 async def serve_gateway(settings: StackSettings) -> AsyncIterator[Gateway]:
-    """A real gateway on a loopback port; `gateway.url` is its base URL."""
+    """A real gateway on a loopback port; `gateway.url` is its base URL. Served as
+    `gateway.main` serves it (aiohttp's TestServer would cancel handlers whose
+    client hangs up, which production's run_app does not)."""
     gw = Gateway(settings)
-    server = TestServer(gw.app, host="127.0.0.1")
-    await server.start_server()
-    gw.url = str(server.make_url("")).rstrip("/")
+    runner = web.AppRunner(gw.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    gw.url = f"http://{host}:{port}"
     try:
         yield gw
     finally:
-        await server.close()
+        await runner.cleanup()
 
 
 @pytest.fixture
