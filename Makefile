@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 # project's torch range is already met and pip pulls nothing bigger.
 TORCH  ?= torch==2.13.0
 
-.PHONY: up test install redis-server bench bench-pipeline bench-engine schema clean
+.PHONY: up test install redis-server bench bench-pipeline bench-engine bench-openai schema clean
 
 up: install redis-server
 	$(BIN)/llmq up
@@ -34,13 +34,16 @@ redis-server:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
-bench: bench-pipeline bench-engine
+bench: bench-pipeline bench-engine bench-openai
 
 bench-pipeline: install redis-server
 	$(BIN)/python -m bench.pipeline
 
 bench-engine: install
 	$(BIN)/python -m bench.engine --generate-batch --int8
+
+bench-openai: install redis-server
+	$(BIN)/python -m bench.openai
 
 schema: install
 	$(BIN)/llmq schema

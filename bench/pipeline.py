@@ -46,6 +46,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -878,25 +879,18 @@ def _interrupt(_signum, _frame) -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if shutil.which("wrk") is None and args.phases != "e2e":
-        print("bench: wrk not found (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
-        return 2
+def with_children(body: Callable[[Children, Path], None], keep: bool = False, prefix: str = "llmq-bench-") -> int:
+    """Run `body(children, tmp)` in a fresh temporary directory, then stop every child
+    it started, whatever happens; the exit status: 0, 1 (a child failed: its log's
+    last lines printed, the directory kept) or 130 (interrupted)."""
     # Ctrl-C works even when started from a script as a background job (which
     # inherits SIGINT ignored); SIGTERM does the same as Ctrl-C.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
-    tmp = Path(tempfile.mkdtemp(prefix="llmq-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     children = Children(tmp)
-    keep = args.keep
     try:
-        result = run(args, children, tmp)
-        text, table = report(result)
-        print(text, flush=True)
-        if args.json:
-            result["table"] = [asdict(r) | {"result": r.verdict} for r in table]
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        body(children, tmp)
         return 0
     except (ServiceError, subprocess.SubprocessError, RuntimeError) as exc:
         keep = True  # the children's logs say why
@@ -914,6 +908,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: logs kept in {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None and args.phases != "e2e":
+        print("bench: wrk not found (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
+        return 2
+
+    def body(children: Children, tmp: Path) -> None:
+        result = run(args, children, tmp)
+        text, table = report(result)
+        print(text, flush=True)
+        if args.json:
+            result["table"] = [asdict(r) | {"result": r.verdict} for r in table]
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+    return with_children(body, args.keep)
 
 
 if __name__ == "__main__":
