@@ -85,8 +85,7 @@ class OpenAIRoutes:
     async def _complete(self, request: web.Request, call: OpenAICall, request_id: str) -> web.Response:
         gw = self.gateway
         loop = asyncio.get_running_loop()
-        timeout = gw.settings.completion_timeout_seconds
-        deadline = loop.time() + timeout
+        deadline = loop.time() + gw.settings.completion_timeout_seconds
         try:
             while True:
                 # In short waits, to notice a client that hung up.
@@ -97,10 +96,7 @@ class OpenAIRoutes:
                     await self._abandon(request_id, "client_disconnected")
                     return web.Response(status=499)  # nobody reads it; logged and counted as such
                 if loop.time() >= deadline:
-                    await self._abandon(request_id, "timeout")
-                    raise OpenAIError(504, f"no result within {timeout:g} s (LLMQ_COMPLETION_TIMEOUT_SECONDS); "
-                                      "the request was cancelled", None, "timeout", "server_error",
-                                      {"x-request-id": request_id, "x-should-retry": "false"})
+                    raise await self._timed_out(request_id)
         except asyncio.CancelledError:  # where aiohttp cancels the handlers of closed connections
             await asyncio.shield(self._abandon(request_id, "client_disconnected"))
             raise
@@ -125,20 +121,16 @@ class OpenAIRoutes:
         chunks = StreamChunks(call, request_id, int(time.time()), call.model)
         response = await open_event_stream(request, {"x-request-id": request_id})
         sent = ""  # the text the client has
-        timeout = gw.settings.completion_timeout_seconds
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + gw.settings.completion_timeout_seconds
         try:
             await response.write(sse(chunks.first()))
             async for piece in follow(gw.streams, gw.stream_hub, request_id):
+                if asyncio.get_running_loop().time() >= deadline:
+                    await response.write(sse((await self._timed_out(request_id)).body()))
+                    return response
                 if piece.kind == "idle":
                     if client_gone(request):
                         raise ConnectionResetError("client gone")
-                    if asyncio.get_running_loop().time() >= deadline:
-                        await self._abandon(request_id, "timeout")
-                        await response.write(sse(OpenAIError(
-                            504, f"not finished within {timeout:g} s (LLMQ_COMPLETION_TIMEOUT_SECONDS); the request "
-                            "was cancelled", None, "timeout", "server_error").body()))
-                        return response
                     await response.write(KEEP_ALIVE)
                     continue
                 if piece.kind == "end":
@@ -178,6 +170,14 @@ class OpenAIRoutes:
         if chunks.call.include_usage and view.usage is not None:
             ending += sse(chunks.usage(view.usage))
         return ending + SSE_DONE
+
+    async def _timed_out(self, request_id: str) -> OpenAIError:
+        """Cancel a request that did not end within LLMQ_COMPLETION_TIMEOUT_SECONDS, and say so."""
+        await self._abandon(request_id, "timeout")
+        timeout = self.gateway.settings.completion_timeout_seconds
+        return OpenAIError(504, f"not finished within {timeout:g} s (LLMQ_COMPLETION_TIMEOUT_SECONDS); the request "
+                           "was cancelled", None, "timeout", "server_error",
+                           {"x-request-id": request_id, "x-should-retry": "false"})
 
     async def _abandon(self, request_id: str, reason: str) -> None:
         """Cancel a request nobody waits for any more: its worker stops generating it."""

@@ -3,7 +3,8 @@
 
 The worker's writes reach this gateway through the request's Redis Stream
 (shared/store/streams.py), so it works whichever worker runs the request and
-whichever gateway replica the client is connected to. The reader keeps its
+whichever gateway replica the client is connected to; one reader per gateway
+(StreamHub) reads every stream its clients watch. The reader keeps its
 byte position in the text: entries trimmed away before it read them (it fell
 behind the stream's cap) come back from the record's text, and a run taken
 over by another worker, whose text starts again, is reported as a reset.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import redis.asyncio as aioredis
+import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -26,6 +28,8 @@ from shared.keys import Keys
 from shared.schema import Status
 from shared.store import connect_redis
 from shared.store.streams import StreamEntry, TokenStreams, entry_key, stream_entry
+
+log = structlog.get_logger(__name__)
 
 # How long one read waits for an entry before the reader checks on its client
 # and the stream (an SSE comment keeps proxies from closing an idle connection).
@@ -98,7 +102,9 @@ class StreamHub:
             try:
                 answer = await self.reading.xread({**streams, self._wake_key: self._woken}, count=256,
                                                 block=IDLE_CHECK_MS)
-            except (RedisError, OSError) as exc:  # every watcher ends with the error; clients may resume
+            except Exception as exc:  # every watcher ends with the error; clients may resume
+                if not isinstance(exc, RedisError | OSError):
+                    log.exception("stream_hub_failed")
                 for watches in self._watches.values():
                     for watch in watches:
                         watch.queue.put_nowait(exc)

@@ -206,3 +206,13 @@ async def test_a_redis_restart_mid_stream_ends_it_clearly_and_the_client_resumes
         worker.stop()
         await asyncio.wait_for(task, 30)
         redis.stop()
+
+
+async def test_a_stream_interval_sends_fewer_larger_pieces(gateway, http, start_worker):
+    # 40 words at 20 ms each take 0.8 s: with a write at most every 250 ms, a handful of pieces
+    await start_worker(echo_token_delay_ms=20, stream_interval_ms=250)
+    request_id = await submit(http, gateway.url, {"input": {"prompt": WORDS}})
+    events, _ = await _stream(http, gateway.url, request_id)
+    deltas = [e for e in events if e["event"] == "delta"]
+    assert 2 <= len(deltas) <= 8, [d["data"]["text"] for d in deltas]
+    assert _text(events) == WORDS == events[-1]["data"]["output"]["text"]
