@@ -1,6 +1,6 @@
 """A request's token stream, as a gateway reads it for a client watching the
-request (SSE): start it, read it from a position, and find the text so far when
-a reader has lost its place. Workers write it (shared/store/scripts.py:
+request (SSE): start it, look up an entry, and find the text so far when a
+reader has lost its place (the gateway's StreamHub does the blocking reads). Workers write it (shared/store/scripts.py:
 PROGRESS, FINISH, CANCEL); one Redis Stream per request, so any gateway
 replica can serve any client, also after it reconnects elsewhere."""
 
