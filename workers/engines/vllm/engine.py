@@ -80,8 +80,11 @@ class VllmEngine:
             raise EngineError(str(exc)) from exc
         # 2) Built in the event loop's thread, as vLLM's own API server does: the
         # load blocks the loop, but the worker joins Kafka only after start().
+        import torch  # loaded by vllm already
+
+        args = engine_kwargs(self.settings, lora_rank, cuda=torch.cuda.is_available())
         try:
-            engine = vllm.AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**engine_kwargs(self.settings, lora_rank)))
+            engine = vllm.AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**args))
         except Exception as exc:
             raise EngineError(f"vLLM could not load {self.settings.model!r}: {exc}") from exc
         # 3) get_tokenizer() is a coroutine in 0.11 and a plain method on later
@@ -95,6 +98,10 @@ class VllmEngine:
             raise EngineError(f"vLLM has no tokenizer for {self.settings.model!r}: {exc}") from exc
         tracing = await engine.is_tracing_enabled()
         self._attach(vllm, engine, tokenizer, Adapters(adapters_dir, lora_rank or 0), tracing)
+        # vLLM's import leaves a traceback whose frames include this call's, so this frame
+        # and its locals outlive the call: without this the engine is freed only at the
+        # interpreter's exit, where AsyncLLM.__del__ fails on modules already torn down.
+        del engine
 
     def _attach(self, vllm: SimpleNamespace, engine: Any, tokenizer: Any, adapters: Adapters,
                 tracing: bool = False) -> None:

