@@ -1,10 +1,13 @@
 """What every engine promises the worker (workers/engines/base.py), written once
 and run on each engine that can run here: echo (a token delay stands in for
-decoding) and torch on the tiny model. vLLM can't run on these machines."""
+decoding), torch on the tiny model, and vLLM on the tiny model where it is
+installed (`make install-vllm` makes .venv-vllm; run there with
+`.venv-vllm/bin/python -m pytest tests/unit/test_engine_contract.py`)."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 
 import pytest
 
@@ -16,13 +19,17 @@ from workers.settings import WorkerSettings
 LONG_PROMPT = " ".join(f"w{i}" for i in range(400))  # echo: 400 tokens to give back
 
 
-@pytest.fixture(params=["echo", "torch"])
+ENGINES = ["echo", "torch"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
+
+
+@pytest.fixture(params=ENGINES)
 async def make_engine(request, tiny_model_dir):
     started = []
 
     async def make(**overrides):
         base = {"echo": dict(engine="echo", echo_token_delay_ms=5),
-                "torch": dict(engine="torch", model=str(tiny_model_dir), device="cpu")}[request.param]
+                "torch": dict(engine="torch", model=str(tiny_model_dir), device="cpu"),
+                "vllm": dict(engine="vllm", model=str(tiny_model_dir))}[request.param]
         engine = load_engine(WorkerSettings(**base, **overrides))
         await engine.start()
         started.append(engine)

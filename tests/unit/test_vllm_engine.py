@@ -95,6 +95,7 @@ VLLM = SimpleNamespace(
     RequestOutputKind=SimpleNamespace(DELTA="DELTA"),  # vllm/sampling_params.py RequestOutputKind
     LoRARequest=lambda name, int_id, path: ("LoRARequest", name, int_id, path),  # vllm/lora/request.py field order
     EngineDeadError=EngineDeadError,
+    StatLoggerBase=object,
 )
 
 
@@ -510,10 +511,11 @@ def stand_in_vllm(llm: StandInAsyncLLM, tokenizer, *, async_tokenizer: bool, fai
     async def get_tokenizer_async():  # vLLM 0.11: a coroutine
         return tokenizer
 
-    def from_engine_args(engine_args):
+    def from_engine_args(engine_args, stat_loggers=None):
         if fails is not None:
             raise fails
         built["args"] = engine_args
+        built["stat_loggers"] = stat_loggers
         llm.get_tokenizer = get_tokenizer_async if async_tokenizer else (lambda: tokenizer)  # later: a method
         return llm
 
@@ -562,3 +564,25 @@ async def test_a_missing_adapters_dir_stops_start(tmp_path, monkeypatch, tokeniz
     with pytest.raises(EngineError, match="LLMQ_ADAPTERS_DIR .* is not a directory"):
         await VllmEngine(vllm_settings(adapters_dir=str(tmp_path / "missing"))).start()
     assert built == {}
+
+
+@pytest.mark.asyncio
+async def test_running_is_what_vllms_scheduler_reported_of_the_requests_still_here(monkeypatch, tokenizer):
+    from workers.engines.vllm import engine as vllm_engine
+
+    vllm, built = stand_in_vllm(StandInAsyncLLM(), tokenizer, async_tokenizer=True)
+    monkeypatch.setattr(vllm_engine, "_import_vllm", lambda: vllm)
+    engine = VllmEngine(vllm_settings())
+    await engine.start()
+    (reporter_class,) = built["stat_loggers"]  # vLLM makes one per engine core and calls it each step
+    reporter = reporter_class(None, 0)
+    streams = [engine.generate(GenerationRequest(str(i), Params(), prompt="hi")) for i in range(4)]
+    reporter.record(SimpleNamespace(num_running_reqs=3), None)
+    assert engine.running == 3  # the fourth waits in vLLM's queue
+    reporter.record(SimpleNamespace(num_running_reqs=9), None)  # a step behind: some have left since
+    assert engine.running == 4
+    reporter.record(None, None)  # a step without scheduler stats changes nothing
+    assert engine.running == 4
+    for stream in streams:
+        await stream.aclose()
+    await engine.close()

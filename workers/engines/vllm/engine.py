@@ -38,13 +38,14 @@ def _import_vllm() -> SimpleNamespace:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.engine.exceptions import EngineDeadError
+        from vllm.v1.metrics.loggers import StatLoggerBase
     except ImportError as exc:
         raise EngineError(VLLM_MISSING) from exc
     except Exception as exc:  # installed but broken (no CUDA runtime, mismatched torch)
         raise EngineError(f"vllm is installed but cannot be imported: {exc}") from exc
     return SimpleNamespace(AsyncEngineArgs=AsyncEngineArgs, AsyncLLM=AsyncLLM, LoRARequest=LoRARequest,
                            SamplingParams=SamplingParams, RequestOutputKind=RequestOutputKind,
-                           EngineDeadError=EngineDeadError)
+                           EngineDeadError=EngineDeadError, StatLoggerBase=StatLoggerBase)
 
 
 class VllmEngine:
@@ -59,12 +60,14 @@ class VllmEngine:
         self._adapters = Adapters(None)
         self._tracing = False
         self._running: set[str] = set()
+        self._scheduled = 0  # requests in vLLM's running batch at its last step
         self._abort_requested: set[str] = set()
 
     @property
     def running(self) -> int:
-        # vLLM schedules what it is handed; its own queue is not visible from here.
-        return len(self._running)
+        # What vLLM's scheduler ran at its last step (it reports it each step), of the
+        # requests still here; the rest it holds wait in its queue.
+        return min(self._scheduled, len(self._running))
 
     # ---- lifecycle -----------------------------------------------------------
 
@@ -84,7 +87,8 @@ class VllmEngine:
 
         args = engine_kwargs(self.settings, lora_rank, cuda=torch.cuda.is_available())
         try:
-            engine = vllm.AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**args))
+            engine = vllm.AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**args),
+                                                    stat_loggers=[self._batch_reporter(vllm.StatLoggerBase)])
         except Exception as exc:
             raise EngineError(f"vLLM could not load {self.settings.model!r}: {exc}") from exc
         # 3) get_tokenizer() is a coroutine in 0.11 and a plain method on later
@@ -102,6 +106,24 @@ class VllmEngine:
         # and its locals outlive the call: without this the engine is freed only at the
         # interpreter's exit, where AsyncLLM.__del__ fails on modules already torn down.
         del engine
+
+    def _batch_reporter(self, base: type) -> type:
+        """A vLLM stat logger (vllm/v1/metrics/loggers.py) that keeps the size of the
+        scheduler's running batch, which vLLM reports after every step."""
+        engine = self
+
+        class BatchReporter(base):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+                if scheduler_stats is not None:
+                    engine._scheduled = scheduler_stats.num_running_reqs
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return BatchReporter
 
     def _attach(self, vllm: SimpleNamespace, engine: Any, tokenizer: Any, adapters: Adapters,
                 tracing: bool = False) -> None:
