@@ -93,6 +93,13 @@ async def gateway(settings: StackSettings) -> AsyncIterator[Gateway]:
 
 
 @pytest.fixture
+async def secured(auth_settings: StackSettings) -> AsyncIterator[Gateway]:
+    """A gateway with API keys on; the module's `auth_settings` fixture says how."""
+    async with serve_gateway(auth_settings) as gw:
+        yield gw
+
+
+@pytest.fixture
 async def http() -> AsyncIterator[ClientSession]:
     async with ClientSession() as session:
         yield session

@@ -116,12 +116,6 @@ def auth_settings(settings):
 
 
 @pytest.fixture
-async def secured(auth_settings):
-    async with serve_gateway(auth_settings) as gateway:
-        yield gateway
-
-
-@pytest.fixture
 def alice_and_bob(auth_settings):
     return api_keys(auth_settings, "alice", "bob")
 
