@@ -65,6 +65,14 @@ def _written_per_request(log_dir: Path) -> Counter:
     return written
 
 
+async def _logged_writes(log_dir: Path, ids: list[str]) -> Counter:
+    """_written_per_request once every id has its line: a worker logs a write just after
+    making it, so a client may see the result a moment before the line is in the file."""
+    await wait_until(lambda: _async(set(_written_per_request(log_dir)) >= set(ids)), timeout=10,
+                     what="every write logged")
+    return _written_per_request(log_dir)
+
+
 class WorkerCounts:
     """Samples the scaler's live worker count in the background."""
 
@@ -105,7 +113,7 @@ async def test_burst_from_zero_scales_up_serves_everything_once_and_returns_to_z
     assert scaler.stats.scale_ups >= 2 and scaler.stats.scale_downs >= 1
     assert not any(is_llmq_worker(pid) for pid in pids_seen)
 
-    written = _written_per_request(tmp_path / "workers")
+    written = await _logged_writes(tmp_path / "workers", ids)
     assert set(written) == set(ids)
     assert set(written.values()) == {1}, {i: n for i, n in written.items() if n != 1}
 
@@ -134,7 +142,7 @@ async def test_scale_down_during_load_loses_nothing(worker_settings, gateway, ht
     # outlast the grace period and be killed; it held nothing, and nothing may be lost either way.
     assert scaler.backend.stopped >= 2
 
-    written = _written_per_request(tmp_path / "workers")
+    written = await _logged_writes(tmp_path / "workers", ids)
     assert set(written) == set(ids)
     assert set(written.values()) == {1}, {i: n for i, n in written.items() if n != 1}
 
