@@ -181,22 +181,23 @@ class Gateway:
         endpoint = _endpoint(request)
         if isinstance(refused, ApiError) and endpoint in OPENAI_PATHS:
             refused = openai_error(refused)  # OpenAI's clients read OpenAI's error shape
-        if isinstance(refused, OpenAIError):
-            response = web.json_response(refused.body(), status=refused.status, headers=refused.headers)
-            log.info("request_refused", status=refused.status, type=refused.code, field=refused.param,
-                     method=request.method, endpoint=endpoint)
-        elif refused is not None:
-            response = refused.response()
+        if refused is not None:
+            if isinstance(refused, OpenAIError):
+                response = web.json_response(refused.body(), status=refused.status, headers=refused.headers)
+                kind, field = refused.code, refused.param
+            else:
+                response = refused.response()
+                kind, field = refused.type, refused.field
             # Which key was refused what, and why; never the body (a prompt is private).
-            log.info("request_refused", status=refused.status, type=refused.type, field=refused.field,
-                     method=request.method, endpoint=endpoint)
+            log.info("request_refused", status=refused.status, type=kind, field=field, method=request.method,
+                     endpoint=endpoint)
         self.metrics.http_requests.labels(endpoint, request.method, str(response.status)).inc()
         self.metrics.http_duration.labels(endpoint, request.method).observe(time.perf_counter() - started)
         return response
 
     # ---- /v1/requests ----------------------------------------------------------
 
-    async def _tenant(self, request: web.Request) -> str | None:
+    async def authenticate(self, request: web.Request) -> str | None:
         """The caller's API key name; None when auth is off. 401 without a valid key."""
         if not self.settings.auth:
             return None
@@ -216,7 +217,7 @@ class Gateway:
 
     async def _owned_view(self, request: web.Request, request_id: str, view_of) -> RequestView:
         """The record if it exists and the caller owns it; 404 otherwise (no existence leak)."""
-        tenant = await self._tenant(request)
+        tenant = await self.authenticate(request)
         try:
             view = await view_of()
         except (RedisError, OSError) as exc:
@@ -227,10 +228,10 @@ class Gateway:
 
     async def submit(self, request: web.Request) -> web.Response:
         # 1) authenticate, then validate: content type, size, JSON, schema, configured limits
-        tenant = await self._tenant(request)
-        body = self._validate(await self._read_body(request))
+        tenant = await self.authenticate(request)
+        body = self._validate(await self.read_body(request))
         if body.model is not None:
-            await self._check_served(body.model)
+            await self.check_served(body.model)
 
         # 2) admit it; 3) answer, once it is final if `Prefer: wait` asks. Only a request
         # with an Idempotency-Key needs a fingerprint (a serialisation and a hash).
@@ -360,7 +361,7 @@ class Gateway:
         async with asyncio.timeout(self.settings.produce_timeout_seconds):
             return await self.producer.send_and_wait(topic, value, key=request_id.encode(), headers=headers)
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def read_body(self, request: web.Request) -> bytes:
         """A JSON body within the size limit (415, 413 otherwise)."""
         if request.content_type != "application/json":
             raise ApiError(415, "unsupported_media_type", "send the body as application/json")
@@ -386,7 +387,7 @@ class Gateway:
                            "deadline")
         return spec
 
-    async def _check_served(self, model: str) -> None:
+    async def check_served(self, model: str) -> None:
         """422 for a model no worker serves: it could only fail once a worker took it."""
         try:
             served = await self.served_models.serves(model)
@@ -507,7 +508,7 @@ class Gateway:
     async def list_models(self, request: web.Request) -> web.Response:
         """The models the workers serve (what `model` may name), in OpenAI's shape, so
         OpenAI clients can list them; registered by workers, so listed at zero workers too."""
-        await self._tenant(request)
+        await self.authenticate(request)
         try:
             registered = await self.served_models.registered()
         except (RedisError, OSError) as exc:

@@ -64,15 +64,15 @@ class OpenAIRoutes:
     async def _call(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         gw = self.gateway
         # 1) who, and what: OpenAI's body as an llmq request, held to the same limits
-        tenant = await gw._tenant(request)
-        call = parse_openai_body(kind, await gw._read_body(request))
+        tenant = await gw.authenticate(request)
+        call = parse_openai_body(kind, await gw.read_body(request))
         over = call.spec.over_limits(gw.settings.max_prompt_chars, gw.settings.max_tokens_limit)
         if over is not None:
             raise limit_error(call, over)
         if call.spec.deadline is not None and call.spec.deadline.timestamp() <= time.time():
             raise OpenAIError(400, "deadline: already passed; no worker could start it in time", "deadline",
                               "invalid_value")
-        await gw._check_served(call.spec.model)
+        await gw.check_served(call.spec.model)
         # 2) admitted as POST /v1/requests admits; a retry with the same Idempotency-Key gets the same request
         fingerprint = f"{kind}:{call.stream}:{call.include_usage}:{fingerprint_of(call.spec)}" \
             if IDEMPOTENCY_KEY in request.headers else ""
