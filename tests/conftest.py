@@ -30,6 +30,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lora_adapters_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """Two LoRA adapters of the tiny model, `style-a` and `style-b`, made with peft and
+    saved with `save_pretrained`: what a worker's LLMQ_ADAPTERS_DIR holds."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    for seed, name in ((1, "style-a"), (2, "style-b")):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        # init_lora_weights=False: B starts random, not zero, so the adapter changes the output.
+        config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+        get_peft_model(base, config).save_pretrained(root / name)
+    return root
+
+
+@pytest.fixture(scope="session")
 def broker(tmp_path_factory) -> Service:
     service = start_broker(free_port(), tmp_path_factory.mktemp("broker") / "broker.log")
     yield service

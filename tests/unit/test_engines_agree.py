@@ -5,10 +5,10 @@ conversation into the same token ids.
 Each engine is asked through its own code path: the torch engine's request
 intake (`_prepare`, which tokenizes and checks a request before it may join the
 batch) and the vLLM engine's mapping (`_to_vllm`, which builds the prompt and
-LoRARequest it hands vLLM). vLLM cannot be installed on these machines (it
-needs CUDA), so, as in test_vllm_engine.py, its SamplingParams and LoRARequest
-are stand-ins, and so is its own tokenization of a text prompt. The tokenizer
-is the tiny model's real one on both sides.
+LoRARequest it hands vLLM). This runs where vLLM is not installed (the main
+venv), so vLLM's SamplingParams and LoRARequest are stand-ins; the tokenizer is
+the tiny model's real one on both sides. Where vLLM is installed,
+test_engine_contract.py runs the real one on the same promises.
 """
 
 from __future__ import annotations
@@ -99,12 +99,7 @@ def vllm_refusal(engine: VllmEngine, adapter: str) -> str | None:
 
 
 def vllm_prompt_ids(engine: VllmEngine, req: GenerationRequest) -> list[int]:
-    prompt = engine._to_vllm(req)[0]
-    if isinstance(prompt, str):
-        # Stand-in for vLLM tokenizing a text prompt itself: tokenizer.encode with
-        # its defaults (InputPreprocessor._tokenize_prompt, vllm/inputs/preprocess.py).
-        return engine._tokenizer.encode(prompt)
-    return prompt["prompt_token_ids"]
+    return engine._to_vllm(req)[0]["prompt_token_ids"]
 
 
 @pytest.mark.parametrize("name, refusal", [

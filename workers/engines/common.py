@@ -1,6 +1,7 @@
 """What every model engine reads from a request the same way: the prompt's token
-ids and whether an adapter name may be served, so a request means the same
-thing, and fails with the same words, on either engine."""
+ids, whether it fits the model's context and whether an adapter name may be
+served, so a request means the same thing, and fails with the same words, on
+either engine."""
 
 from __future__ import annotations
 
@@ -32,6 +33,18 @@ def prompt_ids(tokenizer: Any, prompt: str | None = None, messages: list[ChatMes
         return list(tokenizer.encode(text, add_special_tokens=False))
     text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
     return list(tokenizer.encode(text))
+
+
+def context_refusal(prompt_tokens: int, max_tokens: int, context: int) -> str | None:
+    """Why a prompt of this many tokens, with room for max_tokens more, cannot run in a
+    context of this size, or None. A request is refused, never truncated."""
+    if max_tokens >= context:
+        return f"max_tokens={max_tokens} does not fit the model's context of {context} tokens"
+    if prompt_tokens + max_tokens > context:
+        return (f"the prompt is {prompt_tokens} tokens; with max_tokens={max_tokens} it needs "
+                f"{prompt_tokens + max_tokens}, more than the model's context of {context} tokens "
+                f"(shorten the prompt or lower max_tokens)")
+    return None
 
 
 def adapter_refusal(root: Path | None, name: str) -> str | None:

@@ -10,6 +10,8 @@ for a long one, and abort() stops one at its next token.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import re
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +30,7 @@ class EchoEngine:
         self.running = 0
         self._aborted: set[str] = set()
         self._live: set[str] = set()
-        self._slots: asyncio.Semaphore | None = None  # max_running at once, as in a real batch
+        self._slots = PrioritySlots(self.max_running)
 
     async def start(self) -> None:
         pass
@@ -49,8 +51,11 @@ class EchoEngine:
             yield GenerationOutput(request_id, result.text, result.completion_tokens, result)
             return
         self._live.add(request_id)
-        self._slots = self._slots or asyncio.Semaphore(self.max_running)
-        await self._slots.acquire()
+        try:
+            await self._slots.acquire(request.priority)
+        except BaseException:
+            self._live.discard(request_id)
+            raise
         self.running += 1
         try:
             pieces = _TOKEN.findall(result.text)
@@ -90,3 +95,34 @@ class EchoEngine:
         if len(words) <= limit:
             return GenerationResult(request.request_id, text, "stop", len(words), len(words))
         return GenerationResult(request.request_id, " ".join(words[:limit]), "length", len(words), limit)
+
+
+class PrioritySlots:
+    """`size` slots; a freed slot goes to the waiter of lowest priority, then the
+    earliest. (asyncio.Semaphore hands slots out in arrival order only.)"""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._waiting: list[tuple[int, int, asyncio.Future]] = []  # a heap
+        self._arrival = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self.free and not self._waiting:
+            self.free -= 1
+            return
+        slot = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, next(self._arrival), slot))
+        try:
+            await slot
+        except asyncio.CancelledError:
+            if slot.done() and not slot.cancelled():  # given a slot just as it was cancelled
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            slot = heapq.heappop(self._waiting)[2]
+            if not slot.done():  # a cancelled waiter's future is done
+                slot.set_result(None)
+                return
+        self.free += 1

@@ -21,7 +21,7 @@ import structlog
 import torch
 
 from workers.engines.base import EngineError, GenerationOutput, GenerationRequest
-from workers.engines.common import adapter_refusal, prompt_ids
+from workers.engines.common import adapter_refusal, context_refusal, prompt_ids
 from workers.engines.torch.batch import Batch
 from workers.engines.torch.model_runner import ModelRunner
 from workers.engines.torch.row import Output, Row, Stream
@@ -186,7 +186,7 @@ class TorchEngine:
             if self._closing:
                 return None
             aborted, self._aborted = self._aborted, set()
-            self.scheduler.waiting.extend(self._arrived)
+            self.scheduler.enqueue(self._arrived)
             self._arrived = []
         return aborted
 
@@ -205,13 +205,8 @@ class TorchEngine:
         if not row.prompt_ids:
             row.error = "the prompt is empty after tokenization"
             return
-        max_tokens, context = request.params.max_tokens, runner.context
-        if max_tokens >= context:
-            row.error = f"max_tokens={max_tokens} does not fit the model's context of {context} tokens"
-        elif row.budget > context:
-            row.error = (f"the prompt is {len(row.prompt_ids)} tokens; with max_tokens={max_tokens} it needs "
-                         f"{row.budget}, more than the model's context of {context} tokens "
-                         f"(shorten the prompt or lower max_tokens)")
+        if refusal := context_refusal(len(row.prompt_ids), request.params.max_tokens, runner.context):
+            row.error = refusal
         elif request.params.seed is not None:
             # Each row draws from its own stream, so a seed gives the same
             # text whichever requests share its batch.

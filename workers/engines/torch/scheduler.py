@@ -1,5 +1,5 @@
-"""Which requests run: new ones wait in arrival order and join the running batch
-while it has room (LLMQ_BATCH_MAX_SIZE rows, LLMQ_BATCH_MAX_TOKENS of prompt +
+"""Which requests run: new ones wait in priority order (lower first, then in
+arrival order) and join the running batch while it has room (LLMQ_BATCH_MAX_SIZE rows, LLMQ_BATCH_MAX_TOKENS of prompt +
 max_tokens); aborted ones finish where they are. It holds no model: the engine
 hands in how to tokenize a request and load its adapter."""
 
@@ -17,6 +17,12 @@ class Scheduler:
         self.max_rows = max_rows
         self.max_tokens = max_tokens
         self.waiting: collections.deque[Row] = collections.deque()
+
+    def enqueue(self, arrived: list[Row]) -> None:
+        """Add new requests to the waiting queue: by priority, lower first; in arrival
+        order within a priority (the sort is stable)."""
+        if arrived:
+            self.waiting = collections.deque(sorted([*self.waiting, *arrived], key=lambda row: row.request.priority))
 
     def abort(self, request_ids: set[str], running: list[Row]) -> list[Output]:
         """Finish the waiting and running rows these ids name ("abort"), and drop the

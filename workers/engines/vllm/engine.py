@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from workers.engines.base import EngineError, GenerationOutput, GenerationRequest
-from workers.engines.common import prompt_ids
+from workers.engines.common import context_refusal, prompt_ids
 from workers.engines.vllm.adapters import AdapterError, Adapters
 from workers.engines.vllm.mapping import DeltaState, engine_kwargs, error_text, lora_rank_bound, sampling_kwargs
 from workers.settings import WorkerSettings
@@ -59,6 +59,7 @@ class VllmEngine:
         self._tokenizer: Any = None
         self._adapters = Adapters(None)
         self._tracing = False
+        self._context: int | None = None
         self._running: set[str] = set()
         self._scheduled = 0  # requests in vLLM's running batch at its last step
         self._abort_requested: set[str] = set()
@@ -101,7 +102,8 @@ class VllmEngine:
             engine.shutdown()
             raise EngineError(f"vLLM has no tokenizer for {self.settings.model!r}: {exc}") from exc
         tracing = await engine.is_tracing_enabled()
-        self._attach(vllm, engine, tokenizer, Adapters(adapters_dir, lora_rank or 0), tracing)
+        self._attach(vllm, engine, tokenizer, Adapters(adapters_dir, lora_rank or 0), tracing,
+                     context=engine.model_config.max_model_len)
         # vLLM's import leaves a traceback whose frames include this call's, so this frame
         # and its locals outlive the call: without this the engine is freed only at the
         # interpreter's exit, where AsyncLLM.__del__ fails on modules already torn down.
@@ -126,8 +128,9 @@ class VllmEngine:
         return BatchReporter
 
     def _attach(self, vllm: SimpleNamespace, engine: Any, tokenizer: Any, adapters: Adapters,
-                tracing: bool = False) -> None:
+                tracing: bool = False, context: int | None = None) -> None:
         self._vllm, self._engine, self._tokenizer, self._adapters = vllm, engine, tokenizer, adapters
+        self._context = context  # the model's context in tokens (None: not checked here)
         # vLLM exports its own spans only with an otlp_traces_endpoint, which this
         # engine does not set; like vLLM's API server (serving_engine.py
         # _get_trace_headers), hand it trace headers only when it traces.
@@ -196,11 +199,15 @@ class VllmEngine:
 
     def _to_vllm(self, request: GenerationRequest) -> tuple[Any, Any, Any]:
         vllm = self._vllm
-        if request.prompt is not None:
-            prompt: Any = request.prompt  # vLLM tokenizes it, adding BOS as the model expects
-        else:
-            # A TokensPrompt (vllm/inputs): vLLM takes the rendered ids as they are.
-            prompt = {"prompt_token_ids": prompt_ids(self._tokenizer, messages=request.messages)}
+        # Tokenized here, as the torch engine does, so that a request that does not fit the
+        # context is refused in the torch engine's words: vLLM would refuse a long prompt in
+        # its own, and cut a fitting prompt's max_tokens short without saying so.
+        # A TokensPrompt (vllm/inputs): vLLM takes the ids as they are.
+        ids = prompt_ids(self._tokenizer, request.prompt, request.messages)
+        if self._context is not None and (refusal := context_refusal(len(ids), request.params.max_tokens,
+                                                                     self._context)):
+            raise ValueError(refusal)
+        prompt = {"prompt_token_ids": ids}
         sampling = vllm.SamplingParams(**sampling_kwargs(request.params), output_kind=vllm.RequestOutputKind.DELTA)
         lora = None
         if request.adapter:

@@ -118,7 +118,10 @@ def engine_kwargs(settings: WorkerSettings, lora_rank: int | None, cuda: bool = 
     kwargs: dict[str, Any] = {
         "model": settings.model,
         "served_model_name": settings.served_model_name,
-        "dtype": settings.dtype,  # llmq's choices are a subset of vLLM's
+        # llmq's choices are a subset of vLLM's. "auto" means what it means on the torch
+        # engine: on CPU float32, where vLLM's own "auto" would run a float32 model in
+        # bfloat16 (its greedy text then parts from the model's after a few tokens).
+        "dtype": "float32" if settings.dtype == "auto" and not cuda else settings.dtype,
         "max_num_seqs": settings.batch_max_size,
         # vLLM refuses a non-zero priority under its default "fcfs" ("Got priority ...
         # but Priority scheduling is not enabled."); lower runs first in both.
