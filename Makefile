@@ -23,7 +23,7 @@ endif
 endif
 BIN    := $(VENV)/bin
 
-.PHONY: up test install install-vllm redis-server bench bench-pipeline bench-engine bench-openai schema clean
+.PHONY: up test test-vllm install install-vllm redis-server bench bench-pipeline bench-engine bench-openai schema clean
 
 up: install redis-server
 	$(BIN)/llmq up
@@ -31,6 +31,12 @@ up: install redis-server
 test: install redis-server
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+# The engine contract tests on the real vLLM (tests/unit/test_engine_contract.py runs each
+# promise on echo, torch and vLLM; here the vLLM ones). CI runs this after `make test`.
+test-vllm: redis-server
+	$(MAKE) install LLMQ_ENGINE=vllm
+	.venv-vllm/bin/python -m pytest tests/unit/test_engine_contract.py -k vllm
 
 install: $(VENV)/.installed
 
