@@ -13,12 +13,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
-from vllm.lora.ops import torch_ops  # noqa: E402
-from vllm.lora.ops.torch_ops import lora_ops  # noqa: E402
-from vllm.lora.punica_wrapper import punica_cpu  # noqa: E402
-from vllm.platforms import current_platform  # noqa: E402
+from vllm.lora.ops import torch_ops
+from vllm.lora.ops.torch_ops import lora_ops
+from vllm.lora.punica_wrapper import punica_cpu
+from vllm.platforms import current_platform
 
-from workers.engines.vllm import cpu_lora  # noqa: E402
+from workers.engines.vllm import cpu_lora
 
 NAMES = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
 SLOTS, IN, OUT, SCALE = 2, 4, 3, 0.5
