@@ -33,10 +33,11 @@ test: install redis-server
 	$(BIN)/python -m pytest
 
 # The engine contract tests on the real vLLM (tests/unit/test_engine_contract.py runs each
-# promise on echo, torch and vLLM; here the vLLM ones). CI runs this after `make test`.
+# promise on echo, torch and vLLM; here the vLLM ones) and the CPU LoRA fix (workers/engines/vllm/cpu_lora.py)
+# on vLLM's own ops. CI runs this after `make test`.
 test-vllm: redis-server
 	$(MAKE) install LLMQ_ENGINE=vllm
-	.venv-vllm/bin/python -m pytest tests/unit/test_engine_contract.py -k vllm
+	.venv-vllm/bin/python -m pytest tests/unit/test_engine_contract.py tests/unit/test_vllm_cpu_lora.py -k vllm
 
 install: $(VENV)/.installed
 
