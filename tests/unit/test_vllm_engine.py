@@ -175,8 +175,10 @@ def request(rid="r", prompt="Hello", **kwargs) -> GenerationRequest:
 @pytest.mark.asyncio
 async def test_start_without_vllm_installed_says_how_to_get_it(monkeypatch):
     # None in sys.modules makes `import vllm` fail as if it were not installed,
-    # also on a machine where it is.
-    monkeypatch.setitem(sys.modules, "vllm", None)
+    # also on a machine where it is; its submodules too, which an engine started
+    # earlier in this process (the contract tests, in .venv-vllm) left there.
+    for name in [m for m in sys.modules if m.startswith("vllm.")] + ["vllm"]:
+        monkeypatch.setitem(sys.modules, name, None)
     engine = load_engine(vllm_settings())  # what LLMQ_ENGINE=vllm selects
     assert isinstance(engine, VllmEngine)
     with pytest.raises(EngineError) as raised:
