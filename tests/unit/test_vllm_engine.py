@@ -7,7 +7,7 @@ context, adapters by name.
 What stays here, against stand-ins with the attribute names of the real classes
 (each says which file it copies), is what a CPU vLLM cannot be made to do on
 demand, or not in seconds: the start-up error when the extra is missing; engine
-arguments for a GPU; start-up failures (each real start takes ~35 s); the
+arguments for a GPU; start-up failures (each real start takes ~20 s or more); the
 mapping of outputs and finish reasons, including vLLM's error finish; an engine
 that dies (EngineDeadError) or wraps a failure (EngineGenerateError); the races
 of an abort that comes before vLLM knows the request, or while it takes it; a
@@ -34,13 +34,8 @@ from workers.engines import load_engine
 from workers.engines.base import EngineError, GenerationRequest, collect
 from workers.engines.vllm.adapters import AdapterError, Adapters
 from workers.engines.vllm.engine import VLLM_MISSING, VllmEngine
-from workers.engines.vllm.mapping import (
-    DeltaState,
-    engine_kwargs,
-    finish_reason,
-    lora_rank_bound,
-    sampling_kwargs,
-)
+from workers.engines.vllm.mapping import (DeltaState, cpu_omp_threads, engine_kwargs, finish_reason, kv_cache_bytes,
+                                         lora_rank_bound, sampling_kwargs)
 from workers.settings import WorkerSettings
 
 
@@ -193,8 +188,10 @@ def request(rid="r", prompt="Hello", **kwargs) -> GenerationRequest:
 @pytest.mark.asyncio
 async def test_start_without_vllm_installed_says_how_to_get_it(monkeypatch):
     # None in sys.modules makes `import vllm` fail as if it were not installed,
-    # also on a machine where it is.
-    monkeypatch.setitem(sys.modules, "vllm", None)
+    # also on a machine where it is; its submodules too, which an engine started
+    # earlier in this process (the contract tests, in .venv-vllm) left there.
+    for name in [m for m in sys.modules if m.startswith("vllm.")] + ["vllm"]:
+        monkeypatch.setitem(sys.modules, name, None)
     engine = load_engine(vllm_settings())  # what LLMQ_ENGINE=vllm selects
     assert isinstance(engine, VllmEngine)
     with pytest.raises(EngineError) as raised:
@@ -473,29 +470,53 @@ async def test_close_shuts_vllm_down_once():
 # ---- start(), with vLLM's entry points stood in -----------------------------------
 
 
+class StandInEngineArgs(dict):
+    """Stand-in for vllm.AsyncEngineArgs (vllm/engine/arg_utils.py): its keywords, and the
+    VllmConfig create_engine_config() makes of them, with the attributes start() reads
+    (vllm/config/: cache_config, model_config, parallel_config); the tiny model's shape."""
+
+    def create_engine_config(self):
+        model = SimpleNamespace(max_model_len=2048, dtype=SimpleNamespace(itemsize=2), get_head_size=lambda: 64,
+                                get_num_layers=lambda parallel: 4, get_num_kv_heads=lambda parallel: 2)
+        return SimpleNamespace(args=self, model_config=model, parallel_config=SimpleNamespace(),
+                               cache_config=SimpleNamespace(kv_cache_memory_bytes=None, block_size=128))
+
+
 def stand_in_vllm(llm: StandInAsyncLLM, tokenizer, *, async_tokenizer: bool, fails: Exception | None = None):
-    """The names start() takes from vllm, standing in for AsyncLLM.from_engine_args
+    """The names start() takes from vllm, standing in for AsyncLLM.from_vllm_config
     and AsyncEngineArgs (vllm/v1/engine/async_llm.py, vllm/engine/arg_utils.py)."""
     built = {}
 
     async def get_tokenizer_async():  # vLLM 0.11: a coroutine
         return tokenizer
 
-    def from_engine_args(engine_args, stat_loggers=None):
+    def from_vllm_config(vllm_config, stat_loggers=None):
         if fails is not None:
             raise fails
-        built["args"] = engine_args
+        built["args"] = vllm_config.args
+        built["config"] = vllm_config
         built["stat_loggers"] = stat_loggers
         llm.get_tokenizer = get_tokenizer_async if async_tokenizer else (lambda: tokenizer)  # later: a method
         return llm
 
-    return SimpleNamespace(**vars(VLLM), AsyncEngineArgs=dict,
-                           AsyncLLM=SimpleNamespace(from_engine_args=from_engine_args)), built
+    return SimpleNamespace(**vars(VLLM), AsyncEngineArgs=StandInEngineArgs,
+                           AsyncLLM=SimpleNamespace(from_vllm_config=from_vllm_config)), built
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """start() as on vLLM's CPU backend; what it sets in the environment is undone after."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("async_tokenizer", [True, False])
-async def test_start_builds_vllm_from_the_settings(tmp_path, monkeypatch, tokenizer, async_tokenizer):
+async def test_start_builds_vllm_from_the_settings(tmp_path, monkeypatch, tokenizer, async_tokenizer, on_cpu):
     from workers.engines.vllm import engine as vllm_engine
 
     make_adapter(tmp_path, "sql", rank=8)
@@ -515,7 +536,53 @@ async def test_start_builds_vllm_from_the_settings(tmp_path, monkeypatch, tokeni
 
 
 @pytest.mark.asyncio
-async def test_a_model_vllm_cannot_load_is_an_engine_error(monkeypatch, tokenizer):
+async def test_on_cpu_the_kv_cache_holds_batch_max_tokens_and_the_model_runs_in_the_engine_core(
+        monkeypatch, tokenizer, on_cpu):
+    import os
+
+    from workers.engines.vllm import engine as vllm_engine
+
+    vllm, built = stand_in_vllm(StandInAsyncLLM(), tokenizer, async_tokenizer=True)
+    monkeypatch.setattr(vllm_engine, "_import_vllm", lambda: vllm)
+    engine = VllmEngine(vllm_settings(batch_max_tokens=10_000))
+    await engine.start()
+    # 10,000 tokens: 79 blocks of 128, and one more; each token a K and a V of 2 heads x 64 per layer, in bf16
+    assert built["config"].cache_config.kv_cache_memory_bytes == 80 * 128 * 2 * 4 * 2 * 64 * 2
+    # The model runs in vLLM's EngineCore process, on vLLM's thread count: the CPUs but one.
+    assert (os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"], os.environ["OMP_NUM_THREADS"]) == ("0", "3")
+    await engine.close()
+
+
+@pytest.mark.asyncio
+async def test_on_cpu_a_memory_share_or_vllms_own_kv_setting_leaves_the_kv_cache_to_vllm(
+        monkeypatch, tokenizer, on_cpu):
+    from workers.engines.vllm import engine as vllm_engine
+
+    vllm, built = stand_in_vllm(StandInAsyncLLM(), tokenizer, async_tokenizer=True)
+    monkeypatch.setattr(vllm_engine, "_import_vllm", lambda: vllm)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    engine = VllmEngine(vllm_settings(vllm_memory_utilization=0.5))
+    await engine.start()
+    assert built["config"].cache_config.kv_cache_memory_bytes is None
+    assert built["args"]["gpu_memory_utilization"] == 0.5
+    import os
+
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"  # the operator's choice stands
+    assert "OMP_NUM_THREADS" not in os.environ  # vLLM's own worker process sets its threads
+    await engine.close()
+
+
+def test_the_model_keeps_one_cpu_free_for_vllms_scheduler_as_vllm_does():
+    assert [cpu_omp_threads(n) for n in (1, 2, 16)] == [1, 1, 15]
+
+
+def test_the_kv_cache_holds_at_least_one_request_of_the_whole_context():
+    assert kv_cache_bytes(100, 2048, 1, 1, 1, 1, block_size=16) == (2048 + 16) * 2
+    assert kv_cache_bytes(5000, 2048, 1, 1, 1, 1, block_size=16) == (313 + 1) * 16 * 2
+
+
+@pytest.mark.asyncio
+async def test_a_model_vllm_cannot_load_is_an_engine_error(monkeypatch, tokenizer, on_cpu):
     from workers.engines.vllm import engine as vllm_engine
 
     vllm, _ = stand_in_vllm(StandInAsyncLLM(), tokenizer, async_tokenizer=True,
@@ -537,7 +604,7 @@ async def test_a_missing_adapters_dir_stops_start(tmp_path, monkeypatch, tokeniz
 
 
 @pytest.mark.asyncio
-async def test_running_is_what_vllms_scheduler_reported_of_the_requests_still_here(monkeypatch, tokenizer):
+async def test_running_is_what_vllms_scheduler_reported_of_the_requests_still_here(monkeypatch, tokenizer, on_cpu):
     from workers.engines.vllm import engine as vllm_engine
 
     vllm, built = stand_in_vllm(StandInAsyncLLM(), tokenizer, async_tokenizer=True)

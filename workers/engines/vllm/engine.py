@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -24,7 +25,8 @@ from typing import Any
 from workers.engines.base import EngineError, GenerationOutput, GenerationRequest
 from workers.engines.common import context_refusal, prompt_ids
 from workers.engines.vllm.adapters import AdapterError, Adapters
-from workers.engines.vllm.mapping import DeltaState, engine_kwargs, error_text, lora_rank_bound, sampling_kwargs
+from workers.engines.vllm.mapping import (DeltaState, cpu_omp_threads, engine_kwargs, error_text, kv_cache_bytes,
+                                         lora_rank_bound, sampling_kwargs)
 from workers.settings import WorkerSettings
 
 VLLM_MISSING = "LLMQ_ENGINE=vllm needs the vllm extra: pip install 'llmq[vllm]' (a CUDA machine)"
@@ -86,10 +88,16 @@ class VllmEngine:
         # load blocks the loop, but the worker joins Kafka only after start().
         import torch  # loaded by vllm already
 
-        args = engine_kwargs(self.settings, lora_rank, cuda=torch.cuda.is_available())
+        cuda = torch.cuda.is_available()
+        if not cuda:
+            self._run_the_model_in_the_engine_core()
+        args = engine_kwargs(self.settings, lora_rank, cuda=cuda)
         try:
-            engine = vllm.AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**args),
-                                                    stat_loggers=[self._batch_reporter(vllm.StatLoggerBase)])
+            # What AsyncLLM.from_engine_args does, with the KV cache sized in between.
+            config = vllm.AsyncEngineArgs(**args).create_engine_config()
+            if not cuda and self.settings.vllm_memory_utilization is None:
+                self._size_cpu_kv_cache(config)
+            engine = vllm.AsyncLLM.from_vllm_config(config, stat_loggers=[self._batch_reporter(vllm.StatLoggerBase)])
         except Exception as exc:
             raise EngineError(f"vLLM could not load {self.settings.model!r}: {exc}") from exc
         # 3) get_tokenizer() is a coroutine in 0.11 and a plain method on later
@@ -108,6 +116,40 @@ class VllmEngine:
         # and its locals outlive the call: without this the engine is freed only at the
         # interpreter's exit, where AsyncLLM.__del__ fails on modules already torn down.
         del engine
+
+    @staticmethod
+    def _run_the_model_in_the_engine_core() -> None:
+        """On vLLM's CPU backend, the model runs in vLLM's EngineCore process, not in a
+        worker process of its own, unless the operator set VLLM_ENABLE_V1_MULTIPROCESSING.
+
+        By default the EngineCore process spawns that worker (vllm/platforms/cpu.py turns
+        the "uni" executor into "mp" unless VLLM_ENABLE_V1_MULTIPROCESSING=0): a third
+        interpreter importing torch and vLLM again, 12-15 s of a worker's start here. With
+        0 the EngineCore runs the model itself (vLLM's UniProcExecutor). The EngineCore is
+        still a process of its own (AsyncLLM always starts one), so a step never blocks
+        this process's event loop. What the spawned worker had and this way has not is
+        vLLM's OpenMP set-up: its thread count (the CPUs less one vLLM keeps for its
+        scheduler and front end) is set here (OMP_NUM_THREADS, read when the EngineCore
+        loads torch); its thread pinning is not. Without the count, torch took every CPU
+        and a step waited on any thread whose CPU another process held (throughput fell
+        to a fifth on this shared machine). Measured: README, Performance."""
+        if "VLLM_ENABLE_V1_MULTIPROCESSING" in os.environ:
+            return
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("OMP_NUM_THREADS", str(cpu_omp_threads(len(os.sched_getaffinity(0)))))
+
+    def _size_cpu_kv_cache(self, config: Any) -> None:
+        """On vLLM's CPU backend, a KV cache for LLMQ_BATCH_MAX_TOKENS tokens (what the
+        setting bounds on the torch engine too), unless VLLM_CPU_KVCACHE_SPACE sized it
+        already. Left to vLLM, it runs a warm-up forward pass to measure its own memory and
+        takes the rest of the 30 %: 3 GiB and ~17 s of the start here, on the tiny model."""
+        cache, model = config.cache_config, config.model_config
+        if cache.kv_cache_memory_bytes is not None:
+            return
+        cache.kv_cache_memory_bytes = kv_cache_bytes(
+            self.settings.batch_max_tokens, model.max_model_len, model.get_num_layers(config.parallel_config),
+            model.get_num_kv_heads(config.parallel_config), model.get_head_size(), model.dtype.itemsize,
+            cache.block_size or 16)
 
     def _batch_reporter(self, base: type) -> type:
         """A vLLM stat logger (vllm/v1/metrics/loggers.py) that keeps the size of the
@@ -208,12 +250,17 @@ class VllmEngine:
                                                                      self._context)):
             raise ValueError(refusal)
         prompt = {"prompt_token_ids": ids}
-        sampling = vllm.SamplingParams(**sampling_kwargs(request.params), output_kind=vllm.RequestOutputKind.DELTA)
+        sampling = vllm.SamplingParams(**self._sampling_kwargs(request), output_kind=vllm.RequestOutputKind.DELTA)
         lora = None
         if request.adapter:
             adapter = self._adapters.resolve(request.adapter)
             lora = vllm.LoRARequest(adapter.name, adapter.lora_id, adapter.path)
         return prompt, sampling, lora
+
+    def _sampling_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        """vllm.SamplingParams keywords of a request (a subclass may add some: bench/engine.py
+        adds ignore_eos, so every engine generates the tokens it is asked for)."""
+        return sampling_kwargs(request.params)
 
     async def abort(self, request_id: str) -> None:
         if self._engine is None or request_id not in self._running:

@@ -112,6 +112,25 @@ def error_text(exc: BaseException) -> str:
 CPU_MEMORY_UTILIZATION = 0.3
 
 
+def cpu_omp_threads(cpus: int) -> int:
+    """The model's threads on vLLM's CPU backend: vLLM's own choice, every CPU this process
+    may use but one, kept for vLLM's scheduler and front end (vllm/utils/ompmultiprocessing.py,
+    reserve_cpu_num), and at least one."""
+    return max(1, cpus - 1)
+
+
+def kv_cache_bytes(tokens: int, max_model_len: int, layers: int, kv_heads: int, head_size: int,
+                   dtype_bytes: int, block_size: int = 16) -> int:
+    """The KV cache for `tokens` tokens of a model (a K and a V vector per layer), at
+    least one request of the model's whole context (vLLM refuses to start with less),
+    rounded up to whole blocks plus one. On vLLM's CPU backend an explicit size (vLLM's
+    `kv_cache_memory_bytes`) also skips its memory-profiling warm-up run, which with
+    the 30 % default took ~17 s of a worker's start to size a 3 GiB cache here."""
+    tokens = max(tokens, max_model_len)
+    blocks = -(-tokens // block_size) + 1
+    return blocks * block_size * 2 * layers * kv_heads * head_size * dtype_bytes
+
+
 def engine_kwargs(settings: WorkerSettings, lora_rank: int | None, cuda: bool = True) -> dict[str, Any]:
     """Keyword arguments of vllm.AsyncEngineArgs (vllm/engine/arg_utils.py); `cuda`:
     whether vLLM runs on a GPU (else its CPU backend)."""
