@@ -23,7 +23,7 @@ endif
 endif
 BIN    := $(VENV)/bin
 
-.PHONY: up test test-vllm install install-vllm redis-server bench bench-pipeline bench-engine bench-openai schema clean
+.PHONY: up test test-vllm install install-vllm redis-server bench bench-pipeline bench-engine bench-engine-vllm bench-openai schema clean
 
 up: install redis-server
 	$(BIN)/llmq up
@@ -66,6 +66,11 @@ bench-pipeline: install redis-server
 
 bench-engine: install
 	$(BIN)/python -m bench.engine --generate-batch --int8
+
+# llmq's torch engine against its vLLM engine on the same workload, in .venv-vllm.
+bench-engine-vllm:
+	$(MAKE) install LLMQ_ENGINE=vllm
+	.venv-vllm/bin/python -m bench.engine --vllm
 
 bench-openai: install redis-server
 	$(BIN)/python -m bench.openai
