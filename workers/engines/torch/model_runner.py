@@ -5,6 +5,7 @@ admitted rows and one decode step of the running batch."""
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 
 import torch
@@ -33,6 +34,8 @@ class ModelRunner:
             raise EngineError(f"model directory {source!r} does not exist; {build_hint}")
         device = self._device()
         dtype = self._dtype(device)
+        if device.type == "cpu":
+            self._use_cpu_threads()
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -82,6 +85,21 @@ class ModelRunner:
             return torch.device(name)
         except RuntimeError as exc:
             raise EngineError(f"bad LLMQ_DEVICE {self.settings.device!r}: {exc}") from exc
+
+    @staticmethod
+    def _use_cpu_threads() -> None:
+        """Run the model's ops on all cores but one, unless OMP_NUM_THREADS says otherwise.
+
+        The spare core is the event loop's: it turns outputs into deltas and
+        serves Kafka while the scheduler thread runs the model (vLLM's CPU
+        backend reserves one the same way). Giving the model every core makes
+        each op wait for a thread the event loop (or another process) holds,
+        which on a small machine costs more than the extra core brings.
+        """
+        if "OMP_NUM_THREADS" in os.environ:
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores - 1))
 
     def _dtype(self, device: torch.device) -> torch.dtype:
         if self.settings.dtype == "auto":
