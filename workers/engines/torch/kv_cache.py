@@ -1,6 +1,7 @@
-"""The KV cache: a prefill's is transformers' own DynamicCache; the running
-batch's is one KVLayer per layer, which writes keys and values in place in
-preallocated storage instead of concatenating them at every step."""
+"""The KV cache: a prefill's is transformers' own DynamicCache; each generation
+of the running batch keeps one KVLayer per layer, which writes keys and values
+in place in preallocated storage instead of concatenating them at every step;
+a decode step's cache splits the batch's new keys among the generations."""
 
 from __future__ import annotations
 
@@ -8,28 +9,57 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from workers.engines.torch.attention import GenerationViews
+
 
 def prefill_cache() -> DynamicCache:
-    """A cache for one prefill: plain full-attention layers, copied into the batch's at merge."""
+    """A cache for one prefill: plain full-attention layers, copied into a generation's at merge."""
     return DynamicCache()
 
 
-def batch_cache(layers: int, max_rows: int) -> DynamicCache:
-    """The running batch's cache: one KVLayer per model layer."""
+def generation_cache(layers: int, max_rows: int) -> DynamicCache:
+    """One generation's cache: one KVLayer per model layer."""
     cache = DynamicCache()
     cache.layers = [KVLayer(max_rows) for _ in range(layers)]
     return cache
 
 
+def decode_cache(caches: list[DynamicCache], masks: list[torch.Tensor]) -> DynamicCache:
+    """The cache a decode step runs with: per model layer, the generations' KVLayers
+    (their rows in this order) and their masks."""
+    cache = DynamicCache()
+    cache.layers = [SplitLayer([c.layers[i] for c in caches], masks) for i in range(len(caches[0].layers))]
+    return cache
+
+
+class SplitLayer(DynamicLayer):
+    """One model layer across the generations: each new key goes to its row's
+    generation; attention gets every generation's keys (attention.py)."""
+
+    def __init__(self, parts: list[KVLayer], masks: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.parts, self.masks = parts, masks
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        sizes = [part.rows for part in self.parts]
+        views = [part.update(k, v) for part, k, v in zip(self.parts, key_states.split(sizes), value_states.split(sizes))]
+        grouped = GenerationViews([k for k, _ in views], [v for _, v in views], self.masks)
+        return grouped, grouped
+
+    def get_seq_length(self) -> int:
+        return max(part.get_seq_length() for part in self.parts)
+
+
 class KVLayer(DynamicLayer):
-    """One layer's keys and values for the running batch, written in place.
+    """One layer's keys and values for one generation, written in place.
 
     transformers' DynamicLayer grows by torch.cat, which copies the whole cache
     at every decode step, a large share of a step at many rows (see the README's
-    engine benchmark). Here the storage has room for `max_rows` rows and spare
-    columns: a step writes one column, trimming shared padding moves `start`, a
-    leaving row is overwritten by the last one, and only running out of columns
-    copies (into twice the room, so rarely).
+    engine benchmark). Here the storage has spare rows and columns: a step
+    writes one column, trimming shared padding moves `start`, a leaving row is
+    overwritten by the last one, and only running out of room copies (into
+    twice the room, at most `max_rows` rows, so rarely).
 
     The storage starts zeroed: columns a row never wrote hold finite values,
     which the attention mask hides (uninitialized memory may hold NaN, which
@@ -39,14 +69,14 @@ class KVLayer(DynamicLayer):
     def __init__(self, max_rows: int) -> None:
         super().__init__()
         self.max_rows = max_rows
-        self.k_store: torch.Tensor | None = None  # [max_rows, heads, columns, head_dim]
+        self.k_store: torch.Tensor | None = None  # [row capacity, heads, columns, head_dim]
         self.v_store: torch.Tensor | None = None
         self.rows = self.start = self.end = 0
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         count = key_states.shape[-2]
-        self._make_room(0, count)
+        self._make_room(0, count, self.rows)
         self.k_store[:self.rows, :, self.end:self.end + count] = key_states
         self.v_store[:self.rows, :, self.end:self.end + count] = value_states
         self.end += count
@@ -56,13 +86,13 @@ class KVLayer(DynamicLayer):
         return self.end - self.start
 
     def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append rows whose keys end at the batch's last column (left-padded to it)."""
+        """Append rows whose keys end at the generation's last column (left-padded to it)."""
         if self.k_store is None:
-            shape = (self.max_rows, keys.shape[1], 0, keys.shape[3])
+            shape = (0, keys.shape[1], 0, keys.shape[3])
             self.k_store, self.v_store = keys.new_zeros(shape), values.new_zeros(shape)
         length = keys.shape[-2]
         wider = max(0, length - (self.end - self.start))
-        self._make_room(wider, 0)
+        self._make_room(wider, 0, self.rows + keys.shape[0])
         self.start -= wider
         added = slice(self.rows, self.rows + keys.shape[0])
         self.k_store[added, :, self.end - length:self.end] = keys
@@ -82,15 +112,19 @@ class KVLayer(DynamicLayer):
         self.start += columns
         self._view()
 
-    def _make_room(self, left: int, right: int) -> None:
-        """Make sure `left` free columns precede `start` and `right` follow `end`."""
-        if self.start >= left and self.end + right <= self.k_store.shape[2]:
+    def _make_room(self, left: int, right: int, rows: int) -> None:
+        """Make sure `left` free columns precede `start`, `right` follow `end`, and `rows` rows fit."""
+        capacity, columns = self.k_store.shape[0], self.k_store.shape[2]
+        if self.start >= left and self.end + right <= columns and rows <= capacity:
             return
+        if rows > capacity:
+            capacity = min(self.max_rows, max(rows, 2 * capacity))
         width = self.end - self.start
         needed = left + width + right
-        columns = max(64, 2 * needed)
+        if self.start < left or self.end + right > columns:
+            columns = max(64, 2 * needed)
         offset = left + (columns - needed) // 4  # most of the spare room goes right, where decoding grows
-        shape = (*self.k_store.shape[:2], columns, self.k_store.shape[3])
+        shape = (capacity, self.k_store.shape[1], columns, self.k_store.shape[3])
         k_store, v_store = self.k_store.new_zeros(shape), self.v_store.new_zeros(shape)
         k_store[:self.rows, :, offset:offset + width] = self.k_store[:self.rows, :, self.start:self.end]
         v_store[:self.rows, :, offset:offset + width] = self.v_store[:self.rows, :, self.start:self.end]

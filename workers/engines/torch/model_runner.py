@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from workers.engines.base import EngineError
+from workers.engines.torch import attention
 from workers.engines.torch.adapters import BASE_ADAPTER, Adapters
 from workers.engines.torch.batch import Batch
 from workers.engines.torch.kv_cache import prefill_cache
@@ -38,7 +39,8 @@ class ModelRunner:
             self._use_cpu_threads()
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            # Decode steps attend generation by generation (attention.py); prefills run transformers' SDPA.
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention.NAME)
             model.to(device).eval()
         except Exception as exc:
             hint = "" if Path(source).is_dir() else f" (not a local directory; {build_hint})"
@@ -73,7 +75,7 @@ class ModelRunner:
             # Warm up, and surface a device or dtype problem now rather than on a request.
             with torch.inference_mode():
                 ids = torch.tensor([[self.pad_id]], device=device)
-                self.forward(ids, torch.ones_like(ids), torch.zeros_like(ids), prefill_cache(), [None])
+                self.forward(ids, None, torch.zeros_like(ids), prefill_cache(), [None])
         except Exception as exc:
             raise EngineError(f"model {source!r} failed its first forward pass on {device}: {exc}") from exc
 
@@ -132,17 +134,21 @@ class ModelRunner:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         # Each row's positions count its own tokens, as if it ran alone.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # The attention mask in 4D, as transformers' SDPA mask is (causal, padding hidden):
+        # transformers builds none for a custom attention function.
+        causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
+        mask_4d = causal[None, None] & mask.bool()[:, None, None, :]
         cache = prefill_cache()
         adapters = [row.request.adapter for row in rows]
-        return self.forward(input_ids, mask, positions, cache, adapters), cache, mask
+        return self.forward(input_ids, mask_4d, positions, cache, adapters), cache, mask
 
     def decode(self, batch: Batch) -> torch.Tensor:
         """One step over every running row: each row's last token in, its next logits out."""
         rows = batch.rows
         last = torch.tensor([[row.tokens[-1]] for row in rows], device=self.device)
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(rows), 1))], dim=-1)
         positions = torch.tensor([[len(row.prompt_ids) + len(row.tokens) - 1] for row in rows], device=self.device)
-        return self.forward(last, batch.mask, positions, batch.cache, batch.adapter_names())
+        # No attention mask: each generation's is in the decode cache (attention.py).
+        return self.forward(last, None, positions, batch.decode_cache(), batch.adapter_names())
 
     def forward(self, input_ids, mask, positions, cache, adapters: list[str | None]) -> torch.Tensor:
         """Logits of each row's last position, as float32 (sampling wants the precision)."""
