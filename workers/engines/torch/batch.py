@@ -1,13 +1,14 @@
 """The running batch: the rows decoding together, in generations. A generation
 is the rows that joined at about the same time, left-padded so every row's
 next token lands in its last column (as TGI's CausalLM batch is), with its own
-attention mask and KV cache. Rows join after their prefill and leave as they finish."""
+attention mask and KV cache. Rows join after the step that ran their prompt
+and leave as they finish."""
 
 from __future__ import annotations
 
 import torch
 
-from workers.engines.torch.kv_cache import decode_cache, generation_cache
+from workers.engines.torch.kv_cache import PromptLayer, generation_cache, step_cache
 from workers.engines.torch.row import Row
 from workers.engines.torch.sampling import Sampling
 
@@ -32,16 +33,17 @@ class Generation:
     def width(self) -> int:
         return self.mask.shape[1]
 
-    def merge(self, rows: list[Row], cache, mask: torch.Tensor) -> None:
-        """Add freshly prefilled rows (their cache and mask)."""
-        for layer, new in zip(self.cache.layers, cache.layers):
+    def add(self, row: Row, prompt: list[PromptLayer]) -> None:
+        """Add a row whose prompt just ran (its keys and values, layer by layer)."""
+        for layer, new in zip(self.cache.layers, prompt):
             layer.add_rows(new.keys, new.values)
+        mask = torch.ones((1, new.keys.shape[2]), dtype=torch.long, device=new.keys.device)
         if self.mask is None:
             self.mask = mask
         else:
             width = max(self.width, mask.shape[1])
             self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
-        self.rows += rows
+        self.rows.append(row)
 
     def drop_finished(self) -> None:
         """Finished rows leave: the last running rows move into their places."""
@@ -82,11 +84,12 @@ class Batch:
             self._sampling = Sampling(self.rows, device)
         return self._sampling
 
-    def merge(self, rows: list[Row], cache, mask: torch.Tensor) -> None:
-        """Add freshly prefilled rows to the youngest generation, or to a new one when it is too wide."""
-        if not self.generations or self.generations[-1].width - mask.shape[1] > GENERATION_SPAN:
-            self.generations.append(Generation(self.max_rows, len(cache.layers)))
-        self.generations[-1].merge(rows, cache, mask)
+    def merge(self, rows: list[Row], prompts: list[list[PromptLayer]]) -> None:
+        """Add rows whose prompts just ran to the youngest generation, or to a new one when it is too wide."""
+        for row, prompt in zip(rows, prompts):
+            if not self.generations or self.generations[-1].width - len(row.prompt_ids) > GENERATION_SPAN:
+                self.generations.append(Generation(self.max_rows, len(prompt)))
+            self.generations[-1].add(row, prompt)
         self._rows_changed()
 
     def drop_finished(self) -> None:
@@ -97,13 +100,16 @@ class Batch:
         self.generations = [generation for generation in self.generations if generation.rows]
         self._rows_changed()
 
-    def decode_cache(self):
-        """The cache for the next decode step: each generation's mask gains the step's column."""
+    def step_cache(self, joining: list[Row], layers: int):
+        """The cache for the next step, which runs the running rows' last tokens and the
+        joining rows' prompts; and the joining rows' layers, for merge() after the step.
+        Each generation's mask gains the step's column."""
         masks = []
         for generation in self.generations:
             generation.mask = torch.cat([generation.mask, generation.mask.new_ones((len(generation.rows), 1))], dim=-1)
             masks.append(generation.mask.bool()[:, None, None, :])
-        return decode_cache([generation.cache for generation in self.generations], masks)
+        prompts = [[PromptLayer(len(row.prompt_ids)) for _ in range(layers)] for row in joining]
+        return step_cache([generation.cache for generation in self.generations], masks, prompts), prompts
 
     def _rows_changed(self) -> None:
         self.rows = [row for generation in self.generations for row in generation.rows]

@@ -1,7 +1,7 @@
-"""The KV cache: a prefill's is transformers' own DynamicCache; each generation
-of the running batch keeps one KVLayer per layer, which writes keys and values
-in place in preallocated storage instead of concatenating them at every step;
-a decode step's cache splits the batch's new keys among the generations."""
+"""The KV cache: each generation of the running batch keeps one KVLayer per
+layer, which writes keys and values in place in preallocated storage instead
+of concatenating them at every step; a step's cache splits the step's new keys
+among the generations and the prompts joining the batch."""
 
 from __future__ import annotations
 
@@ -9,12 +9,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from workers.engines.torch.attention import GenerationViews
-
-
-def prefill_cache() -> DynamicCache:
-    """A cache for one prefill: plain full-attention layers, copied into a generation's at merge."""
-    return DynamicCache()
+from workers.engines.torch.attention import StepViews
 
 
 def generation_cache(layers: int, max_rows: int) -> DynamicCache:
@@ -24,19 +19,21 @@ def generation_cache(layers: int, max_rows: int) -> DynamicCache:
     return cache
 
 
-def decode_cache(caches: list[DynamicCache], masks: list[torch.Tensor]) -> DynamicCache:
-    """The cache a decode step runs with: per model layer, the generations' KVLayers
-    (their rows in this order) and their masks."""
+def step_cache(generations: list[DynamicCache], masks: list[torch.Tensor], prompts: list[list[PromptLayer]]):
+    """The cache a step runs with: per model layer, the generations' KVLayers (their
+    rows first, in this order), then the layer of each prompt joining the batch."""
     cache = DynamicCache()
-    cache.layers = [SplitLayer([c.layers[i] for c in caches], masks) for i in range(len(caches[0].layers))]
+    layers = len(generations[0].layers) if generations else len(prompts[0])
+    cache.layers = [SplitLayer([g.layers[i] for g in generations] + [p[i] for p in prompts],
+                               masks + [None] * len(prompts)) for i in range(layers)]
     return cache
 
 
 class SplitLayer(DynamicLayer):
-    """One model layer across the generations: each new key goes to its row's
-    generation; attention gets every generation's keys (attention.py)."""
+    """One model layer across a step's parts: each new key goes to its row's
+    generation or prompt; attention gets every part's keys (attention.py)."""
 
-    def __init__(self, parts: list[KVLayer], masks: list[torch.Tensor]) -> None:
+    def __init__(self, parts: list[KVLayer | PromptLayer], masks: list[torch.Tensor | None]) -> None:
         super().__init__()
         self.parts, self.masks = parts, masks
         self.is_initialized = True
@@ -44,11 +41,29 @@ class SplitLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         sizes = [part.rows for part in self.parts]
         views = [part.update(k, v) for part, k, v in zip(self.parts, key_states.split(sizes), value_states.split(sizes))]
-        grouped = GenerationViews([k for k, _ in views], [v for _, v in views], self.masks)
+        grouped = StepViews([k for k, _ in views], [v for _, v in views], self.masks)
         return grouped, grouped
 
     def get_seq_length(self) -> int:
         return max(part.get_seq_length() for part in self.parts)
+
+
+class PromptLayer(DynamicLayer):
+    """One layer's keys and values of a prompt joining the batch, one token per row of
+    the step that runs it; a generation takes them in after the step."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.rows = length  # rows of the step it takes
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # [tokens, kv heads, 1, head dim] -> [1, kv heads, tokens, head dim]: one row, as a generation stores it
+        self.keys, self.values = key_states.transpose(0, 2), value_states.transpose(0, 2)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.rows
 
 
 class KVLayer(DynamicLayer):
