@@ -35,8 +35,10 @@ class Generation:
 
     def add(self, row: Row, prompt: list[PromptLayer]) -> None:
         """Add a row whose prompt just ran (its keys and values, layer by layer)."""
+        # Its first token is chosen: it may write max_tokens - 1 more columns.
+        room = row.request.params.max_tokens - 1
         for layer, new in zip(self.cache.layers, prompt):
-            layer.add_rows(new.keys, new.values)
+            layer.add_rows(new.keys, new.values, room)
         mask = torch.ones((1, new.keys.shape[2]), dtype=torch.long, device=new.keys.device)
         if self.mask is None:
             self.mask = mask

@@ -71,14 +71,17 @@ class KVLayer(DynamicLayer):
 
     transformers' DynamicLayer grows by torch.cat, which copies the whole cache
     at every decode step, a large share of a step at many rows (see the README's
-    engine benchmark). Here the storage has spare rows and columns: a step
-    writes one column, trimming shared padding moves `start`, a leaving row is
-    overwritten by the last one, and only running out of room copies (into
-    twice the room, at most `max_rows` rows, so rarely).
+    engine benchmark). Here the storage has room for the columns its rows may
+    still write (each row's max_tokens) and spare rows: a step writes one
+    column, trimming shared padding moves `start`, a leaving row is overwritten
+    by the last one, and only a joining row that needs more room copies (into
+    four times the rows, at most `max_rows`, so rarely: at 128 concurrent,
+    doubling from one row copied 2.5 GB per benchmark run).
 
-    The storage starts zeroed: columns a row never wrote hold finite values,
-    which the attention mask hides (uninitialized memory may hold NaN, which
-    masking does not hide: 0 x NaN is NaN).
+    The storage is left uninitialized, except that the padding inside the
+    window [start, end) is zeroed: attention reads those columns, and while the
+    mask hides them, it does not hide NaN (0 x NaN is NaN), which uninitialized
+    memory may hold. Zeroing whole new storage instead cost as much as the copies.
     """
 
     def __init__(self, max_rows: int) -> None:
@@ -87,11 +90,13 @@ class KVLayer(DynamicLayer):
         self.k_store: torch.Tensor | None = None  # [row capacity, heads, columns, head_dim]
         self.v_store: torch.Tensor | None = None
         self.rows = self.start = self.end = 0
+        self.room = 0  # columns after `end` that its rows may still write
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         count = key_states.shape[-2]
         self._make_room(0, count, self.rows)
+        self.room = max(0, self.room - count)
         self.k_store[:self.rows, :, self.end:self.end + count] = key_states
         self.v_store[:self.rows, :, self.end:self.end + count] = value_states
         self.end += count
@@ -100,18 +105,22 @@ class KVLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.end - self.start
 
-    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append rows whose keys end at the generation's last column (left-padded to it)."""
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        """Append rows whose keys end at the generation's last column (left-padded to it),
+        which may write `room` more columns."""
         if self.k_store is None:
             shape = (0, keys.shape[1], 0, keys.shape[3])
-            self.k_store, self.v_store = keys.new_zeros(shape), values.new_zeros(shape)
+            self.k_store, self.v_store = keys.new_empty(shape), values.new_empty(shape)
         length = keys.shape[-2]
         wider = max(0, length - (self.end - self.start))
-        self._make_room(wider, 0, self.rows + keys.shape[0])
+        self.room = max(self.room, room)
+        self._make_room(wider, self.room, self.rows + keys.shape[0])
         self.start -= wider
         added = slice(self.rows, self.rows + keys.shape[0])
-        self.k_store[added, :, self.end - length:self.end] = keys
-        self.v_store[added, :, self.end - length:self.end] = values
+        for store, new in ((self.k_store, keys), (self.v_store, values)):
+            store[:self.rows, :, self.start:self.start + wider] = 0  # the older rows' new left padding
+            store[added, :, self.start:self.end - length] = 0  # the added rows' left padding
+            store[added, :, self.end - length:self.end] = new
         self.rows += keys.shape[0]
         self._view()
 
@@ -133,14 +142,15 @@ class KVLayer(DynamicLayer):
         if self.start >= left and self.end + right <= columns and rows <= capacity:
             return
         if rows > capacity:
-            capacity = min(self.max_rows, max(rows, 2 * capacity))
+            capacity = min(self.max_rows, max(rows, 4 * capacity, 8))
         width = self.end - self.start
-        needed = left + width + right
-        if self.start < left or self.end + right > columns:
-            columns = max(64, 2 * needed)
-        offset = left + (columns - needed) // 4  # most of the spare room goes right, where decoding grows
+        needed = left + width + max(right, self.room)
+        if needed > columns:
+            columns = max(needed + max(16, needed // 4), 2 * columns)
+        # Spare columns go left, for joining rows with longer prompts than the generation is wide.
+        offset = columns - needed + left
         shape = (capacity, self.k_store.shape[1], columns, self.k_store.shape[3])
-        k_store, v_store = self.k_store.new_zeros(shape), self.v_store.new_zeros(shape)
+        k_store, v_store = self.k_store.new_empty(shape), self.v_store.new_empty(shape)
         k_store[:self.rows, :, offset:offset + width] = self.k_store[:self.rows, :, self.start:self.end]
         v_store[:self.rows, :, offset:offset + width] = self.v_store[:self.rows, :, self.start:self.end]
         self.k_store, self.v_store = k_store, v_store
