@@ -222,7 +222,7 @@ class TorchEngine:
         """Each row's next token, sampled and appended; the outputs that makes."""
         next_ids = sampling.pick(logits, rows).tolist()
         now = time.time()
-        outputs = [row.add_token(token, self.runner.tokenizer, self.runner.eos_ids, now)
+        outputs = [row.add_token(token, self.runner.decode, self.runner.eos_ids, now)
                    for row, token in zip(rows, next_ids)]
         return [output for output in outputs if output is not None]
 
