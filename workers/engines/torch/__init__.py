@@ -6,7 +6,7 @@ row.py           one request's state: its tokens, its text so far, the outputs i
 batch.py         the running batch: its rows in generations, each left-padded with its own mask
 kv_cache.py      each generation's KV cache, written in place
 sampling.py      each row's next token: greedy, or temperature, top-k, top-p
-model_runner.py  the model on its device: loading, int8, prefill and decode forward passes
-attention.py     the attention function decode steps run: each generation over its own columns
+model_runner.py  the model on its device: loading, int8, one forward pass per step
+attention.py     the attention function a step runs: each generation over its own columns, prompts causally
 adapters.py      PEFT LoRA adapters, loaded on first use
 """

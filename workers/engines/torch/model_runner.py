@@ -79,12 +79,10 @@ class ModelRunner:
         self.decode = self._decoder(tokenizer)
         self.context = int(context)
         self.eos_ids = eos_ids
-        # Padding is masked out, so any id works when the tokenizer has no pad.
-        self.pad_id = next((i for i in (tokenizer.pad_token_id, *sorted(eos_ids)) if i is not None), 0)
         try:
             # Warm up, and surface a device or dtype problem now rather than on a request.
             with torch.inference_mode():
-                row = Row(GenerationRequest("warm-up", Params(max_tokens=1)), stream=None, prompt_ids=[self.pad_id])
+                row = Row(GenerationRequest("warm-up", Params(max_tokens=1)), stream=None, prompt_ids=[0])
                 self.step(Batch(1), [row])
         except Exception as exc:
             raise EngineError(f"model {source!r} failed its first forward pass on {device}: {exc}") from exc
