@@ -155,17 +155,18 @@ class TorchEngine:
         if aborted:
             outputs += self.scheduler.abort(aborted, batch.rows)
             batch.drop_finished()
-        # 2) admit the waiting rows that fit, prefill them together, merge them into the batch
+        # 2) admit the waiting rows that fit
         admitted, refused = self.scheduler.admit(batch.rows, self._prepare, runner.adapters)
         outputs += refused
-        if admitted:
-            logits, cache, mask = runner.prefill(admitted)
-            outputs += self._next_tokens(admitted, logits, Sampling(admitted, runner.device))
-            batch.merge(admitted, cache, mask)
-            batch.drop_finished()
-        # 3) one decode step over every running row; finished rows leave at once
-        if batch.rows:
-            outputs += self._next_tokens(batch.rows, runner.decode(batch), batch.sampling(runner.device))
+        # 3) one step: every running row's next token, and the admitted rows' prompts with
+        #    their first token (as vLLM's chunked prefill shares the decode step); the
+        #    admitted rows join the batch, finished rows leave at once
+        if batch.rows or admitted:
+            running = batch.rows
+            logits, prompts = runner.step(batch, admitted)
+            outputs += self._next_tokens(running, logits[:len(running)], batch.sampling(runner.device))
+            outputs += self._next_tokens(admitted, logits[len(running):], Sampling(admitted, runner.device))
+            batch.merge(admitted, prompts)
             batch.drop_finished()
         self.running = len(batch.rows)
         # 4) hand out this step's news
@@ -216,7 +217,7 @@ class TorchEngine:
         """Each row's next token, sampled and appended; the outputs that makes."""
         next_ids = sampling.pick(logits, rows).tolist()
         now = time.time()
-        outputs = [row.add_token(token, self.runner.tokenizer, self.runner.eos_ids, now)
+        outputs = [row.add_token(token, self.runner.decode, self.runner.eos_ids, now)
                    for row, token in zip(rows, next_ids)]
         return [output for output in outputs if output is not None]
 

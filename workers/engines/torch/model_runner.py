@@ -1,18 +1,22 @@
 """The model on its device: loading it (tokenizer, device, dtype, int8
-quantization, LoRA adapters) and running its forward passes, a prefill of newly
-admitted rows and one decode step of the running batch."""
+quantization, LoRA adapters) and running its steps: one forward pass over
+every running row's last token and the prompts of the rows joining the batch."""
 
 from __future__ import annotations
 
+import functools
 import inspect
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from workers.engines.base import EngineError
+from shared.schema import Params
+from workers.engines.base import EngineError, GenerationRequest
+from workers.engines.torch import attention
 from workers.engines.torch.adapters import BASE_ADAPTER, Adapters
 from workers.engines.torch.batch import Batch
-from workers.engines.torch.kv_cache import prefill_cache
 from workers.engines.torch.row import Row
 from workers.settings import WorkerSettings
 
@@ -33,9 +37,12 @@ class ModelRunner:
             raise EngineError(f"model directory {source!r} does not exist; {build_hint}")
         device = self._device()
         dtype = self._dtype(device)
+        if device.type == "cpu":
+            self._use_cpu_threads()
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            # Steps mix running rows and new prompts, one token per batch row (attention.py).
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention.NAME)
             model.to(device).eval()
         except Exception as exc:
             hint = "" if Path(source).is_dir() else f" (not a local directory; {build_hint})"
@@ -54,25 +61,41 @@ class ModelRunner:
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._keep_last_logits = "logits_to_keep" in params
+        self.layers = config.num_hidden_layers
 
         if settings.quantize == "int8":
             model = self._quantize_int8(model, device)
+        # A step's rows are tokens: the head runs on the rows whose logits are read (a
+        # prompt's last token, each running row), so prompts cost no vocabulary-wide matmul per token.
+        self._logit_rows: torch.Tensor | None = None
+        head = model.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(self._only_logit_rows)
         self.adapters = Adapters.create(settings, model)
         if self.adapters is not None:
             model = self.adapters.model
 
         self.tokenizer, self.model, self.device = tokenizer, model, device
+        self.decode = self._decoder(tokenizer)
         self.context = int(context)
         self.eos_ids = eos_ids
-        # Padding is masked out, so any id works when the tokenizer has no pad.
-        self.pad_id = next((i for i in (tokenizer.pad_token_id, *sorted(eos_ids)) if i is not None), 0)
         try:
             # Warm up, and surface a device or dtype problem now rather than on a request.
             with torch.inference_mode():
-                ids = torch.tensor([[self.pad_id]], device=device)
-                self.forward(ids, torch.ones_like(ids), torch.zeros_like(ids), prefill_cache(), [None])
+                row = Row(GenerationRequest("warm-up", Params(max_tokens=1)), stream=None, prompt_ids=[0])
+                self.step(Batch(1), [row])
         except Exception as exc:
             raise EngineError(f"model {source!r} failed its first forward pass on {device}: {exc}") from exc
+
+    @staticmethod
+    def _decoder(tokenizer) -> Callable[[list[int]], str]:
+        """Token ids to text, special tokens skipped: what each row's detokenization calls,
+        twice per token. A fast tokenizer that cleans up no spaces decodes as the tokenizers
+        library does, so that is called directly (a fifth of the cost of transformers' wrapper)."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+            return functools.partial(backend.decode, skip_special_tokens=True)
+        return functools.partial(tokenizer.decode, skip_special_tokens=True)
 
     def _device(self) -> torch.device:
         name = self.settings.device
@@ -82,6 +105,21 @@ class ModelRunner:
             return torch.device(name)
         except RuntimeError as exc:
             raise EngineError(f"bad LLMQ_DEVICE {self.settings.device!r}: {exc}") from exc
+
+    @staticmethod
+    def _use_cpu_threads() -> None:
+        """Run the model's ops on all cores but one, unless OMP_NUM_THREADS says otherwise.
+
+        The spare core is the event loop's: it turns outputs into deltas and
+        serves Kafka while the scheduler thread runs the model (vLLM's CPU
+        backend reserves one the same way). Giving the model every core makes
+        each op wait for a thread the event loop (or another process) holds,
+        which on a small machine costs more than the extra core brings.
+        """
+        if "OMP_NUM_THREADS" in os.environ:
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores - 1))
 
     def _dtype(self, device: torch.device) -> torch.dtype:
         if self.settings.dtype == "auto":
@@ -102,37 +140,38 @@ class ModelRunner:
 
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
-    def prefill(self, rows: list[Row]):
-        """Run the rows' prompts together; each row's last logits, their cache and mask."""
-        width = max(len(row.prompt_ids) for row in rows)
-        # Left padding, so every row's next token lands in the last column.
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            input_ids[b, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
-            mask[b, width - len(row.prompt_ids):] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        # Each row's positions count its own tokens, as if it ran alone.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = prefill_cache()
-        adapters = [row.request.adapter for row in rows]
-        return self.forward(input_ids, mask, positions, cache, adapters), cache, mask
+    def step(self, batch: Batch, joining: list[Row]):
+        """One forward pass: each running row's last token, then every token of each joining
+        row's prompt, one token per batch row. The logits of each running row and of each
+        prompt's last token, in that order; the joining rows' keys and values, for batch.merge."""
+        running = batch.rows
+        tokens = [row.tokens[-1] for row in running] + [t for row in joining for t in row.prompt_ids]
+        positions = ([len(row.prompt_ids) + len(row.tokens) - 1 for row in running]
+                     + [p for row in joining for p in range(len(row.prompt_ids))])
+        adapters = batch.adapter_names() + [row.request.adapter for row in joining for _ in row.prompt_ids]
+        ends = torch.tensor([len(row.prompt_ids) for row in joining], dtype=torch.long).cumsum(0) + len(running) - 1
+        cache, prompts = batch.step_cache(joining, self.layers)
+        self._logit_rows = torch.cat([torch.arange(len(running)), ends]).to(self.device) if joining else None
+        try:
+            logits = self.forward(torch.tensor(tokens, device=self.device)[:, None],
+                                  torch.tensor(positions, device=self.device)[:, None], cache, adapters)
+        finally:
+            self._logit_rows = None
+        return logits, prompts
 
-    def decode(self, batch: Batch) -> torch.Tensor:
-        """One step over every running row: each row's last token in, its next logits out."""
-        rows = batch.rows
-        last = torch.tensor([[row.tokens[-1]] for row in rows], device=self.device)
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(rows), 1))], dim=-1)
-        positions = torch.tensor([[len(row.prompt_ids) + len(row.tokens) - 1] for row in rows], device=self.device)
-        return self.forward(last, batch.mask, positions, batch.cache, batch.adapter_names())
+    def _only_logit_rows(self, _head, args):
+        if self._logit_rows is None:
+            return None
+        return (args[0][self._logit_rows], *args[1:])
 
-    def forward(self, input_ids, mask, positions, cache, adapters: list[str | None]) -> torch.Tensor:
+    def forward(self, input_ids, positions, cache, adapters: list[str | None]) -> torch.Tensor:
         """Logits of each row's last position, as float32 (sampling wants the precision)."""
         kwargs = {self._cache_kwarg: cache}
         if self._keep_last_logits:
-            kwargs["logits_to_keep"] = 1  # the prefill's other positions' logits are never read
+            kwargs["logits_to_keep"] = 1
         if self.adapters is not None:
             # peft runs each row through its own adapter (mixed-adapter batches).
             kwargs["adapter_names"] = [name or BASE_ADAPTER for name in adapters]
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        # No attention mask: the step cache says what each row attends (attention.py).
+        out = self.model(input_ids=input_ids, position_ids=positions, use_cache=True, **kwargs)
         return out.logits[:, -1, :].float()

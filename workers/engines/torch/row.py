@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,18 +48,19 @@ class Row:
         """Tokens this row may hold in the KV cache at most."""
         return len(self.prompt_ids) + self.request.params.max_tokens
 
-    def add_token(self, token: int, tokenizer, eos_ids: set[int], now: float) -> Output | None:
+    def add_token(self, token: int, decode: Callable[[list[int]], str], eos_ids: set[int],
+                  now: float) -> Output | None:
         """Take the row's next token; the output it makes, if any."""
         self.first_token_at = self.first_token_at or now
         self.tokens.append(token)  # EOS too: it was generated, and counts (as in vLLM)
-        self._detokenize(tokenizer)
+        self._detokenize(decode)
         params = self.request.params
         if params.stop and self._cut_at_stop():
             return self.finish("stop")
         if token in eos_ids or len(self.tokens) >= params.max_tokens:
             # The last token may end in half a character: the text says so (U+FFFD),
             # as decoding all the tokens at once would.
-            self._detokenize(tokenizer, final=True)
+            self._detokenize(decode, final=True)
             return self.finish("stop" if token in eos_ids else "length")
         # Hold back what could be the start of a stop string, so a
         # stream never shows text the final result cuts off.
@@ -83,15 +85,15 @@ class Row:
         delta = self.text[self.emitted:] if reason != "error" else ""
         return self.stream, GenerationOutput(request_id, delta, len(self.tokens), result)
 
-    def _detokenize(self, tokenizer, final: bool = False) -> None:
+    def _detokenize(self, decode: Callable[[list[int]], str], final: bool = False) -> None:
         """Append the newest token's text, decoding only a short window (O(1) per step).
 
         Byte-level tokenizers split a character across tokens; decoding from
         `prefix_offset` and holding text back while it ends in U+FFFD gives
         the same text as decoding everything at once (TGI's decode_token).
         """
-        before = tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        after = tokenizer.decode(self.tokens[self.prefix_offset:], skip_special_tokens=True)
+        before = decode(self.tokens[self.prefix_offset:self.read_offset])
+        after = decode(self.tokens[self.prefix_offset:])
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
             self.text += after[len(before):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
