@@ -380,6 +380,7 @@ async def main_async(args) -> None:
         engine = await start_engine(model_dir, args.device, max(args.concurrency))
         torch_start = time.perf_counter() - started
         await bench_llmq(engine, work, 2, 2, "warm-up")
+        torch_threads = engine.threads  # set by its scheduler thread, running by now
         torch_lines = []
         for c in args.concurrency:
             torch_lines.append(await bench_llmq(engine, work, c, c * args.requests_per_slot, f"llmq, {c} concurrent"))
@@ -416,7 +417,8 @@ async def main_async(args) -> None:
         base.note = f"run first: {base_before.tokens_per_s:,.0f} tok/s, run last: {base_after.tokens_per_s:,.0f}"
         del model
 
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = (torch.cuda.get_device_name() if device.type == "cuda"
+                   else f"cpu (transformers lines on {torch.get_num_threads()} threads)")
     print(f"\nmodel {args.shape}, {device_name}, prompts of {args.prompt_tokens} tokens, max_tokens 16-256 "
           f"(fixed seed), {args.requests_per_slot} requests per slot\n")
     print(table(lines, base, static))
@@ -424,7 +426,7 @@ async def main_async(args) -> None:
                                                          if vllm_start is not None else ""))
     if vllm_lines:
         same = [t.tokens == v.tokens for t, v in zip(torch_lines, vllm_lines)]
-        print(f"\nllmq-torch ({torch.get_num_threads()} threads, {dtype_name(device)}) against llmq-vllm, "
+        print(f"\nllmq-torch ({dtype_name(device)}, its model on {torch_threads} threads) against llmq-vllm, "
               f"{vllm_about}, llmq's defaults on {args.device}); output tokens the same on both at every level: "
               f"{'yes' if all(same) else 'NO'}\n")
         print(compare_table(torch_lines, vllm_lines))

@@ -46,6 +46,7 @@ class TorchEngine:
         self._closing = False
         self._failure: BaseException | None = None  # why the scheduler thread died
         self.running = 0  # rows in the batch (read by the worker's metrics)
+        self.threads: int | None = None  # intra-op threads the scheduler thread runs the model on
 
     # What tests and the benchmark reach into: the loaded model and its parts.
     @property
@@ -132,6 +133,7 @@ class TorchEngine:
 
     def _run(self) -> None:
         batch = Batch(self.max_running)
+        self.threads = torch.get_num_threads()  # as this thread sees it (set per thread in torch)
         try:
             with torch.inference_mode():
                 while self._step(batch):
