@@ -388,6 +388,10 @@ async def main_async(args) -> None:
         if args.int8:
             int8 = await start_engine(model_dir, args.device, max(args.concurrency), quantize="int8")
             line = await bench_llmq(int8, work, 32, 32 * args.requests_per_slot, "llmq int8, 32 concurrent")
+            # Plain forward passes from here on: the engines' models leave llmq's step attention
+            # (workers/engines/torch/attention.py) for transformers' own.
+            for model_of in (engine, int8):
+                model_of.model.set_attn_implementation("sdpa")
             agreement, whole = greedy_agreement(engine.model, int8.model, work)
             line.note = (f"greedy next-token agreement with fp32: {agreement:.1%}; "
                          f"{whole}/16 continuations of 32 tokens identical")
