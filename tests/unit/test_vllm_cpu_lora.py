@@ -82,22 +82,14 @@ def test_shrink_gives_rows_without_lora_nothing(ops):
 
 
 @pytest.mark.parametrize("add_inputs", [True, False])
-def test_expand_gives_rows_without_lora_nothing(ops, add_inputs):
-    weights, inputs, before = case(1)
-    want = expected(weights, inputs, before, slice(0, OUT), add=add_inputs)
-    for name, extra in (("bgmv_expand", (torch.tensor(TOKEN_INDICES),)), ("sgmv_expand", sgmv_args())):
+@pytest.mark.parametrize("kind, seed, columns, slice_args", [("expand", 1, slice(0, OUT), ()),
+                                                              ("expand_slice", 2, slice(1, 1 + OUT), (1, OUT))])
+def test_expand_gives_rows_without_lora_nothing(ops, kind, seed, columns, slice_args, add_inputs):
+    weights, inputs, before = case(seed)
+    want = expected(weights, inputs, before, columns, add=add_inputs)
+    for name, extra in ((f"bgmv_{kind}", (torch.tensor(TOKEN_INDICES),)), (f"sgmv_{kind}", sgmv_args())):
         out = before.clone()
-        ops[name](inputs, weights, out, *extra, add_inputs)
-        torch.testing.assert_close(out, want, msg=name)
-
-
-@pytest.mark.parametrize("add_inputs", [True, False])
-def test_expand_slice_gives_rows_without_lora_nothing(ops, add_inputs):
-    weights, inputs, before = case(2)
-    want = expected(weights, inputs, before, slice(1, 1 + OUT), add=add_inputs)
-    for name, extra in (("bgmv_expand_slice", (torch.tensor(TOKEN_INDICES),)), ("sgmv_expand_slice", sgmv_args())):
-        out = before.clone()
-        ops[name](inputs, weights, out, *extra, 1, OUT, add_inputs)
+        ops[name](inputs, weights, out, *extra, *slice_args, add_inputs)
         torch.testing.assert_close(out, want, msg=name)
 
 
