@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("vllm")
+pytest.importorskip("vllm", reason="vLLM is installed in .venv-vllm only; `make test-vllm` runs this module there")
 
 from vllm.lora.ops import torch_ops
 from vllm.lora.ops.torch_ops import lora_ops
