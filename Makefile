@@ -34,10 +34,11 @@ test: install redis-server
 
 # The engine contract tests on the real vLLM (tests/unit/test_engine_contract.py runs each
 # promise on echo, torch and vLLM; here the vLLM ones) and the CPU LoRA fix (workers/engines/vllm/cpu_lora.py)
-# on vLLM's own ops. CI runs this after `make test`.
+# on vLLM's own ops, and `make up` on vLLM from an empty directory. CI runs this after `make test`.
 test-vllm: redis-server
 	$(MAKE) install LLMQ_ENGINE=vllm
-	.venv-vllm/bin/python -m pytest tests/unit/test_engine_contract.py tests/unit/test_vllm_cpu_lora.py -k vllm
+	.venv-vllm/bin/python -m pytest tests/unit/test_engine_contract.py tests/unit/test_vllm_cpu_lora.py \
+		tests/e2e/test_llmq_up.py -k vllm
 
 install: $(VENV)/.installed
 

@@ -92,7 +92,7 @@ def up(_args: argparse.Namespace) -> int:
         settings = settings.model_copy(update=overrides)
 
         # 2) the model: build the tiny local one on first run
-        if settings.engine == "torch" and settings.model == StackSettings.model_fields["model"].default:
+        if settings.engine != "echo" and settings.model == StackSettings.model_fields["model"].default:
             from workers.tinymodel import build_tiny_model
 
             build_tiny_model(Path(settings.model))

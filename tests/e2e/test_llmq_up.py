@@ -1,10 +1,12 @@
 """`llmq up` (what `make up` runs) as a user runs it: from an empty directory
-it starts the broker, Redis, the gateway and the scaler, which starts a torch
-worker (min 1) on the tiny model it builds; it serves a request over HTTP, and
+it starts the broker, Redis, the gateway and the scaler, which starts a worker
+(min 1) on the tiny model it builds, on the torch engine and, where vLLM is
+installed (`make test-vllm`), on vLLM; it serves a request over HTTP, and
 Ctrl-C stops all of it, workers included."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -16,6 +18,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from deploy.devstack import free_port
 
@@ -37,10 +41,11 @@ def _listening(port: int) -> bool:
         return False
 
 
-def test_llmq_up_serves_a_request_and_stops_cleanly_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("engine", ["torch"] + (["vllm"] if importlib.util.find_spec("vllm") else []))
+def test_llmq_up_serves_a_request_and_stops_cleanly_on_ctrl_c(tmp_path, engine):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_")}
-    env.update(LLMQ_HTTP_PORT=str(port), PYTHONPATH=str(REPO), LLMQ_LOG_LEVEL="warning")
+    env.update(LLMQ_HTTP_PORT=str(port), PYTHONPATH=str(REPO), LLMQ_LOG_LEVEL="warning", LLMQ_ENGINE=engine)
     proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []

@@ -40,7 +40,7 @@ from workers.settings import WorkerSettings
 
 
 def vllm_settings(**overrides) -> WorkerSettings:
-    return WorkerSettings(engine="vllm", model="/models/qwen", **overrides)
+    return WorkerSettings(engine="vllm", model="acme/qwen", **overrides)
 
 
 # ---- stand-ins for vLLM objects (vLLM cannot run here) ------------------------
@@ -213,7 +213,7 @@ def test_generate_before_start_is_an_engine_error():
 
 def test_engine_args_run_the_batch_size_with_priority_scheduling():
     kwargs = engine_kwargs(vllm_settings(batch_max_size=48, dtype="bfloat16"), lora_rank=None, cuda=True)
-    assert kwargs == {"model": "/models/qwen", "served_model_name": "qwen", "dtype": "bfloat16",
+    assert kwargs == {"model": "acme/qwen", "served_model_name": "qwen", "dtype": "bfloat16",
                       "max_num_seqs": 48, "scheduling_policy": "priority", "enable_lora": False}
     assert VllmEngine(vllm_settings(batch_max_size=48)).max_running == 48
 
@@ -582,13 +582,20 @@ def test_the_kv_cache_holds_at_least_one_request_of_the_whole_context():
 
 
 @pytest.mark.asyncio
+async def test_a_missing_model_directory_says_how_to_build_it(tmp_path):
+    # Before vLLM is imported, which would take a local path that isn't there for a hub name.
+    with pytest.raises(EngineError, match=r"does not exist; .*python -m workers\.tinymodel"):
+        await VllmEngine(WorkerSettings(engine="vllm", model=str(tmp_path / "nope"))).start()
+
+
+@pytest.mark.asyncio
 async def test_a_model_vllm_cannot_load_is_an_engine_error(monkeypatch, tokenizer, on_cpu):
     from workers.engines.vllm import engine as vllm_engine
 
     vllm, _ = stand_in_vllm(StandInAsyncLLM(), tokenizer, async_tokenizer=True,
                             fails=RuntimeError("CUDA out of memory"))
     monkeypatch.setattr(vllm_engine, "_import_vllm", lambda: vllm)
-    with pytest.raises(EngineError, match="could not load '/models/qwen': CUDA out of memory"):
+    with pytest.raises(EngineError, match="could not load 'acme/qwen': CUDA out of memory"):
         await VllmEngine(vllm_settings()).start()
 
 

@@ -35,6 +35,19 @@ def prompt_ids(tokenizer: Any, prompt: str | None = None, messages: list[ChatMes
     return list(tokenizer.encode(text))
 
 
+def build_hint(source: str) -> str:
+    return f"to build the tiny local model there, run `python -m workers.tinymodel {source}`"
+
+
+def missing_model_dir(source: str) -> str | None:
+    """Why LLMQ_MODEL can't be loaded when it is plainly a local path that doesn't exist,
+    or None. Either engine would otherwise try it as a hub name: a slow, confusing
+    failure (or a surprise download)."""
+    if source.startswith((".", "/")) and not Path(source).is_dir():
+        return f"model directory {source!r} does not exist; {build_hint(source)}"
+    return None
+
+
 def context_refusal(prompt_tokens: int, max_tokens: int, context: int) -> str | None:
     """Why a prompt of this many tokens, with room for max_tokens more, cannot run in a
     context of this size, or None. A request is refused, never truncated."""

@@ -14,6 +14,7 @@ import torch
 
 from shared.schema import Params
 from workers.engines.base import EngineError, GenerationRequest
+from workers.engines.common import build_hint, missing_model_dir
 from workers.engines.torch import attention
 from workers.engines.torch.adapters import BASE_ADAPTER, Adapters
 from workers.engines.torch.batch import Batch
@@ -30,11 +31,8 @@ class ModelRunner:
 
         self.settings = settings
         source = settings.model
-        build_hint = f"to build the tiny local model there, run `python -m workers.tinymodel {source}`"
-        # A path that is plainly local and missing would otherwise be tried as
-        # a hub name: a slow, confusing failure (or a surprise download).
-        if source.startswith((".", "/")) and not Path(source).is_dir():
-            raise EngineError(f"model directory {source!r} does not exist; {build_hint}")
+        if missing := missing_model_dir(source):
+            raise EngineError(missing)
         device = self._device()
         dtype = self._dtype(device)
         if device.type == "cpu":
@@ -45,7 +43,7 @@ class ModelRunner:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention.NAME)
             model.to(device).eval()
         except Exception as exc:
-            hint = "" if Path(source).is_dir() else f" (not a local directory; {build_hint})"
+            hint = "" if Path(source).is_dir() else f" (not a local directory; {build_hint(source)})"
             raise EngineError(f"cannot load model {source!r}: {exc}{hint}") from exc
 
         config = model.config.get_text_config()

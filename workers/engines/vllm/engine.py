@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from workers.engines.base import EngineError, GenerationOutput, GenerationRequest
-from workers.engines.common import context_refusal, prompt_ids
+from workers.engines.common import context_refusal, missing_model_dir, prompt_ids
 from workers.engines.vllm.adapters import AdapterError, Adapters
 from workers.engines.vllm.mapping import (DeltaState, cpu_omp_threads, engine_kwargs, error_text, kv_cache_bytes,
                                          lora_rank_bound, sampling_kwargs)
@@ -75,6 +75,8 @@ class VllmEngine:
     # ---- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        if missing := missing_model_dir(self.settings.model):
+            raise EngineError(missing)  # before vLLM takes it for a hub name
         vllm = _import_vllm()
         # 1) Adapters present now decide the LoRA rank bound vLLM reserves memory for.
         adapters_dir = self.settings.adapters_dir
