@@ -42,7 +42,7 @@ class WorkerSettings(ServiceSettings):
     # the cache by (17 s of a worker's start here, for 3 GiB of the 30 % it was given).
     vllm_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     # vllm engine: run eagerly, without torch.compile or CUDA graphs. Unset: eager on CPU, where
-    # compiling takes a worker's start from about 35 s to about 100 s; compiled on CUDA.
+    # compiling took a worker's start from about 35 s to about 100 s; compiled on CUDA.
     vllm_enforce_eager: bool | None = None
     # echo engine: simulated time per output token (benchmarks, scaler tests).
     echo_token_delay_ms: float = Field(default=0.0, ge=0)

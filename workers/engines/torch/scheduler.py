@@ -1,6 +1,7 @@
 """Which requests run: new ones wait in priority order (lower first, then in
-arrival order) and join the running batch while it has room (LLMQ_BATCH_MAX_SIZE rows, LLMQ_BATCH_MAX_TOKENS of prompt +
-max_tokens); aborted ones finish where they are. It holds no model: the engine
+arrival order) and join the running batch while it has room
+(LLMQ_BATCH_MAX_SIZE rows, LLMQ_BATCH_MAX_TOKENS of prompt + max_tokens);
+aborted ones finish where they are. It holds no model: the engine
 hands in how to tokenize a request and load its adapter."""
 
 from __future__ import annotations
