@@ -64,7 +64,7 @@ def make_consumer(settings: ServiceSettings, **options) -> AIOKafkaConsumer:
 
 
 async def ensure_topics(settings: ServiceSettings) -> None:
-    """Create the request and dead-letter topics if they don't exist yet.
+    """Create the request topics (both lanes) and the dead-letter topic if they don't exist yet.
 
     Auto-creation on first produce would give the broker's default partition
     count, which caps how many workers can share the load.
@@ -73,7 +73,7 @@ async def ensure_topics(settings: ServiceSettings) -> None:
     await admin.start()
     try:
         topics = [
-            NewTopic(settings.request_topic, settings.request_partitions, 1),
+            *(NewTopic(topic, settings.request_partitions, 1) for topic in settings.lane_topics),
             NewTopic(settings.dlq_topic, 1, 1),
         ]
         try:

@@ -45,6 +45,9 @@ class ServiceSettings(BaseSettings):
     kafka_ssl_keyfile: str | None = None
     # Topic the gateway produces to and workers consume from.
     request_topic: str = Field(default="llmq.requests", json_schema_extra=cli("--request-topic"))
+    # Topic of the bulk lane (batch lines, requests marked `"lane": "bulk"`), read by the
+    # same workers after the request topic. Unset: the request topic's name + ".bulk".
+    bulk_topic: str | None = None
     # Where unparseable or schema-invalid request messages go, with the reason.
     dlq_topic: str = "llmq.requests.dlq"
     # Partitions of the request topic when llmq creates it (caps useful workers).
@@ -80,6 +83,15 @@ class ServiceSettings(BaseSettings):
     log_level: str = "info"
     # "auto" writes readable lines on a terminal and JSON lines otherwise.
     log_format: Literal["auto", "json", "console"] = "auto"
+
+    @property
+    def bulk_topic_name(self) -> str:
+        return self.bulk_topic or f"{self.request_topic}.bulk"
+
+    @property
+    def lane_topics(self) -> list[str]:
+        """The topics workers consume: the interactive lane (the request topic), then the bulk lane."""
+        return [self.request_topic, self.bulk_topic_name]
 
     def to_env(self) -> dict[str, str]:
         """These settings as the variables that set them, to hand to a child process."""

@@ -106,7 +106,7 @@ class Worker:
         self.intake = Intake(s, self.name, served_models, store, self.producer, self.offsets, self.runner,
                              self.results, self.metrics, self.tracing, self._stopping)
         cancels = CancelListener(self.redis, store.keys.cancel_channel, self.runner)
-        self.consumer.subscribe([s.request_topic], listener=_Rebalance(self))
+        self.consumer.subscribe(s.lane_topics, listener=_Rebalance(self))
         await start_with_retry(self.consumer, "consumer")
         self._background = [asyncio.create_task(self.results.run(), name="llmq-result-writer"),
                             asyncio.create_task(progress.run(), name="llmq-progress-writer"),
