@@ -52,9 +52,9 @@ if over > 0 then
   local oldest = redis.call('ZRANGE', KEYS[2], #gone, #gone + over - 1)
   for _, key in ipairs(oldest) do gone[#gone + 1] = key end
 end
-if #gone > 0 then
-  redis.call('HDEL', KEYS[1], unpack(gone))
-  redis.call('ZREM', KEYS[2], unpack(gone))
+for _, key in ipairs(gone) do  -- one by one: unpack() of thousands would overflow Lua's stack
+  redis.call('HDEL', KEYS[1], key)
+  redis.call('ZREM', KEYS[2], key)
 end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)

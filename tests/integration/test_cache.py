@@ -203,3 +203,37 @@ async def test_no_cache_with_a_ttl_of_zero(settings, http, start_worker):
             view, status = await ask(http, gateway.url, GREEDY)
             assert (view["cache_hit"], status) == (False, None)
         assert await messages_on(settings) == 2
+
+
+async def test_a_cached_answer_keeps_to_the_idempotency_key_and_the_rate(settings, http, start_worker):
+    """A hit is a request like any other: an Idempotency-Key's retry answers with the
+    same request, and it takes a token from the key's rate."""
+    limited = settings.model_copy(update={"auth": True, "rate_limit_rps": 0.01, "rate_limit_burst": 3})
+    key = {"Authorization": f"Bearer {api_keys(limited, 'carol')['carol']}"}
+    await start_worker()
+    async with serve_gateway(limited) as gateway:
+        await ask(http, gateway.url, GREEDY, key)
+        once = {**key, "Idempotency-Key": "order-1"}
+        hit, status = await ask(http, gateway.url, GREEDY, once)
+        assert (hit["cache_hit"], status) == (True, "llmq; hit")
+        async with http.post(f"{gateway.url}/v1/requests", json=GREEDY, headers={**WAIT, **once}) as resp:
+            assert resp.status == 200 and resp.headers["Idempotent-Replayed"] == "true"
+            assert (await resp.json())["id"] == hit["id"]
+        # A replay takes no token; a third admitted request (a hit) takes the burst's last,
+        # and the next one, hit or not, is over the rate.
+        assert (await ask(http, gateway.url, GREEDY, key))[0]["cache_hit"] is True
+        async with http.post(f"{gateway.url}/v1/requests", json=GREEDY, headers=key) as resp:
+            assert resp.status == 429 and (await resp.json())["error"]["type"] == "rate_limited"
+        assert await messages_on(settings) == 1
+
+
+async def test_the_torch_engine_answer_is_cached(settings, gateway, http, start_worker, tiny_model_dir):
+    await start_worker(engine="torch", model=str(tiny_model_dir), device="cpu")
+    body = {"model": "tiny-llama", "input": {"messages": [{"role": "user", "content": "A queue is"}]},
+            "params": {"max_tokens": 12, "temperature": 0}}
+    first, _ = await ask(http, gateway.url, body)
+    assert first["status"] == "succeeded" and first["usage"]["completion_tokens"] == 12
+    again, status = await ask(http, gateway.url, body)
+    assert (again["cache_hit"], status) == (True, "llmq; hit")
+    assert (again["output"], again["usage"], again["model"]) == (first["output"], first["usage"], "tiny-llama")
+    assert await messages_on(settings) == 1
