@@ -41,14 +41,12 @@ def preferred_wait(request: web.Request) -> float | None:
     return None
 
 
-def bypasses_cache(request: web.Request) -> bool:
-    """Whether the client asked for a fresh answer: `Cache-Control: no-cache` (or
-    `no-store`, which also means it wants none reused) on the request, RFC 9111."""
-    for header in request.headers.getall("Cache-Control", ()):
-        for directive in header.split(","):
-            if directive.split("=", 1)[0].strip().lower() in ("no-cache", "no-store"):
-                return True
-    return False
+def cache_directives(request: web.Request) -> frozenset[str]:
+    """The request's `Cache-Control` directives the result cache heeds (RFC 9111):
+    `no-cache` (answer it afresh) and `no-store` (afresh, and keep nothing of it)."""
+    return frozenset(directive.split("=", 1)[0].strip().lower()
+                     for header in request.headers.getall("Cache-Control", ())
+                     for directive in header.split(",")) & {"no-cache", "no-store"}
 
 
 # RFC 9211 `Cache-Status` values: answered from the result cache; looked up and not

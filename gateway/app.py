@@ -34,7 +34,7 @@ from gateway.admission import (
     IDEMPOTENCY_KEY,
     MAX_IDEMPOTENCY_KEY_CHARS,
     Admitted,
-    bypasses_cache,
+    cache_directives,
     fingerprint_of,
     preferred_wait,
 )
@@ -267,7 +267,8 @@ class Gateway:
         held to the Idempotency-Key and to the key's rate (it is a request like any other,
         and the rate also protects the gateway and Redis)."""
         idempotency = self._idempotency(request, fingerprint)
-        cache_status, answer = await self._cached(request, spec, tenant)
+        directives = cache_directives(request)
+        cache_status, answer = await self._cached(spec, tenant, directives)
         if answer is None and self.settings.max_queue_depth and self.queue_depth >= self.settings.max_queue_depth:
             raise ApiError(429, "queue_full", f"the queue holds {self.queue_depth} requests; try again later",
                            headers={"Retry-After": "5"})
@@ -280,6 +281,8 @@ class Gateway:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         rate = self.settings.rate_limit_rps if self.settings.auth else 0.0
         fields = base_fields(request_id, spec, submitted_at, "http", tenant)
+        if "no-store" in directives:
+            fields["no_store"] = 1  # read by the worker's cache fill
         if answer is not None:
             fields.update(answered_fields(answer, submitted_at))
         try:
@@ -325,12 +328,12 @@ class Gateway:
         self.metrics.enqueued.inc()
         return Admitted(request_id, cache_status=cache_status)
 
-    async def _cache_lookup(self, request: web.Request, spec: RequestSpec,
-                            tenant: str | None) -> tuple[str | None, CachedAnswer | None]:
+    async def _cache_lookup(self, spec: RequestSpec, tenant: str | None,
+                            directives: frozenset[str]) -> tuple[str | None, CachedAnswer | None]:
         """The result cache's answer to this request, if it has one and may give it,
         with the `Cache-Status` that says what happened."""
         key = cache_key(spec, tenant)
-        if key is None or bypasses_cache(request):
+        if key is None or directives:
             self.metrics.cache_lookups.labels("uncacheable" if key is None else "bypass").inc()
             return (None if key is None else CACHE_BYPASS), None
         try:
@@ -341,7 +344,7 @@ class Gateway:
         return (CACHE_MISS if answer is None else CACHE_HIT), answer
 
     @staticmethod
-    async def _no_cache(_request: web.Request, _spec: RequestSpec, _tenant: str | None) -> tuple[None, None]:
+    async def _no_cache(_spec: RequestSpec, _tenant: str | None, _directives: frozenset[str]) -> tuple[None, None]:
         return None, None
 
     def _idempotency(self, request: web.Request, fingerprint: str) -> IdempotencyClaim | None:

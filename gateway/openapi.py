@@ -41,8 +41,9 @@ _PREFER_PARAM = {
 }
 _CACHE_CONTROL_PARAM = {
     "name": "Cache-Control", "in": "header", "required": False, "schema": {"type": "string"},
-    "description": "`no-cache` (or `no-store`): run the request even if the result cache holds the answer to an "
-                   "identical deterministic request (temperature 0, or a seed) by this API key.",
+    "description": "`no-cache`: run the request even if the result cache holds the answer to an identical "
+                   "deterministic request (temperature 0, or a seed) by this API key; `no-store`: that, and keep "
+                   "nothing of its answer in the cache.",
 }
 _CACHE_STATUS = {"Cache-Status": {"schema": {"type": "string"},
                                   "description": "RFC 9211: `llmq; hit` (answered from the result cache, final at "

@@ -123,7 +123,7 @@ class ResultWriter:
         for job, outcome in succeeded:
             key = cache_key(job.message, job.message.tenant)
             if key is not None:
-                fills.append((job.message.tenant, key, CachedAnswer(
+                fills.append((job.request_id, job.message.tenant, key, CachedAnswer(
                     outcome.text, outcome.finish_reason, outcome.prompt_tokens, outcome.completion_tokens,
                     outcome.model or job.message.model)))
         if not fills:

@@ -39,10 +39,13 @@ if not expires or tonumber(expires) <= server_now() then return false end
 return redis.call('HGET', KEYS[1], ARGV[1])
 """
 
-# KEYS: entries, expiries. ARGV: entry key, entry JSON, ttl seconds, most entries.
-# Stores the entry, drops the expired ones, then the oldest beyond the bound; both
-# keys expire with the newest entry, so an API key that stops using the cache leaves nothing.
+# KEYS: entries, expiries, the request's record. ARGV: entry key, entry JSON, ttl seconds,
+# most entries. Unless the record says its client asked to keep nothing (`no_store`),
+# stores the entry, drops the expired ones, then the oldest beyond the bound; both
+# keys expire with the newest entry, so an API key that stops using the cache leaves
+# nothing. Returns 1 if stored, else 0.
 FILL = LUA_NOW + """
+if redis.call('HGET', KEYS[3], 'no_store') == '1' then return 0 end
 local now, ttl = server_now(), tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
@@ -58,7 +61,7 @@ for _, key in ipairs(gone) do  -- one by one: unpack() of thousands would overfl
 end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
-return #gone
+return 1
 """
 
 
@@ -120,13 +123,13 @@ class ResultCache:
         """Whether an answer is small enough to keep (LLMQ_CACHE_MAX_ENTRY_BYTES)."""
         return len(answer.text.encode()) <= self.max_entry_bytes
 
-    async def fill_many(self, fills: list[tuple[str | None, str, CachedAnswer]]) -> int:
-        """Store each (tenant, key, answer) that fits, in one round trip. Returns how many were stored."""
-        calls = [(self._keys(tenant), [key, answer.to_json(), self.keys.cache_ttl_seconds, self.max_entries])
-                 for tenant, key, answer in fills if self.fits(answer)]
-        if calls:
-            await run_script_batch(self._fill, calls)
-        return len(calls)
+    async def fill_many(self, fills: list[tuple[str, str | None, str, CachedAnswer]]) -> int:
+        """Store each (request id, tenant, key, answer) that fits, unless the request's
+        client sent `Cache-Control: no-store`, in one round trip. Returns how many were stored."""
+        calls = [([*self._keys(tenant), self.keys.request(request_id)],
+                  [key, answer.to_json(), self.keys.cache_ttl_seconds, self.max_entries])
+                 for request_id, tenant, key, answer in fills if self.fits(answer)]
+        return sum(await run_script_batch(self._fill, calls)) if calls else 0
 
 
 def answered_fields(answer: CachedAnswer, now: float) -> dict[str, object]:

@@ -141,6 +141,19 @@ async def test_only_a_repeat_of_a_deterministic_request_may_hit(settings, gatewa
     assert await cache_lookups(http, gateway.url) == {"miss": 6.0, "bypass": 2.0, "uncacheable": 2.0, "hit": 2.0}
 
 
+async def test_no_store_keeps_nothing_and_no_cache_stores_a_fresh_answer(settings, gateway, http, start_worker):
+    await start_worker()
+    private = {**GREEDY, "input": {"prompt": "keep nothing of this"}}
+    view, status = await ask(http, gateway.url, private, {"Cache-Control": "no-store"})
+    assert (view["status"], view["cache_hit"], status) == ("succeeded", False, "llmq; fwd=bypass")
+    assert (await ask(http, gateway.url, private))[1] == "llmq; fwd=uri-miss"  # nothing was stored
+
+    fresh = {**GREEDY, "input": {"prompt": "run this afresh"}}
+    assert (await ask(http, gateway.url, fresh, {"Cache-Control": "no-cache"}))[1] == "llmq; fwd=bypass"
+    assert (await ask(http, gateway.url, fresh))[1] == "llmq; hit"  # the fresh answer was stored
+    assert await messages_on(settings) == 3
+
+
 async def test_the_openai_client_gets_a_cached_answer(settings, gateway, http, start_worker):
     await start_worker()
     client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused: auth is off", max_retries=0)
