@@ -1,7 +1,7 @@
 """What admitting a request needs besides the gateway's clients: the
 `Idempotency-Key`, `Prefer: wait` and `Cache-Control` headers read, a body's
-fingerprint, and what an admission answers (gateway/app.py `Gateway.admit`, used by every
-endpoint that submits)."""
+fingerprint, and what an admission answers (gateway/app.py `Gateway.admit`,
+used by every endpoint that submits)."""
 
 from __future__ import annotations
 
