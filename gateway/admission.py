@@ -1,7 +1,7 @@
 """What admitting a request needs besides the gateway's clients: the
-`Idempotency-Key` and `Prefer: wait` headers read, a body's fingerprint, and
-what an admission answers (gateway/app.py `Gateway.admit`, used by every
-endpoint that submits)."""
+`Idempotency-Key`, `Prefer: wait` and `Cache-Control` headers read, a body's
+fingerprint, and what an admission answers (gateway/app.py `Gateway.admit`,
+used by every endpoint that submits)."""
 
 from __future__ import annotations
 
@@ -41,10 +41,32 @@ def preferred_wait(request: web.Request) -> float | None:
     return None
 
 
+def cache_directives(request: web.Request) -> frozenset[str]:
+    """The request's `Cache-Control` directives the result cache heeds (RFC 9111):
+    `no-cache` (answer it afresh) and `no-store` (afresh, and keep nothing of it)."""
+    return frozenset(directive.split("=", 1)[0].strip().lower()
+                     for header in request.headers.getall("Cache-Control", ())
+                     for directive in header.split(",")) & {"no-cache", "no-store"}
+
+
+# RFC 9211 `Cache-Status` values: answered from the result cache; looked up and not
+# found; not looked up (the client asked for a fresh answer, or a sampled request).
+CACHE_HIT = "llmq; hit"
+CACHE_MISS = "llmq; fwd=uri-miss"
+CACHE_BYPASS = "llmq; fwd=bypass"
+
+
 @dataclass(frozen=True)
 class Admitted:
-    """A request the queue holds: new, or the one its Idempotency-Key admitted before."""
+    """A request the queue holds, or one answered from the result cache: new, or the
+    one its Idempotency-Key admitted before."""
 
     id: str
     replayed: bool = False
     status: Status = Status.queued  # a replayed one's status when it was looked up
+    cache_status: str | None = None  # the `Cache-Status` header, where the result cache was asked
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What every endpoint's answer says about how it was admitted."""
+        return {"Cache-Status": self.cache_status} if self.cache_status else {}

@@ -6,7 +6,8 @@ A request is answered 202 only once Redis holds its record and the broker has
 acknowledged its message; if either fails the client gets a 503 and nothing
 is left half-written. An `Idempotency-Key` makes a retried submit answer with
 the request it first admitted, and `Prefer: wait=N` holds the answer until the
-request is final.
+request is final. A repeat of a deterministic request is answered from the
+result cache (shared/store/cache.py) without the queue.
 """
 
 from __future__ import annotations
@@ -26,7 +27,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from gateway.admission import IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_CHARS, Admitted, fingerprint_of, preferred_wait
+from gateway.admission import (
+    CACHE_BYPASS,
+    CACHE_HIT,
+    CACHE_MISS,
+    IDEMPOTENCY_KEY,
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    Admitted,
+    cache_directives,
+    fingerprint_of,
+    preferred_wait,
+)
 from gateway.errors import HTTP_ERROR_TYPES, ApiError, redis_down
 from gateway.metrics import GatewayMetrics
 from gateway.openai_compat import OpenAIError
@@ -61,6 +72,7 @@ from shared.schema import (
     describe_error,
 )
 from shared.store import IdempotencyClaim, RequestStore, base_fields, connect_redis
+from shared.store.cache import CachedAnswer, ResultCache, answered_fields, cache_key
 from shared.store.models import ServedModels
 from shared.store.streams import ENTRY_ID, TokenStreams, entry_key
 from shared.telemetry import NO_TRACING, OFFSET, PARTITION, REQUEST_ID, Tracing
@@ -87,6 +99,9 @@ class Gateway:
         self.waiter: CompletionWaiter | None = None
         self.api_keys: ApiKeyStore | None = None
         self.served_models: ServedModels | None = None
+        self.cache: ResultCache | None = None
+        # Chosen once: with LLMQ_CACHE_TTL_SECONDS=0 nothing is looked up.
+        self._cached = self._cache_lookup if settings.cache_ttl_seconds else self._no_cache
         self.queue_depth = 0  # the workers' lag, read by _watch_queue when LLMQ_MAX_QUEUE_DEPTH is set
         self._queue_watch: asyncio.Task | None = None
         # Chosen once at start-up (configure_tracing): a no-op without an OTLP endpoint.
@@ -116,6 +131,7 @@ class Gateway:
         self.waiter = CompletionWaiter(self.store)
         self.api_keys = ApiKeyStore(self.redis, self.store.keys)
         self.served_models = ServedModels(self.redis, self.store.keys)
+        self.cache = ResultCache(self.redis, self.store.keys, s.cache_max_entries, s.cache_max_entry_bytes)
         if not s.auth:
             log.warning("auth_off", detail="LLMQ_AUTH=false: every client can read every request")
         self.producer = make_producer(s)
@@ -244,9 +260,16 @@ class Gateway:
         """Everything after validation, the same for every endpoint that submits: the
         queue's bound, the Idempotency-Key, the key's rate, the record, the message.
         `fingerprint` is what a retry with the same Idempotency-Key must repeat (read
-        only when the request has one). Raises ApiError."""
+        only when the request has one). Raises ApiError.
+
+        A repeat of a deterministic request found in the result cache is recorded final
+        at once and never enqueued, so the queue's bound doesn't refuse it; it is still
+        held to the Idempotency-Key and to the key's rate (it is a request like any other,
+        and the rate also protects the gateway and Redis)."""
         idempotency = self._idempotency(request, fingerprint)
-        if self.settings.max_queue_depth and self.queue_depth >= self.settings.max_queue_depth:
+        directives = cache_directives(request)
+        cache_status, answer = await self._cached(spec, tenant, directives)
+        if answer is None and self.settings.max_queue_depth and self.queue_depth >= self.settings.max_queue_depth:
             raise ApiError(429, "queue_full", f"the queue holds {self.queue_depth} requests; try again later",
                            headers={"Retry-After": "5"})
 
@@ -257,9 +280,13 @@ class Gateway:
         trace.get_current_span().set_attribute(REQUEST_ID, request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         rate = self.settings.rate_limit_rps if self.settings.auth else 0.0
+        fields = base_fields(request_id, spec, submitted_at, "http", tenant)
+        if "no-store" in directives:
+            fields["no_store"] = 1  # read by the worker's cache fill
+        if answer is not None:
+            fields.update(answered_fields(answer, submitted_at))
         try:
-            admission = await self.store.create(base_fields(request_id, spec, submitted_at, "http", tenant),
-                                                rate, self.settings.rate_limit_burst, idempotency)
+            admission = await self.store.create(fields, rate, self.settings.rate_limit_burst, idempotency)
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc
         if admission.outcome == "replay":
@@ -273,6 +300,9 @@ class Gateway:
         if admission.outcome == "id_in_use":
             # The same answer whoever owns it: nothing of another key's request is read or shown.
             raise ApiError(409, "id_in_use", "a request with this id already exists; choose another id", "id")
+        if answer is not None:
+            log.info("request_answered_from_cache")
+            return Admitted(request_id, status=Status.succeeded, cache_status=cache_status)
         # Already validated: construct without validating a second time on the hot path.
         message = RequestMessage.model_construct(
             v=1, id=request_id, tenant=tenant, submitted_at=datetime.fromtimestamp(submitted_at, timezone.utc),
@@ -296,7 +326,26 @@ class Gateway:
             raise ApiError(503, "broker_unavailable", "the queue is unreachable; the request was not accepted",
                            headers={"Retry-After": "1"}) from exc
         self.metrics.enqueued.inc()
-        return Admitted(request_id)
+        return Admitted(request_id, cache_status=cache_status)
+
+    async def _cache_lookup(self, spec: RequestSpec, tenant: str | None,
+                            directives: frozenset[str]) -> tuple[str | None, CachedAnswer | None]:
+        """The result cache's answer to this request, if it has one and may give it,
+        with the `Cache-Status` that says what happened."""
+        key = cache_key(spec, tenant)
+        if key is None or directives:
+            self.metrics.cache_lookups.labels("uncacheable" if key is None else "bypass").inc()
+            return (None if key is None else CACHE_BYPASS), None
+        try:
+            answer = await self.cache.lookup(tenant, key)
+        except (RedisError, OSError) as exc:
+            raise redis_down(exc) from exc
+        self.metrics.cache_lookups.labels("miss" if answer is None else "hit").inc()
+        return (CACHE_MISS if answer is None else CACHE_HIT), answer
+
+    @staticmethod
+    async def _no_cache(_spec: RequestSpec, _tenant: str | None, _directives: frozenset[str]) -> tuple[None, None]:
+        return None, None
 
     def _idempotency(self, request: web.Request, fingerprint: str) -> IdempotencyClaim | None:
         key = request.headers.get(IDEMPOTENCY_KEY)
@@ -329,7 +378,7 @@ class Gateway:
         """202 with where to read the request; 200 with the record if `Prefer: wait=N`
         asked to wait and it finished in time."""
         status_url = f"/v1/requests/{admitted.id}"
-        headers = {"Location": status_url}
+        headers = {"Location": status_url, **admitted.headers}
         if admitted.replayed:
             headers["Idempotent-Replayed"] = "true"
         status = admitted.status

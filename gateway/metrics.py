@@ -22,6 +22,11 @@ class GatewayMetrics(ServedMetrics):
             ["endpoint", "method"], registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
+        self.cache_lookups = Counter(
+            "llmq_gateway_cache_lookups_total", "Submits by what the result cache did: hit (answered from it), "
+            "miss, bypass (Cache-Control: no-cache or no-store), uncacheable (sampled without a seed).",
+            ["result"], registry=self.registry,
+        )
         self.enqueued = Counter(
             "llmq_gateway_requests_enqueued_total", "Generation requests acknowledged by the broker.",
             registry=self.registry,

@@ -3,7 +3,9 @@ llmq's queue. Each call is admitted exactly as `POST /v1/requests` is
 (recorded, held to the key's rate, enqueued, `Idempotency-Key` honoured), so
 scaling, priorities, deadlines, cancel, traces and metrics apply unchanged;
 then it is waited on, or streamed from the request's token stream. A client
-that hangs up cancels its request, so the engine stops generating it."""
+that hangs up cancels its request, so the engine stops generating it. A repeat
+of a deterministic call may be answered from the result cache, as any submit
+may (its record is final at once; `Cache-Status` says so)."""
 
 from __future__ import annotations
 
@@ -79,10 +81,11 @@ class OpenAIRoutes:
         admitted = await gw.admit(request, call.spec, tenant, fingerprint)
         # 3) the answer, streamed or once final
         if call.stream:
-            return await self._stream(request, call, admitted.id)
-        return await self._complete(request, call, admitted.id)
+            return await self._stream(request, call, admitted.id, admitted.headers)
+        return await self._complete(request, call, admitted.id, admitted.headers)
 
-    async def _complete(self, request: web.Request, call: OpenAICall, request_id: str) -> web.Response:
+    async def _complete(self, request: web.Request, call: OpenAICall, request_id: str,
+                        headers: dict[str, str]) -> web.Response:
         gw = self.gateway
         loop = asyncio.get_running_loop()
         deadline = loop.time() + gw.settings.completion_timeout_seconds
@@ -110,16 +113,17 @@ class OpenAIRoutes:
         except OpenAIError as exc:
             exc.headers = {**exc.headers, "x-request-id": request_id}
             raise
-        return web.json_response(body, headers={"x-request-id": request_id})
+        return web.json_response(body, headers={"x-request-id": request_id, **headers})
 
-    async def _stream(self, request: web.Request, call: OpenAICall, request_id: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, call: OpenAICall, request_id: str,
+                      headers: dict[str, str]) -> web.StreamResponse:
         gw = self.gateway
         try:
             await gw.streams.attach(request_id)
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc  # in OpenAI's shape: see openai_error
         chunks = StreamChunks(call, request_id, int(time.time()), call.model)
-        response = await open_event_stream(request, {"x-request-id": request_id})
+        response = await open_event_stream(request, {"x-request-id": request_id, **headers})
         sent = ""  # the text the client has
         deadline = asyncio.get_running_loop().time() + gw.settings.completion_timeout_seconds
         try:

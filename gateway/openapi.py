@@ -39,6 +39,17 @@ _PREFER_PARAM = {
     "description": "`wait=N` (RFC 7240): hold the answer up to N seconds (capped) until the request is finished, "
                    "then answer 200 with its record. Preferences that can't be read are ignored.",
 }
+_CACHE_CONTROL_PARAM = {
+    "name": "Cache-Control", "in": "header", "required": False, "schema": {"type": "string"},
+    "description": "`no-cache`: run the request even if the result cache holds the answer to an identical "
+                   "deterministic request (temperature 0, or a seed) by this API key; `no-store`: that, and keep "
+                   "nothing of its answer in the cache.",
+}
+_CACHE_STATUS = {"Cache-Status": {"schema": {"type": "string"},
+                                  "description": "RFC 9211: `llmq; hit` (answered from the result cache, final at "
+                                                 "once, nothing enqueued), `llmq; fwd=uri-miss`, or `llmq; fwd=bypass` "
+                                                 "(Cache-Control asked for a fresh run). Absent for a sampled request "
+                                                 "without a seed."}}
 _REPLAYED = {"Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]},
                                      "description": "The answer is for the request the Idempotency-Key admitted before."}}
 _PREFERENCE_APPLIED = {"Preference-Applied": {"schema": {"type": "string"},
@@ -123,17 +134,18 @@ def openapi_document(auth: bool = True) -> dict:
                     "summary": "Submit a generation request",
                     "operationId": "submitRequest",
                     "security": _KEY if auth else [],
-                    "parameters": [_IDEMPOTENCY_KEY_PARAM, _PREFER_PARAM],
+                    "parameters": [_IDEMPOTENCY_KEY_PARAM, _PREFER_PARAM, _CACHE_CONTROL_PARAM],
                     "requestBody": {"required": True,
                                     "content": {"application/json": {"schema": {"$ref": _REF.format(model="SubmitRequest")}}}},
                     "responses": {
                         "200": {**_json("Finished within `Prefer: wait=N`: the request's record.", "RequestView"),
                                 "headers": {"Location": {"schema": {"type": "string"}}, **_PREFERENCE_APPLIED,
-                                            **_REPLAYED}},
+                                            **_REPLAYED, **_CACHE_STATUS}},
                         "202": {**_json("Accepted: the broker has the request (or had it, for a replayed "
-                                        "Idempotency-Key; `status` is its status now).", "Accepted"),
+                                        "Idempotency-Key; `status` is its status now), or answered from the result "
+                                        "cache (`status` is `succeeded`; see Cache-Status).", "Accepted"),
                                 "headers": {"Location": {"schema": {"type": "string"}}, **_PREFERENCE_APPLIED,
-                                            **_REPLAYED}},
+                                            **_REPLAYED, **_CACHE_STATUS}},
                         "400": _error("The body is not JSON."),
                         "413": _error("The body or the prompt is too large."),
                         "401": unauthorized,

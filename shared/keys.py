@@ -24,6 +24,11 @@
   a client's `Idempotency-Key` admitted and its body's fingerprint, expiring
   `idempotency_window_seconds` (LLMQ_IDEMPOTENCY_WINDOW_SECONDS, default 24 h)
   after it was first used; `name` is the API key's name, empty with auth off.
+- `{prefix}:cache:{name}` and `{prefix}:cache-expiry:{name}`: an API key's result
+  cache (shared/store/cache.py): a hash of cached answers by entry key, and a
+  sorted set of the same entry keys scored by when each expires,
+  `cache_ttl_seconds` (LLMQ_CACHE_TTL_SECONDS, default 1 h) after it was
+  stored; both expire that long after the key's newest entry. `name` as above.
 """
 
 from __future__ import annotations
@@ -41,12 +46,13 @@ class Keys:
     result_ttl_seconds: int = 86_400
     stream_ttl_seconds: int = 3_600
     stream_max_entries: int = 4_096
+    cache_ttl_seconds: int = 3_600
 
     @classmethod
     def of(cls, settings) -> Keys:
         """The keys and lifetimes a process's settings (shared.settings.ServiceSettings) name."""
         return cls(settings.redis_prefix, settings.result_ttl_seconds, settings.stream_ttl_seconds,
-                   settings.stream_max_entries)
+                   settings.stream_max_entries, settings.cache_ttl_seconds)
 
     def request(self, request_id: str) -> str:
         return f"{self.prefix}:req:{request_id}"
@@ -78,6 +84,12 @@ class Keys:
 
     def idempotency(self, tenant: str, key_hash: str) -> str:
         return f"{self.prefix}:idem:{tenant}:{key_hash}"
+
+    def cache_entries(self, tenant: str) -> str:
+        return f"{self.prefix}:cache:{tenant}"
+
+    def cache_expiries(self, tenant: str) -> str:
+        return f"{self.prefix}:cache-expiry:{tenant}"
 
     @staticmethod
     def rate_limit_ttl(rate: float, burst: int) -> int:

@@ -264,6 +264,8 @@ class RequestView(BaseModel):
     timings: Timings
     error: ErrorDetail | None = None
     attempts: int = 0
+    cache_hit: bool = Field(default=False, description="Answered from the result cache: the output and usage of "
+                                                        "an earlier identical deterministic request; no worker ran it.")
     metadata: dict[str, str] = Field(default_factory=dict)
     # The API key name that owns it; never shown, used to answer 404 to other keys.
     tenant: str | None = Field(default=None, exclude=True)

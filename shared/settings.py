@@ -73,6 +73,15 @@ class ServiceSettings(BaseSettings):
     # further behind gets what it missed from the record's text, so the worker never waits for it.
     stream_max_entries: int = Field(default=4_096, ge=16)
 
+    # --- result cache (shared/store/cache.py): the gateway looks up, workers fill --
+    # How long a deterministic request's answer (temperature 0, or a seed) is reused for a
+    # repeat of it by the same API key. 0: no cache (nothing looked up or stored).
+    cache_ttl_seconds: int = Field(default=3_600, ge=0)
+    # Most answers kept per API key; storing one more drops the oldest.
+    cache_max_entries: int = Field(default=1_000, ge=1)
+    # Answers with more text than this (UTF-8 bytes) are not kept.
+    cache_max_entry_bytes: int = Field(default=65_536, ge=1)
+
     # --- limits every request is held to, over HTTP and on Kafka alike --------
     # Longest prompt (or sum of chat message contents), characters (HTTP: 413 above it).
     max_prompt_chars: int = Field(default=32_768, ge=1)

@@ -30,6 +30,7 @@ class WorkerStats:
     dead_letter_failed: int = 0  # the dead-letter topic refused the message (e.g. too large)
     replies_failed: int = 0  # a reply_topic refused the reply (e.g. too large)
     results_written: int = 0
+    cached: int = 0  # answers stored in the result cache
     peak_in_flight: int = 0  # most requests held at once (never above the limit)
 
 
@@ -57,6 +58,8 @@ class WorkerMetrics(ServedMetrics):
                                                buckets=TOKEN_BUCKETS, registry=r)
         self.batch_size = Histogram("llmq_worker_batch_size", "Requests in the engine when one more starts.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.cache_fills = Counter("llmq_worker_cache_fills_total",
+                                   "Answers of deterministic requests stored in the result cache.", registry=r)
         self.prompt_tokens = Counter("llmq_worker_prompt_tokens_total", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("llmq_worker_generation_tokens_total", "Tokens generated.", registry=r)
         self.running = Gauge("llmq_worker_num_requests_running", "Requests in the engine's running batch now.",
@@ -74,6 +77,10 @@ class WorkerMetrics(ServedMetrics):
         """A client cancelled a request this worker was running (the record was final already)."""
         self.stats.cancelled += 1
         self.requests.labels("cancelled").inc()
+
+    def count_cached(self, count: int) -> None:
+        self.stats.cached += count
+        self.cache_fills.inc(count)
 
     def count_dead_lettered(self) -> None:
         self.stats.dead_lettered += 1

@@ -1,7 +1,9 @@
 """Where a worker's requests end: their results are written to Redis (only over
 a non-final record, so at most once; results that finish together share one
 round trip), replies go to a `reply_topic` when the message names one, and
-each partition is committed up to its lowest unfinished offset."""
+each partition is committed up to its lowest unfinished offset. Succeeded
+results of deterministic requests also fill the result cache, from which the
+gateway answers their repeats."""
 
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from opentelemetry import trace
+from redis.exceptions import RedisError
 
 from shared.kafka import JSON_HEADERS
 from shared.schema import Status
 from shared.store import RequestStore
+from shared.store.cache import CachedAnswer, ResultCache, cache_key
 from shared.telemetry import REQUEST_ID, Tracing
 from workers.capacity import Capacity
 from workers.job import Job
@@ -30,7 +34,7 @@ log = structlog.get_logger(__name__)
 class ResultWriter:
     def __init__(self, store: RequestStore, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer,
                  offsets: OffsetTracker, capacity: Capacity, metrics: WorkerMetrics, tracing: Tracing,
-                 stopping: asyncio.Event) -> None:
+                 stopping: asyncio.Event, cache: ResultCache | None = None) -> None:
         self.store = store
         self.producer = producer
         self.consumer = consumer
@@ -40,6 +44,9 @@ class ResultWriter:
         self.tracing = tracing
         self.stopping = stopping
         self._finished: asyncio.Queue[tuple[Job, Outcome]] = asyncio.Queue()
+        self.cache = cache
+        # Chosen once: without a cache (LLMQ_CACHE_TTL_SECONDS=0) nothing is stored.
+        self._fill = self._fill_cache if cache is not None else self._no_fill
 
     def put(self, job: Job, outcome: Outcome) -> None:
         """Queue a finished request's result for writing."""
@@ -76,6 +83,9 @@ class ResultWriter:
                     self._finished.task_done()
 
     async def _write(self, finished: list[tuple[Job, Outcome]]) -> None:
+        # Cached before the results are written, so that a client who has read a result
+        # and repeats the request finds its answer in the cache.
+        await self._fill([(job, outcome) for job, outcome in finished if outcome.status is Status.succeeded])
         start = time.time_ns()
         written = await retry("finish", lambda: self.store.finish_many(
             [(outcome.request_id, outcome.fields(), job.create_fields) for job, outcome in finished]), self.stopping)
@@ -103,6 +113,29 @@ class ResultWriter:
             log.info("request_finished", status=outcome.status.value, written=was_written, attempts=job.attempts,
                      **error, **job.log_fields())
             self.done(job)
+
+    async def _fill_cache(self, succeeded: list[tuple[Job, Outcome]]) -> None:
+        """Store the answers of the deterministic requests among these in the result cache.
+        Best effort: a fill lost to a Redis error only means their repeats run again.
+        Also where the record turns out final already (cancelled while it ran): the
+        answer is as good for a repeat."""
+        fills = []
+        for job, outcome in succeeded:
+            key = cache_key(job.message, job.message.tenant)
+            if key is not None:
+                fills.append((job.request_id, job.message.tenant, key, CachedAnswer(
+                    outcome.text, outcome.finish_reason, outcome.prompt_tokens, outcome.completion_tokens,
+                    outcome.model or job.message.model)))
+        if not fills:
+            return
+        try:
+            self.metrics.count_cached(await self.cache.fill_many(fills))
+        except (RedisError, OSError) as exc:
+            log.warning("cache_fill_failed", count=len(fills), error=str(exc))
+
+    @staticmethod
+    async def _no_fill(_succeeded: list[tuple[Job, Outcome]]) -> None:
+        return None
 
     async def _reply(self, job: Job) -> None:
         """The result to the message's reply_topic. A reply the topic refuses for good (too

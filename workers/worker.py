@@ -25,6 +25,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from shared.kafka import ensure_topics, make_consumer, make_producer, start_with_retry
 from shared.keys import Keys
 from shared.store import RequestStore, connect_redis
+from shared.store.cache import ResultCache
 from shared.store.models import ServedModels
 from shared.telemetry import NO_TRACING, Tracing
 from workers.cancels import CancelListener
@@ -93,8 +94,10 @@ class Worker:
         self.consumer = make_consumer(s, max_poll_records=s.fetch_max_records, fetch_max_wait_ms=s.fetch_max_wait_ms,
                                       session_timeout_ms=s.session_timeout_ms,
                                       heartbeat_interval_ms=max(s.session_timeout_ms // 4, 250))
+        cache = ResultCache(self.redis, store.keys, s.cache_max_entries, s.cache_max_entry_bytes) \
+            if s.cache_ttl_seconds else None
         self.results = ResultWriter(store, self.producer, self.consumer, self.offsets, self.capacity, self.metrics,
-                                    self.tracing, self._stopping)
+                                    self.tracing, self._stopping, cache)
         progress = ProgressWriter(store, self.name, s.stream_interval_ms / 1000)
         self.runner = Runner(s, self.name, store, self.engine, self.results, progress, self.metrics, self.tracing,
                              self.stop)
