@@ -193,7 +193,9 @@ def start_stack(children: Children, tmp: Path, model_dir: Path) -> tuple[str, st
     stack = {"run": uuid.uuid4().hex[:8], "bootstrap": broker.url, "redis_url": redis_service.url}
     port = free_port()
     env = {**llmq_env(stack, "openai", port), "LLMQ_ENGINE": "torch", "LLMQ_MODEL": str(model_dir),
-           "LLMQ_METRICS_PORT": "0"}
+           "LLMQ_METRICS_PORT": "0",
+           # Every round repeats the same greedy prompts: the result cache would answer them.
+           "LLMQ_CACHE_TTL_SECONDS": "0"}
     gateway = children.spawn("gateway", console_script("gateway", "gateway.main") + ["--port", str(port)], env)
     worker = children.spawn("worker", console_script("worker", "workers.main"), env)
     base = f"http://127.0.0.1:{port}"
