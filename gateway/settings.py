@@ -45,7 +45,7 @@ class GatewaySettings(ServiceSettings):
     # its place: what a batch holds in memory at once, and what a takeover may produce twice.
     batch_enqueue_chunk: int = Field(default=500, ge=1)
     # How often each gateway looks for batches to validate, enqueue, finalize, cancel or expire.
-    batch_poll_seconds: float = Field(default=1.0, gt=0)
+    batch_poll_seconds: float = Field(default=0.5, gt=0)
     # How long a gateway's claim on a batch lasts unless renewed; a dead gateway's batch is
     # taken over by another this long after it stopped renewing.
     batch_lease_seconds: float = Field(default=30.0, gt=0)

@@ -157,6 +157,7 @@ class BulkRoutes:
             batch = await gw.batches.get(batch_id)
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc
+        gw.batch_runner.nudge()
         return web.json_response(batch_object(batch))
 
     @staticmethod
@@ -211,6 +212,7 @@ class BulkRoutes:
         if batch["status"] not in ("cancelling", "cancelled"):
             raise OpenAIError(409, f"the batch already ended {batch['status']}; it can't be cancelled", None,
                               "batch_not_cancellable")
+        gw.batch_runner.nudge()
         return web.json_response(batch_object(batch))
 
     async def list_batches(self, request: web.Request) -> web.Response:

@@ -77,6 +77,11 @@ class BatchRunner:
         self.owner = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.stats = RunnerStats()
         self._closing = asyncio.Event()
+        self._nudged = asyncio.Event()
+
+    def nudge(self) -> None:
+        """Look at the batches now rather than at the next poll (a batch was just created here)."""
+        self._nudged.set()
 
     async def run(self) -> None:
         while not self._closing.is_set():
@@ -89,13 +94,15 @@ class BatchRunner:
                 log.warning("batches_unreadable", error=str(exc))
             try:
                 async with asyncio.timeout(self.settings.batch_poll_seconds):
-                    await self._closing.wait()
+                    await self._nudged.wait()
             except TimeoutError:
                 pass
+            self._nudged.clear()
 
     def close(self) -> None:
         """Stop after the current chunk (its cursor saved), so a restart resumes cleanly."""
         self._closing.set()
+        self._nudged.set()
 
     async def _hold(self, batch_id: str) -> None:
         if not await self.batches.take_lease(batch_id, self.owner, self.settings.batch_lease_seconds):
@@ -111,9 +118,16 @@ class BatchRunner:
                 await self._ended(batch_id)
                 return
             structlog.contextvars.bind_contextvars(batch_id=batch_id)
-            step = {"validating": self._validate, "in_progress": self._progress, "finalizing": self._finalize,
-                    "cancelling": self._cancelling}[status]
-            await step(batch_id, batch)
+            # Step after step while the status moves (validated → enqueue at once), each step
+            # on the batch as it is now; what waits on workers is looked at again next round.
+            for _ in range(len(ACTIVE)):
+                step = {"validating": self._validate, "in_progress": self._progress, "finalizing": self._finalize,
+                        "cancelling": self._cancelling}[status]
+                await step(batch_id, batch)
+                batch = await self.batches.get(batch_id)
+                if batch is None or batch["status"] == status or batch["status"] not in ACTIVE:
+                    break
+                status = batch["status"]
         except LeaseLost:
             log.warning("batch_lease_lost", batch_id=batch_id)
         except FileNotFoundError:  # its input file was deleted: nothing more can be read
