@@ -159,6 +159,33 @@ async def test_cancel_mid_batch_ends_cancelled_with_counts_that_add_up(gateway, 
     await client.close()
 
 
+async def test_a_batch_past_its_window_expires_with_its_unfinished_lines_failed(gateway, start_worker):
+    await start_worker(echo_token_delay_ms=20, max_in_flight=4)
+    client = _client(gateway.url)
+    total = 100
+    created = await _run_batch(client, _chat_lines(total))
+    await _wait_batch(client, created.id, until={"in_progress"})
+    while (await client.batches.retrieve(created.id)).request_counts.completed < 2:
+        await asyncio.sleep(0.1)
+    # 24 hours pass: the window's end, moved to now (the only thing this test changes by hand)
+    redis = connect_redis(gateway.settings.redis_url)
+    await redis.hset(Keys.of(gateway.settings).batch(created.id), "expires_at", time.time())
+    await redis.aclose()
+
+    batch = await _wait_batch(client, created.id)
+    assert batch.status == "expired" and batch.expired_at, batch
+    counts = batch.request_counts.model_dump()
+    assert counts["completed"] >= 2 and counts["failed"] > 0 and counts["cancelled"] == 0, counts
+    assert counts["completed"] + counts["failed"] == total
+    output = await _lines_of(client, batch.output_file_id)
+    errors = await _lines_of(client, batch.error_file_id)
+    assert len(output) == counts["completed"] and len(errors) == counts["failed"]
+    assert sorted(line["custom_id"] for line in output + errors) == sorted(f"req-{i}" for i in range(total))
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    assert all(line["response"] is None for line in errors)
+    await client.close()
+
+
 # ---- refused files ---------------------------------------------------------------
 
 BAD_FILES = {
