@@ -46,13 +46,27 @@ class LineError(Exception):
         return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
 
 
+# A chunk holds at most this many bytes of lines as well as at most `chunk` lines, and
+# a line longer than MAX_LINE_BYTES is never held whole: memory stays bounded whatever
+# the file (one line of 100 MB, say).
+CHUNK_BYTES = 8 * 1024 * 1024
+MAX_LINE_BYTES = 4 * 1024 * 1024
+TOO_LONG = b"\x00too long"  # stands for a line over MAX_LINE_BYTES (never valid JSON)
+
+
 def _read_from(path: Path, offset: int, count: int) -> tuple[list[bytes], int]:
-    """Up to `count` lines from byte `offset`, blank ones included, and the offset after them."""
-    lines = []
+    """Up to `count` lines (or CHUNK_BYTES) from byte `offset`, blank ones included, and
+    the offset after them."""
+    lines, size = [], 0
     with open(path, "rb") as f:
         f.seek(offset)
-        while len(lines) < count and (raw := f.readline()):
+        while len(lines) < count and size < CHUNK_BYTES and (raw := f.readline(MAX_LINE_BYTES + 1)):
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass  # skip the rest of the line
+                raw = TOO_LONG
             lines.append(raw)
+            size += len(raw)
         return lines, f.tell()
 
 
@@ -84,6 +98,8 @@ async def read_lines(path: Path, chunk: int, place: Place = Place()) -> AsyncIte
 
 def parse_line(raw: RawLine, endpoint: str, settings: GatewaySettings) -> Line:
     """One line as the request it asks for; LineError if the endpoint would refuse it."""
+    if raw.data == TOO_LONG:
+        raise LineError("line_too_long", f"the line is over {MAX_LINE_BYTES} bytes", raw.line)
     try:
         entry = json.loads(raw.data)
     except (ValueError, RecursionError):

@@ -201,6 +201,8 @@ BAD_FILES = {
     "a second model": (_jsonl(_chat_lines(1) + [{**_chat_lines(1, model="other")[0], "custom_id": "m"}]),
                        "mismatched_model", 2),
     "too many lines": (_jsonl(_chat_lines(6)), "too_many_lines", 6),
+    "a line over 4 MiB": (_jsonl(_chat_lines(1)) + b'{"custom_id": "' + b"x" * (5 << 20) + b'"}\n'
+                          + _jsonl(_chat_lines(2)[1:]), "line_too_long", 2),
 }
 
 
