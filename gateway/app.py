@@ -133,7 +133,8 @@ class Gateway:
         await ensure_topics(s)
         self.files.start()
         self.batches = BatchStore(self.redis, self.store.keys, s.batch_ttl_seconds)
-        self.batch_runner = BatchRunner(s, self.batches, self.files, self.producer, self.served_models)
+        self.batch_runner = BatchRunner(s, self.batches, self.files, self.producer, self.served_models,
+                                        self.metrics)
         self._batch_loop = asyncio.create_task(self.batch_runner.run(), name="batch-runner")
         if s.max_queue_depth:
             self._queue_watch = asyncio.create_task(self._watch_queue(), name="queue-watch")

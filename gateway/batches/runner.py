@@ -20,6 +20,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -37,6 +38,7 @@ from gateway.batches.lines import (
     read_lines,
 )
 from gateway.batches.objects import NOT_RUN, result_line
+from gateway.metrics import GatewayMetrics
 from gateway.openai_compat import OpenAICall
 from gateway.settings import GatewaySettings
 from shared.kafka import JSON_HEADERS
@@ -67,13 +69,14 @@ def finished(batch: dict[str, str]) -> int:
 
 class BatchRunner:
     def __init__(self, settings: GatewaySettings, batches: BatchStore, files: FileStore,
-                 producer: AIOKafkaProducer, served: ServedModels) -> None:
+                 producer: AIOKafkaProducer, served: ServedModels, metrics: GatewayMetrics) -> None:
         self.settings = settings
         self.batches = batches
         self.keys: Keys = batches.keys
         self.files = files
         self.producer = producer
         self.served = served
+        self.metrics = metrics
         self.owner = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.stats = RunnerStats()
         self._closing = asyncio.Event()
@@ -141,6 +144,8 @@ class BatchRunner:
         await self.batches.ended(batch_id)
         await self.batches.drop_lease(batch_id, self.owner)
         self.stats.batches_ended += 1
+        status = (await self.batches.get(batch_id) or {}).get("status", "gone")
+        self.metrics.batches_ended.labels(status).inc()
 
     async def _fail(self, batch_id: str, code: str, message: str) -> None:
         error = {"code": code, "message": message, "param": "input_file_id", "line": None}
@@ -254,13 +259,14 @@ class BatchRunner:
             if status not in ("created", "queued"):
                 continue  # a resumed chunk: a worker has it already
             message = RequestMessage.model_construct(
-                v=1, id=line_id, tenant=tenant, submitted_at=None,
+                v=1, id=line_id, tenant=tenant, submitted_at=datetime.fromtimestamp(submitted_at, timezone.utc),
                 **{name: getattr(spec, name) for name in RequestSpec.model_fields})
             sent.append(await self.producer.send(self.settings.bulk_topic_name, message.to_bytes(),
                                                  key=line_id.encode(), headers=JSON_HEADERS))
         async with asyncio.timeout(self.settings.produce_timeout_seconds * 4):
             await asyncio.gather(*sent)
         self.stats.lines_enqueued += len(sent)
+        self.metrics.batch_lines_enqueued.inc(len(sent))
 
     # ---- ending: finalize, cancel, expire -------------------------------------------------
 

@@ -90,7 +90,7 @@ async def _bulk_messages(settings) -> int:
 # ---- end to end ------------------------------------------------------------------
 
 
-async def test_a_batch_runs_end_to_end_with_the_openai_client(gateway, start_worker):
+async def test_a_batch_runs_end_to_end_with_the_openai_client(gateway, start_worker, http):
     await start_worker()
     client = _client(gateway.url)
     created = await _run_batch(client, _chat_lines(25))
@@ -114,6 +114,10 @@ async def test_a_batch_runs_end_to_end_with_the_openai_client(gateway, start_wor
     output_file = await client.files.retrieve(batch.output_file_id)
     assert output_file.purpose == "batch_output" and output_file.bytes > 0
     assert [b.id async for b in client.batches.list()] == [batch.id]
+    async with http.get(f"{gateway.url}/metrics") as resp:
+        metrics = await resp.text()
+    assert "llmq_gateway_batch_lines_enqueued_total 25.0" in metrics
+    assert 'llmq_gateway_batches_ended_total{status="completed"} 1.0' in metrics
     await client.close()
 
 
