@@ -4,11 +4,13 @@ from what Redis holds (a batch's hash, its lines' records). Pure: no I/O."""
 from __future__ import annotations
 
 import json
+import re
 
 from gateway.openai_compat import OpenAICall, completion_response, view_error
 from shared.schema import Status
 from shared.store.view import view_of
 
+BATCH_ID = re.compile(r"^batch_[0-9a-f]{32}$")
 TIMESTAMPS = ("in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
               "cancelling_at", "cancelled_at")
 # What the error file says of a line that never ran, by how its batch ended.

@@ -10,12 +10,13 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from redis.exceptions import RedisError
 
 from gateway.batches.files import FileTooLarge, file_object
 from gateway.batches.lines import ENDPOINTS
-from gateway.batches.objects import batch_object
+from gateway.batches.objects import BATCH_ID, batch_object
 from gateway.errors import redis_down
 from gateway.openai_compat import OpenAIError
 from shared.schema import MAX_METADATA_ITEMS
@@ -65,12 +66,15 @@ class BulkRoutes:
             raise self._too_large(limit)
         if request.content_type != "multipart/form-data":
             raise OpenAIError(415, "send the file as multipart/form-data", None, "unsupported_media_type")
-        reader = await request.multipart()
         purpose, meta = None, None
         try:
+            reader = await request.multipart()
             while (part := await reader.next()) is not None:
-                if part.name == "purpose":
-                    purpose = (await part.read(decode=True)).decode()[:64]
+                if not isinstance(part, BodyPartReader):
+                    await part.release()  # a nested multipart: not what OpenAI's clients send
+                elif part.name == "purpose":
+                    purpose = (await part.read_chunk(64)).decode(errors="replace")
+                    await part.release()
                 elif part.name == "file" and meta is None:
                     meta = await gw.files.save_upload(part, part.filename or "upload.jsonl", "batch", tenant, limit)
                 else:
@@ -79,6 +83,11 @@ class BulkRoutes:
             if meta is not None:
                 await gw.files.delete(meta["id"])
             raise self._too_large(limit) from None
+        except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:  # a malformed form, in aiohttp's words
+            if meta is not None:
+                await gw.files.delete(meta["id"])
+            raise OpenAIError(400, f"the multipart form could not be read: {exc}", None, "invalid_multipart") \
+                from None
         if meta is None or purpose != "batch":
             if meta is not None:
                 await gw.files.delete(meta["id"])
@@ -119,7 +128,10 @@ class BulkRoutes:
         tenant = await gw.authenticate(request)
         limit = _limit(request, *_FILE_PAGE)
         purpose = request.query.get("purpose")
-        newest_first = request.query.get("order", "desc") != "asc"
+        order = request.query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise OpenAIError(400, "Invalid 'order': 'asc' or 'desc'", "order", "invalid_value")
+        newest_first = order == "desc"
         files = [m for m in await gw.files.all_meta() if (not gw.settings.auth or m.get("tenant") == tenant)
                  and (purpose is None or m["purpose"] == purpose)]
         files.sort(key=lambda m: (m["created_at"], m["id"]), reverse=newest_first)
@@ -189,6 +201,8 @@ class BulkRoutes:
         gw = self.gateway
         tenant = await gw.authenticate(request)
         batch_id = request.match_info["id"]
+        if not BATCH_ID.match(batch_id):
+            raise _not_found("batch", batch_id)
         try:
             batch = await gw.batches.get(batch_id)
         except (RedisError, OSError) as exc:
