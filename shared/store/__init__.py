@@ -1,8 +1,8 @@
 """Request records in Redis, split by concern: the client (connection), the
 Lua script behind each status transition (scripts), a new record's fields
 (fields), the store's calls (records), batching script calls into one round
-trip (pipelining), a record as clients see it (view), and the model names
-workers register (models). Key names and
+trip (pipelining), a record as clients see it (view), the model names
+workers register (models), and batches with their lines (batches). Key names and
 lifetimes are in shared/keys.py."""
 
 from shared.store.connection import connect_redis
