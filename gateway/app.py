@@ -38,6 +38,10 @@ from gateway.admission import (
     fingerprint_of,
     preferred_wait,
 )
+from gateway.batches.files import FileStore
+from gateway.batches.routes import PATHS as BULK_PATHS
+from gateway.batches.routes import BulkRoutes
+from gateway.batches.runner import BatchRunner
 from gateway.errors import HTTP_ERROR_TYPES, ApiError, redis_down
 from gateway.metrics import GatewayMetrics
 from gateway.openai_compat import OpenAIError
@@ -73,6 +77,7 @@ from shared.schema import (
 )
 from shared.store import IdempotencyClaim, RequestStore, base_fields, connect_redis
 from shared.store.cache import CachedAnswer, ResultCache, answered_fields, cache_key
+from shared.store.batches import BatchStore
 from shared.store.models import ServedModels
 from shared.store.streams import ENTRY_ID, TokenStreams, entry_key
 from shared.telemetry import NO_TRACING, OFFSET, PARTITION, REQUEST_ID, Tracing
@@ -102,6 +107,10 @@ class Gateway:
         self.cache: ResultCache | None = None
         # Chosen once: with LLMQ_CACHE_TTL_SECONDS=0 nothing is looked up.
         self._cached = self._cache_lookup if settings.cache_ttl_seconds else self._no_cache
+        self.files = FileStore(settings.files_dir)
+        self.batches: BatchStore | None = None
+        self.batch_runner: BatchRunner | None = None
+        self._batch_loop: asyncio.Task | None = None
         self.queue_depth = 0  # the workers' lag, read by _watch_queue when LLMQ_MAX_QUEUE_DEPTH is set
         self._queue_watch: asyncio.Task | None = None
         # Chosen once at start-up (configure_tracing): a no-op without an OTLP endpoint.
@@ -118,6 +127,7 @@ class Gateway:
             web.get("/metrics", self.metrics_endpoint),
             web.get("/openapi.json", self.openapi),
             *OpenAIRoutes(self).routes(),
+            *BulkRoutes(self).routes(),
         ])
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._close)
@@ -137,6 +147,11 @@ class Gateway:
         self.producer = make_producer(s)
         await start_with_retry(self.producer, "producer")
         await ensure_topics(s)
+        self.files.start()
+        self.batches = BatchStore(self.redis, self.store.keys, s.batch_ttl_seconds)
+        self.batch_runner = BatchRunner(s, self.batches, self.files, self.producer, self.served_models,
+                                        self.metrics)
+        self._batch_loop = asyncio.create_task(self.batch_runner.run(), name="batch-runner")
         if s.max_queue_depth:
             self._queue_watch = asyncio.create_task(self._watch_queue(), name="queue-watch")
         log.info("gateway_started", topic=s.request_topic, port=s.http_port)
@@ -156,6 +171,17 @@ class Gateway:
             await reader.close()
 
     async def _close(self, _app: web.Application) -> None:
+        if self._batch_loop is not None:
+            # It stops after its current chunk (cursor saved); a stuck one is cancelled,
+            # and another gateway resumes from the saved cursor.
+            self.batch_runner.close()
+            try:
+                async with asyncio.timeout(self.settings.produce_timeout_seconds * 5):
+                    await asyncio.shield(self._batch_loop)
+            except TimeoutError:
+                self._batch_loop.cancel()
+            await asyncio.gather(self._batch_loop, return_exceptions=True)
+            self._batch_loop = None
         if self._queue_watch is not None:
             self._queue_watch.cancel()
             await asyncio.gather(self._queue_watch, return_exceptions=True)
@@ -195,7 +221,7 @@ class Gateway:
             log.exception("unhandled_error", path=request.path)
             refused = ApiError(500, "internal_error", "internal error")
         endpoint = _endpoint(request)
-        if isinstance(refused, ApiError) and endpoint in OPENAI_PATHS:
+        if isinstance(refused, ApiError) and (endpoint in OPENAI_PATHS or endpoint in BULK_PATHS):
             refused = openai_error(refused)  # OpenAI's clients read OpenAI's error shape
         if refused is not None:
             if isinstance(refused, OpenAIError):

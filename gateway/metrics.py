@@ -31,3 +31,11 @@ class GatewayMetrics(ServedMetrics):
             "llmq_gateway_requests_enqueued_total", "Generation requests acknowledged by the broker.",
             registry=self.registry,
         )
+        self.batch_lines_enqueued = Counter(
+            "llmq_gateway_batch_lines_enqueued_total", "Batch lines produced to the bulk lane and acknowledged.",
+            registry=self.registry,
+        )
+        self.batches_ended = Counter(
+            "llmq_gateway_batches_ended_total", "Batches this gateway moved to an end, by how they ended.",
+            ["status"], registry=self.registry,
+        )

@@ -228,6 +228,12 @@ def parse_openai_body(kind: Kind, raw: bytes) -> OpenAICall:
         body = json.loads(raw)
     except (ValueError, RecursionError):
         raise OpenAIError(400, "the body is not valid JSON", code="invalid_json") from None
+    return openai_call(kind, body)
+
+
+def openai_call(kind: Kind, body: Any) -> OpenAICall:
+    """A decoded body of a chat or completion call (also a batch line's `body`), checked
+    and translated; OpenAIError (400) if refused."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "the body must be a JSON object", code="invalid_type")
     model = _BODIES[kind]

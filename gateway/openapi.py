@@ -7,6 +7,7 @@ from functools import cache
 
 from pydantic.json_schema import models_json_schema
 
+from gateway.batches.openapi import bulk_paths
 from gateway.openai_compat import body_schema
 from shared.schema import Accepted, ErrorBody, ModelList, RequestView, SubmitRequest
 
@@ -233,6 +234,7 @@ def openapi_document(auth: bool = True) -> dict:
                     },
                 },
             },
+            **bulk_paths(_KEY if auth else []),
             "/healthz": {"get": {"summary": "The process is alive", "operationId": "healthz",
                                  "responses": {"200": {"description": "Alive."}}}},
             "/readyz": {"get": {"summary": "Redis and the broker are reachable", "operationId": "readyz",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from shared.settings import ServiceSettings, cli
@@ -30,3 +32,23 @@ class GatewaySettings(ServiceSettings):
     max_queue_depth: int = Field(default=0, ge=0)
     # How long an `Idempotency-Key` on POST /v1/requests answers with the request it first admitted.
     idempotency_window_seconds: int = Field(default=86_400, ge=1)
+
+    # --- files and batches (OpenAI's /v1/files and /v1/batches) ---------------------------
+    # Where uploaded files and batch outputs live, each with its metadata beside it. Several
+    # gateways must share it (NFS, EFS, CephFS; ReadWriteMany in Kubernetes).
+    files_dir: Path = Field(default=Path(".llmq/files"), json_schema_extra=cli("--files-dir"))
+    # Largest file accepted by POST /v1/files, bytes (413 above it); OpenAI's batch limit.
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    # Most lines in one batch's input file (the batch fails validation above it); OpenAI's limit.
+    batch_max_lines: int = Field(default=50_000, ge=1)
+    # Lines a gateway records and produces before it waits for the broker's acks and saves
+    # its place: what a batch holds in memory at once, and what a takeover may produce twice.
+    batch_enqueue_chunk: int = Field(default=500, ge=1)
+    # How often each gateway looks for batches to validate, enqueue, finalize, cancel or expire.
+    batch_poll_seconds: float = Field(default=0.5, gt=0)
+    # How long a gateway's claim on a batch lasts unless renewed; a dead gateway's batch is
+    # taken over by another this long after it stopped renewing.
+    batch_lease_seconds: float = Field(default=30.0, gt=0)
+    # How long a batch stays readable in Redis after it is created, and again after it ends.
+    # Files are kept until deleted, as OpenAI keeps them.
+    batch_ttl_seconds: int = Field(default=30 * 86_400, ge=1)

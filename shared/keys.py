@@ -29,6 +29,21 @@
   sorted set of the same entry keys scored by when each expires,
   `cache_ttl_seconds` (LLMQ_CACHE_TTL_SECONDS, default 1 h) after it was
   stored; both expire that long after the key's newest entry. `name` as above.
+- `{prefix}:batch:{id}`: a batch (OpenAI's Batch API), one hash: its status,
+  timestamps, line count, enqueue cursor and finished-line counters (the
+  workers' finish script and the cancel script increment them, so counting
+  never scans line records). Expires `batch_ttl_seconds`
+  (LLMQ_BATCH_TTL_SECONDS, default 30 days) after its creation and again
+  after it ends. A batch's lines are request records `{prefix}:req:{batch
+  id}-{line}`, holding the name of this hash in their `batch_counts` field.
+- `{prefix}:batches-of:{name}`: sorted set of a key's batch ids by creation time
+  (for listing), with the batches' TTL, refreshed on each create.
+- `{prefix}:batches:active`: sorted set of the batches some gateway still has
+  work on (validate, enqueue, finalize, cancel, expire), scored by creation
+  time; no expiry (ids leave it when their batch ends).
+- `{prefix}:batch-lease:{id}`: the gateway working on a batch (its name), with
+  a `batch_lease_seconds` expiry it renews while working, so one gateway at a
+  time works on a batch and another takes over when it dies.
 """
 
 from __future__ import annotations
@@ -90,6 +105,24 @@ class Keys:
 
     def cache_expiries(self, tenant: str) -> str:
         return f"{self.prefix}:cache-expiry:{tenant}"
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def batches_of(self, tenant: str) -> str:
+        return f"{self.prefix}:batches-of:{tenant}"
+
+    @property
+    def active_batches(self) -> str:
+        return f"{self.prefix}:batches:active"
+
+    def batch_lease(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch-lease:{batch_id}"
+
+    @staticmethod
+    def batch_line(batch_id: str, line: int) -> str:
+        """The request id of a batch's line (0-based): deterministic, so a resumed enqueue
+        finds the records it created before."""
+        return f"{batch_id}-{line}"
 
     @staticmethod
     def rate_limit_ttl(rate: float, burst: int) -> int:

@@ -6,6 +6,7 @@ so tests never see each other's requests."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -71,6 +72,7 @@ def isolated_settings(broker: Service, redis_server: Service, **overrides) -> St
         "dlq_topic": f"llmq.requests.{tag}.dlq",
         "consumer_group": f"llmq-workers-{tag}",
         "redis_prefix": f"llmq-{tag}",
+        "files_dir": Path(tempfile.gettempdir()) / f"llmq-files-{tag}",  # not the checkout's .llmq/files
         "request_partitions": 4,
         "engine": "echo",
         "session_timeout_ms": 6000,

@@ -2,8 +2,9 @@
 Lua script behind each status transition (scripts), a new record's fields
 (fields), the store's calls (records), batching script calls into one round
 trip (pipelining), a record as clients see it (view), the model names workers
-register (models), and the answers of deterministic requests kept for their
-repeats (cache). Key names and lifetimes are in shared/keys.py."""
+register (models), the answers of deterministic requests kept for their
+repeats (cache), and batches with their lines (batches). Key names and
+lifetimes are in shared/keys.py."""
 
 from shared.store.connection import connect_redis
 from shared.store.fields import base_fields

@@ -33,6 +33,19 @@ local function stream_add(key, maxlen, ttl, ...)
 end
 """
 
+# A batch line's record names its batch's hash (`batch_counts`); each final
+# transition of the line adds one to that hash's counter in the same script, so
+# a batch's counts are exact and never need a scan of its lines. The hash's name
+# comes from the record, not KEYS: the record is what says which batch a line
+# belongs to (a client can't make its own request count towards a batch), and
+# llmq runs on one Redis, not a cluster, so an undeclared key is safe here.
+LUA_COUNT_LINE = """
+local function count_line(record, counter)
+  local counts = redis.call('HGET', record, 'batch_counts')
+  if counts then redis.call('HINCRBY', counts, counter, 1) end
+end
+"""
+
 # KEYS: record. ARGV: now, worker, ttl, fields to create a missing record with, lease seconds.
 # Returns {verdict, attempts}: verdict 'run'; 'leased' while another claim's lease
 # (renewed by the worker running it) has not lapsed; or the final status, to skip.
@@ -83,7 +96,7 @@ return 1
 # KEYS: record, done channel, stream. ARGV: ttl, result fields, fields to create a
 # missing record with, id, stream cap, stream ttl. Returns 1 if written, 0 if the
 # record was final. The stream's last entry holds the text not yet streamed.
-FINISH = LUA_HSET_JSON + LUA_STREAM_ADD + """
+FINISH = LUA_HSET_JSON + LUA_STREAM_ADD + LUA_COUNT_LINE + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status and status ~= 'queued' and status ~= 'running' then return 0 end
 if not status then hset_json(KEYS[1], ARGV[3]) end
@@ -92,7 +105,9 @@ hset_json(KEYS[1], ARGV[2])
 local text = redis.call('HGET', KEYS[1], 'text') or ''
 local at, rest = #streamed, text:sub(#streamed + 1)
 if text:sub(1, #streamed) ~= streamed then at, rest = 0, text end
-stream_add(KEYS[3], ARGV[5], ARGV[6], 'at', at, 'd', rest, 'end', redis.call('HGET', KEYS[1], 'status'))
+local final = redis.call('HGET', KEYS[1], 'status')
+stream_add(KEYS[3], ARGV[5], ARGV[6], 'at', at, 'd', rest, 'end', final)
+if final ~= 'queued' and final ~= 'running' then count_line(KEYS[1], final == 'succeeded' and 'completed' or 'failed') end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('PUBLISH', KEYS[2], ARGV[4])
 return 1
@@ -133,7 +148,7 @@ return {'created'}
 
 # KEYS: record, done channel, cancel channel, stream. ARGV: now, ttl, id, stream cap, stream ttl.
 # Returns 'cancelled' if this call cancelled it, the status if it was final, nil if unknown.
-CANCEL = LUA_STREAM_ADD + """
+CANCEL = LUA_STREAM_ADD + LUA_COUNT_LINE + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status == 'queued' or status == 'running' then
@@ -141,6 +156,7 @@ if status == 'queued' or status == 'running' then
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   local text = redis.call('HGET', KEYS[1], 'text') or ''
   stream_add(KEYS[4], ARGV[4], ARGV[5], 'at', #text, 'd', '', 'end', 'cancelled')
+  count_line(KEYS[1], 'cancelled')
   redis.call('PUBLISH', KEYS[2], ARGV[3])
   redis.call('PUBLISH', KEYS[3], ARGV[3])
   return 'cancelled'
@@ -177,4 +193,73 @@ for i = 1, #last[2], 2 do
   if last[2][i] == 'end' then ended = last[2][i + 1] end
 end
 return {text, last[1], ended}
+"""
+
+# ---- batch lines and batches ---------------------------------------------------
+
+# KEYS: record. ARGV: ttl, fields. Creates a batch line's record unless it exists
+# (a resumed enqueue must not reset a line a worker has taken). Returns 'created',
+# or the existing record's status.
+CREATE_LINE = LUA_HSET_JSON + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status then return status end
+hset_json(KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 'created'
+"""
+
+# KEYS: record, done channel, cancel channel, stream. ARGV: now, ttl, id, final
+# status ('cancelled' or 'expired'), counter, error type, error message, fields to
+# create a missing record with (a line never enqueued), '1' to leave a running
+# line to finish, stream cap, stream ttl.
+# Ends a line of a cancelled or expired batch; returns 1 if this call ended it.
+SETTLE_LINE = LUA_HSET_JSON + LUA_STREAM_ADD + LUA_COUNT_LINE + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  hset_json(KEYS[1], ARGV[8])
+  status = 'queued'
+end
+if status == 'queued' or (status == 'running' and ARGV[9] ~= '1') then
+  redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', ARGV[1], 'finish_reason', 'cancelled',
+             'error_type', ARGV[6], 'error_message', ARGV[7])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  local text = redis.call('HGET', KEYS[1], 'text') or ''
+  stream_add(KEYS[4], ARGV[10], ARGV[11], 'at', #text, 'd', '', 'end', ARGV[4])
+  count_line(KEYS[1], ARGV[5])
+  redis.call('PUBLISH', KEYS[2], ARGV[3])
+  redis.call('PUBLISH', KEYS[3], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# KEYS: batch. ARGV: statuses it may move from (comma-separated), new status,
+# fields to set (flat JSON array). Returns 1 if moved: a client's cancel and a
+# gateway's step can't both win.
+MOVE_BATCH = LUA_HSET_JSON + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+for from in string.gmatch(ARGV[1], '[^,]+') do
+  if from == status then
+    redis.call('HSET', KEYS[1], 'status', ARGV[2])
+    hset_json(KEYS[1], ARGV[3])
+    return 1
+  end
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: owner, milliseconds. Takes or renews the lease unless another
+# owner holds it. Returns 1 if held.
+TAKE_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS: lease. ARGV: owner. Lets the lease go, if still ours.
+DROP_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
 """

@@ -195,6 +195,15 @@ TAKES_INPUT = [
     "GET /v1/requests/{id}/stream",
     "POST /v1/chat/completions",
     "POST /v1/completions",
+    "POST /v1/files",
+    "GET /v1/files",
+    "GET /v1/files/{id}",
+    "DELETE /v1/files/{id}",
+    "GET /v1/files/{id}/content",
+    "POST /v1/batches",
+    "GET /v1/batches",
+    "GET /v1/batches/{id}",
+    "POST /v1/batches/{id}/cancel",
 ]
 OPERATIONS = [*TAKES_INPUT, "GET /v1/models", "GET /healthz", "GET /readyz", "GET /metrics"]
 # OpenAI's endpoints get invalid input only: the document gives OpenAI's schema, and

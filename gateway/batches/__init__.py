@@ -1,0 +1,1 @@
+"""OpenAI's Batch API: files, batches, and the loop that runs them."""
