@@ -24,6 +24,11 @@
   a client's `Idempotency-Key` admitted and its body's fingerprint, expiring
   `idempotency_window_seconds` (LLMQ_IDEMPOTENCY_WINDOW_SECONDS, default 24 h)
   after it was first used; `name` is the API key's name, empty with auth off.
+- `{prefix}:whsecret:{name}`: the webhook signing secret of API key `name` (empty:
+  the deployment's, with auth off), made on first use; no expiry (revoking the
+  key deletes it). Each gateway caches it for `API_KEY_CACHE_SECONDS`.
+- A request record also holds its webhook's delivery state (`webhook_*` fields),
+  written only while the record exists, so it lives and expires with it.
 """
 
 from __future__ import annotations
@@ -78,6 +83,9 @@ class Keys:
 
     def idempotency(self, tenant: str, key_hash: str) -> str:
         return f"{self.prefix}:idem:{tenant}:{key_hash}"
+
+    def webhook_secret(self, tenant: str) -> str:
+        return f"{self.prefix}:whsecret:{tenant}"
 
     @staticmethod
     def rate_limit_ttl(rate: float, burst: int) -> int:

@@ -7,7 +7,8 @@
      already final (cancelled, or finished before a redelivery); one whose
      claim another live worker holds waits, uncommitted, for that run to end or
      its lease to lapse;
-  4) is handed to the runner.
+  4) is handed to the runner, after its `start` webhook event is queued (if it
+     asked for one).
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ from shared.telemetry import (
 )
 from workers.job import Job
 from workers.metrics import WorkerMetrics
-from workers.offsets import OffsetTracker
+from shared.offsets import OffsetTracker
 from workers.outcome import Outcome
 from workers.results import ResultWriter
 from workers.retry import is_transient, retry
 from workers.runner import Runner
 from workers.settings import WorkerSettings
+from workers.webhooks import WebhookQueue
 
 log = structlog.get_logger(__name__)
 
@@ -51,8 +53,10 @@ log = structlog.get_logger(__name__)
 class Intake:
     def __init__(self, settings: WorkerSettings, worker_name: str, served_models: tuple[str | None, ...],
                  store: RequestStore, producer: AIOKafkaProducer, offsets: OffsetTracker, runner: Runner,
-                 results: ResultWriter, metrics: WorkerMetrics, tracing: Tracing, stopping: asyncio.Event) -> None:
+                 results: ResultWriter, metrics: WorkerMetrics, tracing: Tracing, stopping: asyncio.Event,
+                 webhooks: WebhookQueue) -> None:
         self.settings = settings
+        self.webhooks = webhooks
         self.worker_name = worker_name
         self.served_models = served_models  # what `model` may name here (None: whatever is served)
         self.store = store
@@ -143,6 +147,7 @@ class Intake:
             if attempts > self.settings.max_attempts:
                 await self._give_up(job)
             else:
+                await self.webhooks.emit("start", job)  # queued before its `completed` can be
                 self.runner.start(job)
         elif verdict == "leased":
             task = asyncio.create_task(self._await_lease(job), name=f"llmq-leased-{job.request_id}")
@@ -151,6 +156,9 @@ class Intake:
         else:
             self.metrics.stats.skipped += 1
             log.info("request_skipped", status=verdict, **job.log_fields())
+            # Final already: its `completed` event may not have been queued (a worker died
+            # between the result and the event; the sender delivers one event once).
+            await self.webhooks.emit("completed", job)
             self.results.done(job)
 
     async def _await_lease(self, job: Job) -> None:

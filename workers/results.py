@@ -1,7 +1,8 @@
 """Where a worker's requests end: their results are written to Redis (only over
 a non-final record, so at most once; results that finish together share one
-round trip), replies go to a `reply_topic` when the message names one, and
-each partition is committed up to its lowest unfinished offset."""
+round trip), replies go to a `reply_topic` when the message names one, the
+`completed` webhook event is queued when the request asked for one, and each
+partition is committed up to its lowest unfinished offset."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from shared.telemetry import REQUEST_ID, Tracing
 from workers.capacity import Capacity
 from workers.job import Job
 from workers.metrics import WorkerMetrics
-from workers.offsets import OffsetTracker
+from shared.offsets import OffsetTracker
 from workers.outcome import Outcome
 from workers.retry import retry
+from workers.webhooks import WebhookQueue
 
 log = structlog.get_logger(__name__)
 
@@ -30,8 +32,9 @@ log = structlog.get_logger(__name__)
 class ResultWriter:
     def __init__(self, store: RequestStore, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer,
                  offsets: OffsetTracker, capacity: Capacity, metrics: WorkerMetrics, tracing: Tracing,
-                 stopping: asyncio.Event) -> None:
+                 stopping: asyncio.Event, webhooks: WebhookQueue) -> None:
         self.store = store
+        self.webhooks = webhooks
         self.producer = producer
         self.consumer = consumer
         self.offsets = offsets
@@ -95,6 +98,9 @@ class ResultWriter:
                     self.metrics.queue_time.observe(max(job.fetched_at - submitted, 0.0))
                 if job.message.reply_topic:
                     await self._reply(job)
+                # Before its offset may be committed: a crash before this redelivers it,
+                # and intake queues the event of a request it finds final.
+                await self.webhooks.emit("completed", job)
             else:
                 self.metrics.stats.skipped += 1  # cancelled while it ran, or another worker finished it first
             if outcome.status is not Status.succeeded:
