@@ -153,7 +153,7 @@ class Gateway:
             await reader.close()
 
     def _webhook_sender_ended(self, task: asyncio.Task) -> None:
-        """The sender stopped on an error: say so (and /readyz says so, so the orchestrator restarts this gateway)."""
+        """The sender stopped on an error: say so (/readyz says so too, so the orchestrator restarts the gateway)."""
         if not task.cancelled() and task.exception() is not None:
             log.error("webhook_sender_failed", error=repr(task.exception()))
 
@@ -576,7 +576,8 @@ class Gateway:
         checks = {"redis": "ok", "kafka": "ok"}
         sending = self._webhook_sending
         if sending is not None and sending.done():
-            checks["webhooks"] = "sender stopped" if sending.cancelled() else f"sender failed: {sending.exception()!r}"
+            failed = None if sending.cancelled() else sending.exception()
+            checks["webhooks"] = f"sender failed: {failed!r}" if failed else "sender stopped"
         try:
             await asyncio.wait_for(self.redis.ping(), 2)
         except Exception as exc:

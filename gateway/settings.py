@@ -39,12 +39,13 @@ class GatewaySettings(ServiceSettings):
     webhook_consumer_group: str = "llmq-webhooks"
     # Allow webhook URLs on loopback, private and link-local addresses (local development only: SSRF).
     webhook_allow_private: bool = False
-    # Signing secret (whsec_...) with auth off; unset: one made once and kept in Redis. With auth on, each key has its own.
+    # Signing secret (whsec_...) with auth off; unset: one made once, kept in Redis. With auth on, each key has its own.
     webhook_secret: SecretStr | None = None
     # How long a delivery is retried after its event (exponential back-off), before it goes to the dead-letter topic.
     webhook_retry_seconds: float = Field(default=3_600.0, ge=0)
     # First pause between attempts; it doubles each time (with jitter) up to LLMQ_WEBHOOK_BACKOFF_MAX_SECONDS.
     webhook_backoff_seconds: float = Field(default=1.0, gt=0)
+    # Longest pause between two attempts of one delivery.
     webhook_backoff_max_seconds: float = Field(default=300.0, gt=0)
     # Longest one delivery attempt may take (connect to the end of the answer).
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)

@@ -43,6 +43,9 @@ from shared.webhooks import (
 log = structlog.get_logger(__name__)
 
 USER_AGENT = "llmq-webhooks/1"
+# How long a fetch waits on the broker for new events: Kafka answers as soon as some
+# arrive, the dev broker waits this out, so it bounds an event's wait there.
+FETCH_MAX_WAIT_MS = 20
 MAX_ANSWER_BYTES = 4096  # read of a receiver's answer, so a connection is reused; the rest is not wanted
 
 
@@ -70,7 +73,8 @@ class WebhookSender:
         s = self.settings
         self.producer = make_producer(s)
         await start_with_retry(self.producer, "webhook producer")
-        self.consumer = make_consumer(s, group_id=s.webhook_consumer_group, max_poll_records=500)
+        self.consumer = make_consumer(s, group_id=s.webhook_consumer_group, max_poll_records=500,
+                                      fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
         self.consumer.subscribe([s.webhook_topic], listener=_Rebalance(self))
         await start_with_retry(self.consumer, "webhook consumer")
         # The guarded resolver refuses non-public answers at connect time; with private
@@ -149,6 +153,14 @@ class WebhookSender:
         finally:
             self._lanes.pop(request_id, None)
             self._lane_tasks.pop(request_id, None)
+
+    async def stop_lanes(self, partitions: set[TopicPartition]) -> None:
+        """Stop the deliveries of events on `partitions` (a request's events share one)."""
+        tasks = [self._lane_tasks[rid] for rid, lane in self._lanes.items()
+                 if lane and lane[0][0] in partitions and rid in self._lane_tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _lane_ended(self, task: asyncio.Task) -> None:
         """A lane that failed (a bug, not a receiver's failure: those are retried) stops the
@@ -274,6 +286,9 @@ class WebhookSender:
                 await self.producer.send_and_wait(self.settings.webhook_dlq_topic, value, key=key, headers=headers)
                 return
             except KafkaError as exc:
+                if not exc.retriable:  # refused for good (too large, say): said, and passed over
+                    log.error("webhook_dead_letter_refused", reason=reason, error=f"{type(exc).__name__}: {exc}")
+                    return
                 log.warning("webhook_dead_letter_failed", error=str(exc))
                 await asyncio.sleep(1.0)
 
@@ -290,9 +305,10 @@ class _Rebalance(ConsumerRebalanceListener):
         self.sender = sender
 
     async def on_partitions_revoked(self, revoked):
-        # Commit what is delivered; what is in flight the next owner delivers again
-        # (its end, once recorded, makes that a no-op).
+        # Commit what is delivered, and stop the deliveries of these partitions: the next
+        # owner delivers them again, in order (an end already recorded makes that a no-op).
         await self.sender.commit()
+        await self.sender.stop_lanes(set(revoked))
         self.sender.offsets.forget(revoked)
 
     async def on_partitions_assigned(self, assigned):

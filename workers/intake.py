@@ -127,9 +127,13 @@ class Intake:
         if not to_claim:
             return
 
-        # 3) claim; 4) start each on the engine
-        for job, (verdict, attempts) in zip(to_claim, await self._claim(to_claim)):
-            await self._after_claim(job, verdict, attempts)
+        # 3) claim; 4) start each on the engine, once the `start` webhook events of those
+        #    that asked are queued (together: each waits for the broker's ack)
+        claimed = list(zip(to_claim, await self._claim(to_claim)))
+        await asyncio.gather(*(self.webhooks.emit("start", job) for job, (verdict, attempts) in claimed
+                               if verdict == "run" and attempts <= self.settings.max_attempts))
+        for job, (verdict, attempts) in claimed:
+            await self._after_claim(job, verdict, attempts, start_queued=True)
 
     async def close(self) -> None:
         for task in self._awaiting:
@@ -141,13 +145,14 @@ class Intake:
             [(job.message.id, job.create_fields) for job in jobs], self.worker_name,
             self.settings.claim_lease_seconds), self.stopping)
 
-    async def _after_claim(self, job: Job, verdict: str, attempts: int) -> None:
+    async def _after_claim(self, job: Job, verdict: str, attempts: int, start_queued: bool = False) -> None:
         job.attempts = attempts
         if verdict == "run":
             if attempts > self.settings.max_attempts:
                 await self._give_up(job)
             else:
-                await self.webhooks.emit("start", job)  # queued before its `completed` can be
+                if not start_queued:
+                    await self.webhooks.emit("start", job)  # queued before its `completed` can be
                 self.runner.start(job)
         elif verdict == "leased":
             task = asyncio.create_task(self._await_lease(job), name=f"llmq-leased-{job.request_id}")

@@ -98,9 +98,6 @@ class ResultWriter:
                     self.metrics.queue_time.observe(max(job.fetched_at - submitted, 0.0))
                 if job.message.reply_topic:
                     await self._reply(job)
-                # Before its offset may be committed: a crash before this redelivers it,
-                # and intake queues the event of a request it finds final.
-                await self.webhooks.emit("completed", job)
             else:
                 self.metrics.stats.skipped += 1  # cancelled while it ran, or another worker finished it first
             if outcome.status is not Status.succeeded:
@@ -108,7 +105,16 @@ class ResultWriter:
             error = {"error_type": outcome.error_type, "error": outcome.error_message} if outcome.error_type else {}
             log.info("request_finished", status=outcome.status.value, written=was_written, attempts=job.attempts,
                      **error, **job.log_fields())
-            self.done(job)
+            if not (was_written and job.message.webhook_events):
+                self.done(job)
+        # The `completed` events of those that asked, together, before their offsets may be
+        # committed: a crash before this redelivers them, and intake queues the event of a
+        # request it finds final.
+        hooked = [job for (job, _), was_written in zip(finished, written) if was_written and job.message.webhook_events]
+        if hooked:
+            await asyncio.gather(*(self.webhooks.emit("completed", job) for job in hooked))
+            for job in hooked:
+                self.done(job)
 
     async def _reply(self, job: Job) -> None:
         """The result to the message's reply_topic. A reply the topic refuses for good (too

@@ -42,6 +42,7 @@ class WebhookQueue:
             await retry("webhook_event", lambda: self.events.emit(kind, view), self.stopping)
         except Exception as exc:  # noqa: BLE001 - the request goes on without its event
             self.metrics.webhook_events.labels(kind, "failed").inc()
-            log.warning("webhook_event_failed", webhook_event=kind, error=f"{type(exc).__name__}: {exc}", **job.log_fields())
+            log.warning("webhook_event_failed", webhook_event=kind, error=f"{type(exc).__name__}: {exc}",
+                        **job.log_fields())
             return
         self.metrics.webhook_events.labels(kind, "queued").inc()
