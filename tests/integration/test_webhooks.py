@@ -295,3 +295,16 @@ async def test_each_key_signs_with_its_own_secret(broker, redis_server, http, st
     assert payload["data"]["id"] == request_id
     with pytest.raises(WebhookVerificationError):
         receiver.accepted(bob)
+
+
+async def test_a_request_cancelled_before_it_ran_gets_its_completed_event(gateway, http, receiver):
+    # No worker: the request stays queued until the client cancels it, and the gateway,
+    # which ends it, queues its `completed` event.
+    request_id = await submit(http, gateway.url, {"input": {"prompt": "never mind"}, "webhook": receiver.url})
+    async with http.delete(f"{gateway.url}/v1/requests/{request_id}") as resp:
+        assert resp.status == 200, await resp.text()
+    record = await _until_webhook(http, gateway, request_id, "completed")
+    [payload] = receiver.accepted(await _secret(http, gateway))
+    assert payload["type"] == "request.completed"
+    assert payload["data"]["status"] == "cancelled"
+    assert record["webhook"]["delivered"] == ["completed"]
