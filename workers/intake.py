@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from shared.offsets import OffsetTracker
 from shared.schema import MessageError, Status, parse_message
 from shared.store import RequestStore, base_fields
 from shared.telemetry import (
@@ -39,7 +40,6 @@ from shared.telemetry import (
 )
 from workers.job import Job
 from workers.metrics import WorkerMetrics
-from shared.offsets import OffsetTracker
 from workers.outcome import Outcome
 from workers.results import ResultWriter
 from workers.retry import is_transient, retry

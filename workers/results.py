@@ -15,13 +15,13 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from opentelemetry import trace
 
 from shared.kafka import JSON_HEADERS
+from shared.offsets import OffsetTracker
 from shared.schema import Status
 from shared.store import RequestStore
 from shared.telemetry import REQUEST_ID, Tracing
 from workers.capacity import Capacity
 from workers.job import Job
 from workers.metrics import WorkerMetrics
-from shared.offsets import OffsetTracker
 from workers.outcome import Outcome
 from workers.retry import retry
 from workers.webhooks import WebhookQueue

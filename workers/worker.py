@@ -25,6 +25,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from shared.kafka import ensure_topics, make_consumer, make_producer, start_with_retry
 from shared.keys import Keys
+from shared.offsets import OffsetTracker
 from shared.store import RequestStore, connect_redis
 from shared.store.models import ServedModels
 from shared.telemetry import NO_TRACING, Tracing
@@ -33,7 +34,6 @@ from workers.capacity import Capacity
 from workers.engines import Engine, load_engine
 from workers.intake import Intake
 from workers.metrics import WorkerMetrics, WorkerStats
-from shared.offsets import OffsetTracker
 from workers.progress import ProgressWriter
 from workers.results import ResultWriter
 from workers.retry import retry
