@@ -308,3 +308,29 @@ async def test_a_request_cancelled_before_it_ran_gets_its_completed_event(gatewa
     assert payload["type"] == "request.completed"
     assert payload["data"]["status"] == "cancelled"
     assert record["webhook"]["delivered"] == ["completed"]
+
+
+async def test_an_event_delivered_once_is_not_posted_again_on_a_redelivery(settings, gateway, start_worker, http,
+                                                                           receiver):
+    """The request's message comes again (a worker died after its result and event): the
+    worker finds it final and queues its `completed` event again; the sender, seeing it
+    delivered on the record, does not POST it a second time."""
+    await start_worker()
+    message = RequestMessage(v=1, id="twice-1", input={"prompt": "once only"}, webhook=receiver.url,
+                             webhook_events_filter=["completed"])
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.request_topic, message.to_bytes(), key=b"twice-1")
+        await wait_final(http, gateway.url, "twice-1", not_yet_recorded=True)
+        await _until_webhook(http, gateway, "twice-1", "completed")
+        await producer.send_and_wait(settings.request_topic, message.to_bytes(), key=b"twice-1")
+    finally:
+        await producer.stop()
+
+    async def skipped() -> bool:
+        async with http.get(f"{gateway.url}/metrics") as resp:
+            return 'llmq_webhook_deliveries_total{outcome="skipped"} 1.0' in await resp.text()
+
+    await wait_until(skipped, what="the second event to be passed over")
+    assert len(receiver.posts) == 1
