@@ -6,6 +6,7 @@
   llmq build-model   build the tiny local model `make up` serves
   llmq schema        rewrite the request message's JSON Schema file
   llmq keys create NAME | list | revoke NAME    API keys, in the Redis at LLMQ_REDIS_URL
+  llmq keys webhook-secret NAME                 the secret that signs NAME's webhooks
 """
 
 from __future__ import annotations
@@ -216,6 +217,7 @@ def keys(args: argparse.Namespace) -> int:
     from shared.apikeys import ApiKeyStore
     from shared.keys import Keys
     from shared.store import connect_redis
+    from shared.webhooks import WebhookSecrets
 
     async def run() -> int:
         settings = StackSettings()
@@ -224,9 +226,16 @@ def keys(args: argparse.Namespace) -> int:
         try:
             if args.action == "create":
                 key = await store.create(args.name)
+                secret = await WebhookSecrets(redis, store.keys).of(args.name)
                 print(key)
-                print(f"API key for {args.name!r}: shown once, store it now. Use: Authorization: Bearer <key>",
+                print(f"API key for {args.name!r}: shown once, store it now. Use: Authorization: Bearer <key>\n"
+                      f"Its webhook signing secret: {secret} (again: llmq keys webhook-secret {args.name})",
                       file=sys.stderr)
+            elif args.action == "webhook-secret":
+                if args.name not in {entry["name"] for entry in await store.list()}:
+                    print(f"no key named {args.name!r}", file=sys.stderr)
+                    return 1
+                print(await WebhookSecrets(redis, store.keys).of(args.name))
             elif args.action == "list":
                 for entry in await store.list():
                     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["created_at"]))
@@ -245,7 +254,7 @@ def keys(args: argparse.Namespace) -> int:
         finally:
             await redis.aclose()
 
-    if args.action in ("create", "revoke") and not args.name:
+    if args.action in ("create", "revoke", "webhook-secret") and not args.name:
         print(f"llmq keys {args.action}: give the key's NAME", file=sys.stderr)
         return 2
     return asyncio.run(run())
@@ -288,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true")
     p.set_defaults(run=build_model)
     commands.add_parser("schema", help="rewrite shared/schemas/request-v1.schema.json").set_defaults(run=schema)
-    p = commands.add_parser("keys", help="create, list or revoke API keys")
-    p.add_argument("action", choices=["create", "list", "revoke"])
+    p = commands.add_parser("keys", help="create, list or revoke API keys; print a key's webhook signing secret")
+    p.add_argument("action", choices=["create", "list", "revoke", "webhook-secret"])
     p.add_argument("name", nargs="?")
     p.set_defaults(run=keys)
     args = parser.parse_args(argv)

@@ -60,6 +60,7 @@ from gateway.streaming import (
     sse_json,
 )
 from gateway.waiter import CompletionWaiter
+from gateway.webhooks import WebhookSender
 from shared.apikeys import ApiKeyStore
 from shared.kafka import JSON_HEADERS, ensure_topics, make_producer, start_with_retry
 from shared.keys import Keys
@@ -81,6 +82,7 @@ from shared.store.batches import BatchStore
 from shared.store.models import ServedModels
 from shared.store.streams import ENTRY_ID, TokenStreams, entry_key
 from shared.telemetry import NO_TRACING, OFFSET, PARTITION, REQUEST_ID, Tracing
+from shared.webhooks import WebhookEvents, WebhookSecrets, WebhookUrlError, check_webhook_url
 
 log = structlog.get_logger(__name__)
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
@@ -111,6 +113,10 @@ class Gateway:
         self.batches: BatchStore | None = None
         self.batch_runner: BatchRunner | None = None
         self._batch_loop: asyncio.Task | None = None
+        self.webhook_events: WebhookEvents | None = None
+        self.webhook_secrets: WebhookSecrets | None = None
+        self.webhook_sender: WebhookSender | None = None
+        self._webhook_sending: asyncio.Task | None = None
         self.queue_depth = 0  # the workers' lag, read by _watch_queue when LLMQ_MAX_QUEUE_DEPTH is set
         self._queue_watch: asyncio.Task | None = None
         # Chosen once at start-up (configure_tracing): a no-op without an OTLP endpoint.
@@ -121,6 +127,7 @@ class Gateway:
             web.get("/v1/requests/{id}", self.get_request),
             web.get("/v1/requests/{id}/stream", self.stream_request),
             web.get("/v1/models", self.list_models),
+            web.get("/v1/webhooks/secret", self.webhook_secret),
             web.delete("/v1/requests/{id}", self.cancel),
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
@@ -142,6 +149,7 @@ class Gateway:
         self.api_keys = ApiKeyStore(self.redis, self.store.keys)
         self.served_models = ServedModels(self.redis, self.store.keys)
         self.cache = ResultCache(self.redis, self.store.keys, s.cache_max_entries, s.cache_max_entry_bytes)
+        self.webhook_secrets = WebhookSecrets(self.redis, self.store.keys, s.webhook_secret)
         if not s.auth:
             log.warning("auth_off", detail="LLMQ_AUTH=false: every client can read every request")
         self.producer = make_producer(s)
@@ -152,6 +160,11 @@ class Gateway:
         self.batch_runner = BatchRunner(s, self.batches, self.files, self.producer, self.served_models,
                                         self.metrics)
         self._batch_loop = asyncio.create_task(self.batch_runner.run(), name="batch-runner")
+        self.webhook_events = WebhookEvents(self.producer, s.webhook_topic, s.webhook_max_payload_bytes)
+        if s.webhook_sender:
+            self.webhook_sender = WebhookSender(s, self.store, self.webhook_secrets, self.metrics)
+            self._webhook_sending = asyncio.create_task(self.webhook_sender.run(), name="webhook-sender")
+            self._webhook_sending.add_done_callback(self._webhook_sender_ended)
         if s.max_queue_depth:
             self._queue_watch = asyncio.create_task(self._watch_queue(), name="queue-watch")
         log.info("gateway_started", topic=s.request_topic, port=s.http_port)
@@ -170,6 +183,11 @@ class Gateway:
         finally:
             await reader.close()
 
+    def _webhook_sender_ended(self, task: asyncio.Task) -> None:
+        """The sender stopped on an error: say so (/readyz says so too, so the orchestrator restarts the gateway)."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook_sender_failed", error=repr(task.exception()))
+
     async def _close(self, _app: web.Application) -> None:
         if self._batch_loop is not None:
             # It stops after its current chunk (cursor saved); a stuck one is cancelled,
@@ -182,6 +200,10 @@ class Gateway:
                 self._batch_loop.cancel()
             await asyncio.gather(self._batch_loop, return_exceptions=True)
             self._batch_loop = None
+        if self._webhook_sending is not None:
+            self._webhook_sending.cancel()
+            await asyncio.gather(self._webhook_sending, return_exceptions=True)
+            await self.webhook_sender.close()
         if self._queue_watch is not None:
             self._queue_watch.cancel()
             await asyncio.gather(self._queue_watch, return_exceptions=True)
@@ -293,6 +315,8 @@ class Gateway:
         held to the Idempotency-Key and to the key's rate (it is a request like any other,
         and the rate also protects the gateway and Redis)."""
         idempotency = self._idempotency(request, fingerprint)
+        if spec.webhook is not None:
+            await self.check_webhook(spec.webhook)
         directives = cache_directives(request)
         cache_status, answer = await self._cached(spec, tenant, directives)
         if answer is None and self.settings.max_queue_depth and self.queue_depth >= self.settings.max_queue_depth:
@@ -359,7 +383,9 @@ class Gateway:
         """The result cache's answer to this request, if it has one and may give it,
         with the `Cache-Status` that says what happened."""
         key = cache_key(spec, tenant)
-        if key is None or directives:
+        # A request with a webhook runs on a worker, which sends its events; its answer
+        # still fills the cache for repeats without one.
+        if key is None or directives or spec.webhook is not None:
             self.metrics.cache_lookups.labels("uncacheable" if key is None else "bypass").inc()
             return (None if key is None else CACHE_BYPASS), None
         try:
@@ -461,6 +487,24 @@ class Gateway:
             raise ApiError(422, "invalid_request", "deadline: already passed; no worker could start it in time",
                            "deadline")
         return spec
+
+    async def check_webhook(self, url: str) -> None:
+        """422 for a webhook URL deliveries would be refused to (a loopback, private or
+        link-local address, unless LLMQ_WEBHOOK_ALLOW_PRIVATE): said now, not after the run."""
+        try:
+            await check_webhook_url(url, self.settings.webhook_allow_private)
+        except WebhookUrlError as exc:
+            raise ApiError(422, "invalid_request", f"webhook: {exc}", "webhook") from None
+
+    async def webhook_completed(self, request_id: str) -> None:
+        """Queue the `completed` webhook event of a request this gateway ended (cancelled);
+        a worker queues it for every other end. Never fails the call that ended it."""
+        try:
+            view = await self.store.get(request_id)
+            if view is not None:
+                await self.webhook_events.emit("completed", view)
+        except Exception as exc:  # noqa: BLE001 - the cancel stands; the event is what is lost
+            log.warning("webhook_event_failed", request_id=request_id, webhook_event="completed", error=repr(exc))
 
     async def check_served(self, model: str) -> None:
         """422 for a model no worker serves: it could only fail once a worker took it."""
@@ -576,6 +620,7 @@ class Gateway:
         if view.status is not Status.cancelled:
             raise ApiError(409, "already_finished", f"the request already ended {view.status.value}")
         log.info("request_cancelled", request_id=request_id)
+        await self.webhook_completed(request_id)
         return web.json_response(text=view.model_dump_json())
 
     # ---- operations ------------------------------------------------------------
@@ -591,11 +636,25 @@ class Gateway:
         cards = [ModelCard(id=name, created=int(at)) for name, at in sorted(registered.items())]
         return web.json_response(text=ModelList(data=cards).model_dump_json())
 
+    async def webhook_secret(self, request: web.Request) -> web.Response:
+        """The secret that signs the calling key's webhooks (with auth off, the deployment's),
+        to verify deliveries with (Standard Webhooks)."""
+        tenant = await self.authenticate(request)
+        try:
+            secret = await self.webhook_secrets.of(tenant)
+        except (RedisError, OSError) as exc:
+            raise redis_down(exc) from exc
+        return web.json_response({"secret": secret}, headers={"Cache-Control": "no-store"})
+
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, _request: web.Request) -> web.Response:
         checks = {"redis": "ok", "kafka": "ok"}
+        sending = self._webhook_sending
+        if sending is not None and sending.done():
+            failed = None if sending.cancelled() else sending.exception()
+            checks["webhooks"] = f"sender failed: {failed!r}" if failed else "sender stopped"
         try:
             await asyncio.wait_for(self.redis.ping(), 2)
         except Exception as exc:

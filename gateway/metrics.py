@@ -39,3 +39,16 @@ class GatewayMetrics(ServedMetrics):
             "llmq_gateway_batches_ended_total", "Batches this gateway moved to an end, by how they ended.",
             ["status"], registry=self.registry,
         )
+        self.webhook_deliveries = Counter(
+            "llmq_webhook_deliveries_total", "Webhook events by outcome: delivered, failed_attempt (retried), "
+            "given_up (to the dead-letter topic), skipped (delivered or given up before).",
+            ["outcome"], registry=self.registry,
+        )
+        self.webhook_attempt_duration = Histogram(
+            "llmq_webhook_attempt_duration_seconds", "Time of one delivery attempt, to the receiver's answer.",
+            registry=self.registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.webhook_lag = Histogram(
+            "llmq_webhook_lag_seconds", "From the event (a request started or finished) to its delivery.",
+            registry=self.registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+        )

@@ -154,6 +154,9 @@ class _Body(_Strict):
     priority: int | None = None
     adapter: str | None = None
     deadline: str | None = None
+    # Webhooks (llmq's, like Replicate's): the `openai` client sends them with `extra_body`.
+    webhook: str | None = None
+    webhook_events_filter: list[str] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -279,7 +282,8 @@ def to_spec(body: ChatCompletionBody | CompletionBody) -> OpenAICall:
     metadata = {**(body.metadata or {})}
     metadata.update({k: v for k in ("user", "safety_identifier") if (v := getattr(body, k)) is not None})
     fields = {"model": body.model, "input": input_, "params": params, "metadata": metadata}
-    fields.update({k: v for k in ("adapter", "priority", "deadline") if (v := getattr(body, k)) is not None})
+    fields.update({k: v for k in ("adapter", "priority", "deadline", "webhook", "webhook_events_filter")
+                   if (v := getattr(body, k)) is not None})
     try:
         spec = RequestSpec.model_validate(fields)
     except ValidationError as exc:  # llmq's own bounds (seed ≥ 0, metadata sizes, deadline format)

@@ -190,3 +190,5 @@ class OpenAIRoutes:
             await self.gateway.store.cancel(request_id)
         except (RedisError, OSError) as exc:
             log.warning("abandon_failed", request_id=request_id, error=str(exc))
+            return
+        await self.gateway.webhook_completed(request_id)

@@ -154,8 +154,9 @@ def openapi_document(auth: bool = True) -> dict:
                         "415": _error("Content-Type is not application/json."),
                         "422": _error("A field is missing, of the wrong type, unknown or out of range, or the "
                                       "Idempotency-Key is empty or too long (`invalid_request`); `model` names one "
-                                      "no worker serves (`model_not_found`); or the Idempotency-Key was used with "
-                                      "another body (`idempotency_key_reused`)."),
+                                      "no worker serves (`model_not_found`); `webhook` points at a loopback, private or "
+                                      "link-local address or does not resolve (`invalid_request`); or the "
+                                      "Idempotency-Key was used with another body (`idempotency_key_reused`)."),
                         "429": _error("Over this key's rate (`rate_limited`) or the queue is full (`queue_full`); "
                                       "see Retry-After."),
                         "503": unavailable,
@@ -235,6 +236,21 @@ def openapi_document(auth: bool = True) -> dict:
                 },
             },
             **bulk_paths(_KEY if auth else []),
+            "/v1/webhooks/secret": {
+                "get": {
+                    "summary": "The secret that signs this key's webhook deliveries (Standard Webhooks)",
+                    "operationId": "getWebhookSecret",
+                    "security": _KEY if auth else [],
+                    "responses": {
+                        "200": {"description": "The secret (`whsec_...`), to verify deliveries with.",
+                                "content": {"application/json": {"schema": {
+                                    "type": "object", "required": ["secret"],
+                                    "properties": {"secret": {"type": "string"}}}}}},
+                        "401": unauthorized,
+                        "503": unavailable,
+                    },
+                },
+            },
             "/healthz": {"get": {"summary": "The process is alive", "operationId": "healthz",
                                  "responses": {"200": {"description": "Alive."}}}},
             "/readyz": {"get": {"summary": "Redis and the broker are reachable", "operationId": "readyz",

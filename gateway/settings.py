@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from shared.settings import ServiceSettings, cli
 
@@ -52,3 +52,26 @@ class GatewaySettings(ServiceSettings):
     # How long a batch stays readable in Redis after it is created, and again after it ends.
     # Files are kept until deleted, as OpenAI keeps them.
     batch_ttl_seconds: int = Field(default=30 * 86_400, ge=1)
+
+    # --- webhooks -------------------------------------------------------------
+    # Run a webhook sender in this gateway (consumer group LLMQ_WEBHOOK_CONSUMER_GROUP, shared
+    # by every gateway); off: another process delivers them, or none are delivered.
+    webhook_sender: bool = True
+    # Consumer group of the webhook senders.
+    webhook_consumer_group: str = "llmq-webhooks"
+    # Allow webhook URLs on loopback, private and link-local addresses (local development only: SSRF).
+    webhook_allow_private: bool = False
+    # Signing secret (whsec_...) with auth off; unset: one made once, kept in Redis. With auth on, each key has its own.
+    webhook_secret: SecretStr | None = None
+    # How long a delivery is retried after its event (exponential back-off), before it goes to the dead-letter topic.
+    webhook_retry_seconds: float = Field(default=3_600.0, ge=0)
+    # First pause between attempts; it doubles each time (with jitter) up to LLMQ_WEBHOOK_BACKOFF_MAX_SECONDS.
+    webhook_backoff_seconds: float = Field(default=1.0, gt=0)
+    # Longest pause between two attempts of one delivery.
+    webhook_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    # Longest one delivery attempt may take (connect to the end of the answer).
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Most deliveries in flight at once per sender (one at a time per request, in order).
+    webhook_concurrency: int = Field(default=64, ge=1)
+    # Most events a sender holds undelivered (waiting for their request's turn or a retry); it pauses its fetch there.
+    webhook_max_pending: int = Field(default=10_000, ge=1)

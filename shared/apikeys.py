@@ -53,6 +53,7 @@ class ApiKeyStore:
         hashes = [h for h, v in entries.items() if json.loads(v)["name"] == name]
         if hashes:
             await self.redis.hdel(self.keys.api_keys, *hashes)
+            await self.redis.delete(self.keys.webhook_secret(name))  # a new key of this name gets a new one
         return bool(hashes)
 
     async def name_of(self, key: str) -> str | None:

@@ -52,11 +52,11 @@ def make_producer(settings: ServiceSettings, **overrides) -> AIOKafkaProducer:
     return AIOKafkaProducer(**options)
 
 
-def make_consumer(settings: ServiceSettings, **options) -> AIOKafkaConsumer:
-    """A member of the workers' consumer group; `options` tune its fetching."""
+def make_consumer(settings: ServiceSettings, group_id: str | None = None, **options) -> AIOKafkaConsumer:
+    """A member of the workers' consumer group (or of `group_id`); `options` tune its fetching."""
     return AIOKafkaConsumer(
         **connection_options(settings),
-        group_id=settings.consumer_group,
+        group_id=group_id or settings.consumer_group,
         enable_auto_commit=False,  # offsets are committed only for finished work
         auto_offset_reset="earliest",
         **options,
@@ -64,7 +64,8 @@ def make_consumer(settings: ServiceSettings, **options) -> AIOKafkaConsumer:
 
 
 async def ensure_topics(settings: ServiceSettings) -> None:
-    """Create the request topics (both lanes) and the dead-letter topic if they don't exist yet.
+    """Create the request topics (both lanes), the webhooks topic and their dead-letter
+    topics if they don't exist yet.
 
     Auto-creation on first produce would give the broker's default partition
     count, which caps how many workers can share the load.
@@ -75,6 +76,8 @@ async def ensure_topics(settings: ServiceSettings) -> None:
         topics = [
             *(NewTopic(topic, settings.request_partitions, 1) for topic in settings.lane_topics),
             NewTopic(settings.dlq_topic, 1, 1),
+            NewTopic(settings.webhook_topic, settings.request_partitions, 1),
+            NewTopic(settings.webhook_dlq_topic, 1, 1),
         ]
         try:
             await admin.create_topics(topics)

@@ -44,6 +44,11 @@
 - `{prefix}:batch-lease:{id}`: the gateway working on a batch (its name), with
   a `batch_lease_seconds` expiry it renews while working, so one gateway at a
   time works on a batch and another takes over when it dies.
+- `{prefix}:whsecret:{name}`: the webhook signing secret of API key `name` (empty:
+  the deployment's, with auth off), made on first use; no expiry (revoking the
+  key deletes it). Each gateway caches it for `API_KEY_CACHE_SECONDS`.
+- A request record also holds its webhook's delivery state (`webhook_*` fields),
+  written only while the record exists, so it lives and expires with it.
 """
 
 from __future__ import annotations
@@ -105,6 +110,7 @@ class Keys:
 
     def cache_expiries(self, tenant: str) -> str:
         return f"{self.prefix}:cache-expiry:{tenant}"
+
     def batch(self, batch_id: str) -> str:
         return f"{self.prefix}:batch:{batch_id}"
 
@@ -123,6 +129,9 @@ class Keys:
         """The request id of a batch's line (0-based): deterministic, so a resumed enqueue
         finds the records it created before."""
         return f"{batch_id}-{line}"
+
+    def webhook_secret(self, tenant: str) -> str:
+        return f"{self.prefix}:whsecret:{tenant}"
 
     @staticmethod
     def rate_limit_ttl(rate: float, burst: int) -> int:

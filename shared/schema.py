@@ -48,6 +48,13 @@ def _whole_numbers(data, fields: tuple[str, ...]):
 # max_tokens) are checked against Settings by the gateway.
 MAX_STOP_SEQUENCES = 8
 MAX_METADATA_ITEMS = 16
+MAX_WEBHOOK_URL_CHARS = 2048
+
+# The events of a request its `webhook` may get: when a worker starts it, and once it
+# is final (any status). Replicate's streaming `output` event is not offered (a filter
+# naming it is refused, never ignored): the token stream (SSE) serves that need.
+WebhookEvent = Literal["start", "completed"]
+DEFAULT_WEBHOOK_EVENTS: tuple[str, ...] = ("start", "completed")
 
 
 class Status(str, Enum):
@@ -135,11 +142,29 @@ class RequestSpec(_Strict):
     metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]] = Field(
         default_factory=dict, max_length=MAX_METADATA_ITEMS
     )
+    # Only the URL's shape is checked here; where it may point (no loopback, private or
+    # link-local address) needs DNS, so the gateway checks it at submit and the webhook
+    # sender again at each delivery.
+    webhook: str | None = Field(default=None, max_length=MAX_WEBHOOK_URL_CHARS,
+                                pattern=r"^https?://[^\s/?#@]+([/?#]\S*)?$",
+                                description="http(s) URL that gets this request's events, signed "
+                                            "(Standard Webhooks).")
+    webhook_events_filter: list[WebhookEvent] | None = Field(
+        default=None, min_length=1, max_length=2,
+        description="Which events reach `webhook`: `start` (a worker started it), `completed` (it is "
+                    "final, whatever its status). Omitted: both.")
 
     @model_validator(mode="before")
     @classmethod
     def _priority_is_whole(cls, data):
         return _whole_numbers(data, ("priority",))
+
+    @property
+    def webhook_events(self) -> frozenset[str]:
+        """The events to deliver (none without a webhook)."""
+        if self.webhook is None:
+            return frozenset()
+        return frozenset(self.webhook_events_filter or DEFAULT_WEBHOOK_EVENTS)
 
     def prompt_chars(self) -> int:
         if isinstance(self.input, PromptInput):
@@ -252,6 +277,19 @@ class ErrorDetail(BaseModel):
     field: str | None = None
 
 
+class WebhookDeliveries(BaseModel):
+    """How a request's webhook deliveries went."""
+
+    url: str
+    events: list[WebhookEvent] = Field(description="The events it gets (`webhook_events_filter`).")
+    attempts: int = Field(default=0, description="POSTs made, over all its events.")
+    last_status_code: int | None = Field(default=None, description="The receiver's last answer (none: no answer).")
+    last_error: str | None = Field(default=None, description="Why the last failed attempt failed.")
+    delivered: list[WebhookEvent] = Field(default_factory=list, description="Events the receiver acknowledged (2xx).")
+    given_up: list[WebhookEvent] = Field(default_factory=list,
+                                         description="Events given up (to the webhook dead-letter topic).")
+
+
 class RequestView(BaseModel):
     """A request as `GET /v1/requests/{id}` shows it."""
 
@@ -267,6 +305,7 @@ class RequestView(BaseModel):
     cache_hit: bool = Field(default=False, description="Answered from the result cache: the output and usage of "
                                                         "an earlier identical deterministic request; no worker ran it.")
     metadata: dict[str, str] = Field(default_factory=dict)
+    webhook: WebhookDeliveries | None = None
     # The API key name that owns it; never shown, used to answer 404 to other keys.
     tenant: str | None = Field(default=None, exclude=True)
 

@@ -60,6 +60,14 @@ class ServiceSettings(BaseSettings):
     # linger is added latency; under load records batch anyway while a send is in flight.
     producer_linger_ms: int = Field(default=0, ge=0)
 
+    # Topic of webhook events (key: the request id, so one request's events stay in order),
+    # produced by workers and read by the gateways' webhook senders.
+    webhook_topic: str = "llmq.webhooks"
+    # Where webhook deliveries given up (retried for LLMQ_WEBHOOK_RETRY_SECONDS, or refused) go, with the reason.
+    webhook_dlq_topic: str = "llmq.webhooks.dlq"
+    # Largest webhook payload, bytes: an output text that would make it larger is left out (`output.truncated`).
+    webhook_max_payload_bytes: int = Field(default=262_144, ge=4096)
+
     # --- Redis ----------------------------------------------------------------
     # Redis URL for request records and completion notifications.
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", json_schema_extra=cli("--redis-url"))

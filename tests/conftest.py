@@ -71,6 +71,9 @@ def isolated_settings(broker: Service, redis_server: Service, **overrides) -> St
         "request_topic": f"llmq.requests.{tag}",
         "dlq_topic": f"llmq.requests.{tag}.dlq",
         "consumer_group": f"llmq-workers-{tag}",
+        "webhook_topic": f"llmq.webhooks.{tag}",
+        "webhook_dlq_topic": f"llmq.webhooks.{tag}.dlq",
+        "webhook_consumer_group": f"llmq-webhooks-{tag}",
         "redis_prefix": f"llmq-{tag}",
         "files_dir": Path(tempfile.gettempdir()) / f"llmq-files-{tag}",  # not the checkout's .llmq/files
         "request_partitions": 4,

@@ -7,7 +7,8 @@
      already final (cancelled, or finished before a redelivery); one whose
      claim another live worker holds waits, uncommitted, for that run to end or
      its lease to lapse;
-  4) is handed to the runner.
+  4) is handed to the runner, after its `start` webhook event is queued (if it
+     asked for one).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from aiokafka.errors import KafkaError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from shared.offsets import OffsetTracker
 from shared.schema import MessageError, Status, parse_message
 from shared.store import RequestStore, base_fields
 from shared.telemetry import (
@@ -38,12 +40,12 @@ from shared.telemetry import (
 )
 from workers.job import Job
 from workers.metrics import WorkerMetrics
-from workers.offsets import OffsetTracker
 from workers.outcome import Outcome
 from workers.results import ResultWriter
 from workers.retry import is_transient, retry
 from workers.runner import Runner
 from workers.settings import WorkerSettings
+from workers.webhooks import WebhookQueue
 
 log = structlog.get_logger(__name__)
 
@@ -51,8 +53,10 @@ log = structlog.get_logger(__name__)
 class Intake:
     def __init__(self, settings: WorkerSettings, worker_name: str, served_models: tuple[str | None, ...],
                  store: RequestStore, producer: AIOKafkaProducer, offsets: OffsetTracker, runner: Runner,
-                 results: ResultWriter, metrics: WorkerMetrics, tracing: Tracing, stopping: asyncio.Event) -> None:
+                 results: ResultWriter, metrics: WorkerMetrics, tracing: Tracing, stopping: asyncio.Event,
+                 webhooks: WebhookQueue) -> None:
         self.settings = settings
+        self.webhooks = webhooks
         self.worker_name = worker_name
         self.served_models = served_models  # what `model` may name here (None: whatever is served)
         self.store = store
@@ -123,9 +127,13 @@ class Intake:
         if not to_claim:
             return
 
-        # 3) claim; 4) start each on the engine
-        for job, (verdict, attempts) in zip(to_claim, await self._claim(to_claim)):
-            await self._after_claim(job, verdict, attempts)
+        # 3) claim; 4) start each on the engine, once the `start` webhook events of those
+        #    that asked are queued (together: each waits for the broker's ack)
+        claimed = list(zip(to_claim, await self._claim(to_claim)))
+        await asyncio.gather(*(self.webhooks.emit("start", job) for job, (verdict, attempts) in claimed
+                               if verdict == "run" and attempts <= self.settings.max_attempts))
+        for job, (verdict, attempts) in claimed:
+            await self._after_claim(job, verdict, attempts, start_queued=True)
 
     async def close(self) -> None:
         for task in self._awaiting:
@@ -137,12 +145,14 @@ class Intake:
             [(job.message.id, job.create_fields) for job in jobs], self.worker_name,
             self.settings.claim_lease_seconds), self.stopping)
 
-    async def _after_claim(self, job: Job, verdict: str, attempts: int) -> None:
+    async def _after_claim(self, job: Job, verdict: str, attempts: int, start_queued: bool = False) -> None:
         job.attempts = attempts
         if verdict == "run":
             if attempts > self.settings.max_attempts:
                 await self._give_up(job)
             else:
+                if not start_queued:
+                    await self.webhooks.emit("start", job)  # queued before its `completed` can be
                 self.runner.start(job)
         elif verdict == "leased":
             task = asyncio.create_task(self._await_lease(job), name=f"llmq-leased-{job.request_id}")
@@ -151,6 +161,9 @@ class Intake:
         else:
             self.metrics.stats.skipped += 1
             log.info("request_skipped", status=verdict, **job.log_fields())
+            # Final already: its `completed` event may not have been queued (a worker died
+            # between the result and the event; the sender delivers one event once).
+            await self.webhooks.emit("completed", job)
             self.results.done(job)
 
     async def _await_lease(self, job: Job) -> None:

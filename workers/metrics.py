@@ -44,6 +44,9 @@ class WorkerMetrics(ServedMetrics):
         self.dead_letter_failed = Counter("llmq_worker_dead_letter_failed_total",
                                           "Messages the dead-letter topic refused (logged with the reason).",
                                           registry=r)
+        self.webhook_events = Counter("llmq_worker_webhook_events_total",
+                                      "Webhook events queued on the webhooks topic, by event and outcome "
+                                      "(queued, failed: the broker refused it).", ["event", "outcome"], registry=r)
         self.replies_failed = Counter("llmq_worker_replies_failed_total",
                                       "Replies a reply_topic refused (the result is still in Redis).", registry=r)
         self.queue_time = Histogram("llmq_worker_request_queue_time_seconds", "Submit to start of work.",

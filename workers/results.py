@@ -1,6 +1,7 @@
 """Where a worker's requests end: their results are written to Redis (only over
 a non-final record, so at most once; results that finish together share one
-round trip), replies go to a `reply_topic` when the message names one, and
+round trip), replies go to a `reply_topic` when the message names one, the
+`completed` webhook event is queued when the request asked for one, and
 each partition is committed up to its lowest unfinished offset. Succeeded
 results of deterministic requests also fill the result cache, from which the
 gateway answers their repeats."""
@@ -17,6 +18,7 @@ from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from shared.kafka import JSON_HEADERS
+from shared.offsets import OffsetTracker
 from shared.schema import Status
 from shared.store import RequestStore
 from shared.store.cache import CachedAnswer, ResultCache, cache_key
@@ -24,9 +26,9 @@ from shared.telemetry import REQUEST_ID, Tracing
 from workers.capacity import Capacity
 from workers.job import Job
 from workers.metrics import WorkerMetrics
-from workers.offsets import OffsetTracker
 from workers.outcome import Outcome
 from workers.retry import retry
+from workers.webhooks import WebhookQueue
 
 log = structlog.get_logger(__name__)
 
@@ -34,8 +36,9 @@ log = structlog.get_logger(__name__)
 class ResultWriter:
     def __init__(self, store: RequestStore, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer,
                  offsets: OffsetTracker, capacity: Capacity, metrics: WorkerMetrics, tracing: Tracing,
-                 stopping: asyncio.Event, cache: ResultCache | None = None) -> None:
+                 stopping: asyncio.Event, webhooks: WebhookQueue, cache: ResultCache | None = None) -> None:
         self.store = store
+        self.webhooks = webhooks
         self.producer = producer
         self.consumer = consumer
         self.offsets = offsets
@@ -112,7 +115,16 @@ class ResultWriter:
             error = {"error_type": outcome.error_type, "error": outcome.error_message} if outcome.error_type else {}
             log.info("request_finished", status=outcome.status.value, written=was_written, attempts=job.attempts,
                      **error, **job.log_fields())
-            self.done(job)
+            if not (was_written and job.message.webhook_events):
+                self.done(job)
+        # The `completed` events of those that asked, together, before their offsets may be
+        # committed: a crash before this redelivers them, and intake queues the event of a
+        # request it finds final.
+        hooked = [job for (job, _), was_written in zip(finished, written) if was_written and job.message.webhook_events]
+        if hooked:
+            await asyncio.gather(*(self.webhooks.emit("completed", job) for job in hooked))
+            for job in hooked:
+                self.done(job)
 
     async def _fill_cache(self, succeeded: list[tuple[Job, Outcome]]) -> None:
         """Store the answers of the deterministic requests among these in the result cache.

@@ -7,6 +7,7 @@ one per concurrent activity:
   - intake (intake.py): dead-letter, refuse, claim, hand to the runner;
   - runner (runner.py): one task per request over the engine;
   - results (results.py): batched result writes, replies, commits;
+  - webhooks (webhooks.py): the webhook events of requests that ask for them;
   - cancels (cancels.py): a client's DELETE aborts the running request.
 On SIGTERM it stops fetching, lets running requests finish within
 LLMQ_DRAIN_SECONDS, hands back the rest uncommitted, and leaves the group.
@@ -24,6 +25,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from shared.kafka import ensure_topics, make_consumer, make_producer, start_with_retry
 from shared.keys import Keys
+from shared.offsets import OffsetTracker
 from shared.store import RequestStore, connect_redis
 from shared.store.cache import ResultCache
 from shared.store.models import ServedModels
@@ -33,12 +35,12 @@ from workers.capacity import Capacity
 from workers.engines import Engine, load_engine
 from workers.intake import Intake
 from workers.metrics import WorkerMetrics, WorkerStats
-from workers.offsets import OffsetTracker
 from workers.progress import ProgressWriter
 from workers.results import ResultWriter
 from workers.retry import retry
 from workers.runner import Runner
 from workers.settings import WorkerSettings
+from workers.webhooks import WebhookQueue
 
 log = structlog.get_logger(__name__)
 
@@ -96,8 +98,9 @@ class Worker:
                                       heartbeat_interval_ms=max(s.session_timeout_ms // 4, 250))
         cache = ResultCache(self.redis, store.keys, s.cache_max_entries, s.cache_max_entry_bytes) \
             if s.cache_ttl_seconds else None
+        webhooks = WebhookQueue(s, store, self.producer, self.metrics, self._stopping)
         self.results = ResultWriter(store, self.producer, self.consumer, self.offsets, self.capacity, self.metrics,
-                                    self.tracing, self._stopping, cache)
+                                    self.tracing, self._stopping, webhooks, cache)
         progress = ProgressWriter(store, self.name, s.stream_interval_ms / 1000)
         self.runner = Runner(s, self.name, store, self.engine, self.results, progress, self.metrics, self.tracing,
                              self.stop)
@@ -107,7 +110,7 @@ class Worker:
                     self._stopping)
         served_models = (None, *names)
         self.intake = Intake(s, self.name, served_models, store, self.producer, self.offsets, self.runner,
-                             self.results, self.metrics, self.tracing, self._stopping)
+                             self.results, self.metrics, self.tracing, self._stopping, webhooks)
         cancels = CancelListener(self.redis, store.keys.cancel_channel, self.runner)
         self.consumer.subscribe(s.lane_topics, listener=_Rebalance(self))
         await start_with_retry(self.consumer, "consumer")

@@ -33,6 +33,10 @@ def base_fields(request_id: str, spec: RequestSpec, submitted_at: float, source:
         "adapter": spec.adapter,
         "submitted_at": submitted_at,
         "metadata": spec.metadata or None,
+        "webhook": spec.webhook,
+        # The events its webhook gets, space-separated, so whichever process ends the
+        # request (a worker, or a gateway cancelling it) knows which to queue.
+        "webhook_events": " ".join(sorted(spec.webhook_events)) or None,
         "source": source,
         "attempts": 0,
     }

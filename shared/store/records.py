@@ -13,7 +13,7 @@ from shared.keys import Keys
 from shared.schema import RequestView
 from shared.store.fields import flat
 from shared.store.pipelining import AutoPipeline, run_script_batch
-from shared.store.scripts import ADMIT, CANCEL, CLAIM, FINISH, PROGRESS, RENEW
+from shared.store.scripts import ADMIT, CANCEL, CLAIM, FINISH, PROGRESS, RENEW, WEBHOOK_STATE
 from shared.store.view import view_of
 
 
@@ -53,6 +53,7 @@ class RequestStore:
         self._admit = redis.register_script(ADMIT)
         self._renew = redis.register_script(RENEW)
         self._progress = redis.register_script(PROGRESS)
+        self._webhook_state = redis.register_script(WEBHOOK_STATE)
         self._admissions = AutoPipeline(self._admit)
 
     async def create(self, fields: Mapping[str, object], rate: float = 0.0, burst: int = 1,
@@ -117,6 +118,24 @@ class RequestStore:
         keys = [k.request(request_id), k.done_channel, k.cancel_channel, k.stream(request_id)]
         return await self._cancel(keys=keys, args=[time.time(), self.ttl_seconds, request_id, k.stream_max_entries,
                                                    k.stream_ttl_seconds])
+
+    async def webhook_state(self, request_id: str, event_type: str) -> str | None:
+        """How the request's `event_type` event ended: 'delivered', 'given_up', or None (not yet)."""
+        return await self.redis.hget(self.keys.request(request_id), f"webhook_{event_type}")
+
+    async def record_webhook(self, request_id: str, fields: Mapping[str, object], attempts: int = 0) -> bool:
+        """Write webhook delivery state (`webhook_*` fields) and count `attempts`, if the record
+        still exists. True where written."""
+        written = await self._webhook_state(keys=[self.keys.request(request_id)],
+                                            args=[self.ttl_seconds, flat(fields), attempts, "", ""])
+        return written is not None
+
+    async def webhook_first_attempt(self, request_id: str, event_type: str, now: float) -> float:
+        """When the first attempt to deliver the event was made: `now`, unless a sender (this
+        one, or one before a restart) recorded an earlier one; its retry window starts there."""
+        kept = await self._webhook_state(keys=[self.keys.request(request_id)],
+                                         args=[self.ttl_seconds, "[]", 0, f"webhook_{event_type}_since", now])
+        return float(kept) if kept is not None else now
 
     async def get(self, request_id: str) -> RequestView | None:
         record = await self.redis.hgetall(self.keys.request(request_id))

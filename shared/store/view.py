@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from datetime import datetime, timezone
 
-from shared.schema import ErrorDetail, Output, RequestView, Status, Timings, Usage
+from shared.schema import ErrorDetail, Output, RequestView, Status, Timings, Usage, WebhookDeliveries
 
 
 def _ts(value: str | None) -> float | None:
@@ -45,6 +45,7 @@ def view_of(record: Mapping[str, str]) -> RequestView:
         cache_hit=record.get("cache_hit") == "1",
         tenant=record.get("tenant"),
         metadata=json.loads(record["metadata"]) if record.get("metadata") else {},
+        webhook=_webhook(record),
         timings=Timings(
             submitted_at=_dt(submitted),
             started_at=_dt(started),
@@ -53,4 +54,23 @@ def view_of(record: Mapping[str, str]) -> RequestView:
             run_seconds=_seconds(started, finished),
             total_seconds=_seconds(submitted, finished),
         ),
+    )
+
+
+_WEBHOOK_EVENTS = ("start", "completed")
+
+
+def _webhook(record: Mapping[str, str]) -> WebhookDeliveries | None:
+    if not record.get("webhook"):
+        return None
+    ended = {event: record.get(f"webhook_{event}") for event in _WEBHOOK_EVENTS}
+    code = record.get("webhook_status_code")
+    return WebhookDeliveries(
+        url=record["webhook"],
+        events=[e for e in _WEBHOOK_EVENTS if e in record.get("webhook_events", "").split()],
+        attempts=int(record.get("webhook_attempts", 0)),
+        last_status_code=int(code) if code else None,
+        last_error=record.get("webhook_error") or None,
+        delivered=[e for e, state in ended.items() if state == "delivered"],
+        given_up=[e for e, state in ended.items() if state == "given_up"],
     )

@@ -205,7 +205,8 @@ TAKES_INPUT = [
     "GET /v1/batches/{id}",
     "POST /v1/batches/{id}/cancel",
 ]
-OPERATIONS = [*TAKES_INPUT, "GET /v1/models", "GET /healthz", "GET /readyz", "GET /metrics"]
+OPERATIONS = [*TAKES_INPUT, "GET /v1/models", "GET /v1/webhooks/secret", "GET /healthz", "GET /readyz",
+              "GET /metrics"]
 # OpenAI's endpoints get invalid input only: the document gives OpenAI's schema, and
 # llmq refuses more of what it allows than a JSON Schema says (a `tool` message, a
 # negative seed); those refusals are tested with the official client in test_openai.py.

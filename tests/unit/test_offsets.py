@@ -2,7 +2,7 @@
 
 from aiokafka import TopicPartition
 
-from workers.offsets import OffsetTracker
+from shared.offsets import OffsetTracker
 
 P0, P1 = TopicPartition("t", 0), TopicPartition("t", 1)
 

@@ -1,9 +1,11 @@
-"""Which offsets a worker may commit.
+"""Which offsets a consumer may commit when its messages finish out of order.
 
-Requests finish out of order (the engine schedules per decoding step, so a
-short one overtakes a long one), so a partition is committed only up to its
-lowest unfinished offset: a worker that dies loses nothing, at the price of
-redelivering some finished requests, which the Redis record then skips as final.
+A worker's requests finish out of order (the engine schedules per decoding step,
+so a short one overtakes a long one), and so do a webhook sender's deliveries
+(one request's retries don't hold up another's), so a partition is committed
+only up to its lowest unfinished offset: a consumer that dies loses nothing, at
+the price of redelivering some finished messages, which the Redis record then
+shows as done.
 """
 
 from __future__ import annotations
