@@ -49,6 +49,11 @@ def _whole_numbers(data, fields: tuple[str, ...]):
 MAX_STOP_SEQUENCES = 8
 MAX_METADATA_ITEMS = 16
 
+# Which of a worker's two queues a request waits in: interactive requests (HTTP and
+# OpenAI calls) start before bulk ones (batch lines, work marked low priority). On
+# Kafka the lane is the topic a request is produced to, not a message field.
+Lane = Literal["interactive", "bulk"]
+
 
 class Status(str, Enum):
     queued = "queued"
@@ -171,6 +176,8 @@ class SubmitRequest(RequestSpec):
 
     id: RequestId | None = Field(default=None, description="Omitted: the gateway makes one. Chosen: it must not "
                                                            "be in use (409 `id_in_use`).")
+    lane: Lane = Field(default="interactive", description="`bulk`: low priority; interactive requests overtake "
+                                                          "it, and it runs beside them on a bounded share.")
 
 
 class RequestMessage(RequestSpec):
@@ -264,6 +271,7 @@ class RequestView(BaseModel):
     timings: Timings
     error: ErrorDetail | None = None
     attempts: int = 0
+    lane: Lane = "interactive"
     metadata: dict[str, str] = Field(default_factory=dict)
     # The API key name that owns it; never shown, used to answer 404 to other keys.
     tenant: str | None = Field(default=None, exclude=True)

@@ -37,6 +37,7 @@ from shared.telemetry import (
     Tracing,
 )
 from workers.job import Job
+from workers.lanes import lane_of
 from workers.metrics import WorkerMetrics
 from workers.offsets import OffsetTracker
 from workers.outcome import Outcome
@@ -66,7 +67,6 @@ class Intake:
         self._awaiting: set[asyncio.Task] = set()  # requests whose claim another worker holds
 
     async def accept(self, records: list[ConsumerRecord]) -> None:
-        self.metrics.stats.fetched += len(records)
         jobs = [self._receive(record) for record in records]
         # The fetch's own span links to every request's trace (messaging conventions);
         # the spans under each request name their parent themselves.
@@ -95,14 +95,15 @@ class Intake:
             message = parse_message(record.value)
         except MessageError as exc:
             span.set_status(trace.StatusCode.ERROR, str(exc))
-            return Job(record, None, span, parent, error=str(exc))
+            return Job(record, None, span, parent, error=str(exc), lane=lane_of(record.topic, self.settings))
         submitted = message.submitted_at.timestamp() if message.submitted_at else record.timestamp / 1000
         # Time in the queue (until this fetch) is an attribute rather than a span of its
         # own: each span costs CPU in the Python SDK.
         span.set_attributes({REQUEST_ID: message.id, MESSAGE_KEY: message.id,
                              "llmq.queue_seconds": max(time.time() - submitted, 0.0)})
-        return Job(record, message, span, parent,
-                   create_fields=base_fields(message.id, message, submitted, "kafka", message.tenant))
+        lane = lane_of(record.topic, self.settings)
+        return Job(record, message, span, parent, lane=lane,
+                   create_fields=base_fields(message.id, message, submitted, "kafka", message.tenant, lane))
 
     async def _admit(self, jobs: list[Job]) -> None:
         # 1) garbage goes to the dead-letter topic

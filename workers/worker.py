@@ -2,8 +2,10 @@
 
 It owns the lifecycle and the fetch loop. The loop takes messages while the
 worker holds fewer than its limit (LLMQ_MAX_IN_FLIGHT) and pauses its
-partitions while it is full; what it fetches goes through its collaborators,
-one per concurrent activity:
+partitions while it is full. It reads two lanes, the request topic and the
+bulk topic, and takes bulk only as workers/lanes.py allows (interactive first,
+bulk on a bounded share, a guard against starvation). What it fetches goes
+through its collaborators, one per concurrent activity:
   - intake (intake.py): dead-letter, refuse, claim, hand to the runner;
   - runner (runner.py): one task per request over the engine;
   - results (results.py): batched result writes, replies, commits;
@@ -20,10 +22,12 @@ import socket
 import time
 
 import structlog
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import IllegalStateError
 
 from shared.kafka import ensure_topics, make_consumer, make_producer, start_with_retry
 from shared.keys import Keys
+from shared.schema import Lane
 from shared.store import RequestStore, connect_redis
 from shared.store.models import ServedModels
 from shared.telemetry import NO_TRACING, Tracing
@@ -31,6 +35,7 @@ from workers.cancels import CancelListener
 from workers.capacity import Capacity
 from workers.engines import Engine, load_engine
 from workers.intake import Intake
+from workers.lanes import LANES, LanePolicy, lane_of
 from workers.metrics import WorkerMetrics, WorkerStats
 from workers.offsets import OffsetTracker
 from workers.progress import ProgressWriter
@@ -54,8 +59,10 @@ class Worker:
         self.engine = engine or load_engine(settings)
         self.name = name or worker_name()
         self.tracing = tracing
-        self.capacity = Capacity(settings.max_in_flight or 2 * self.engine.max_running)
         self.metrics = WorkerMetrics()
+        self.capacity = Capacity(settings.max_in_flight or 2 * self.engine.max_running,
+                                 lambda lane, held: self.metrics.in_flight.labels(lane).set(held))
+        self.lane_policy = LanePolicy.of(self.capacity.limit, settings.bulk_max_share, settings.bulk_min_in_flight)
         self.offsets = OffsetTracker()
         self.consumer = None
         self.producer = None
@@ -181,11 +188,10 @@ class Worker:
         self.metrics.close()
         log.info("worker_stopped", worker=self.name, **vars(self.stats))
 
-    # ---- fetching, with back-pressure ----------------------------------------
+    # ---- fetching, with back-pressure and lanes ------------------------------
 
     async def _fetch(self) -> None:
-        room = self.capacity.free
-        if room <= 0:
+        if self.capacity.free <= 0:
             if not self._paused:
                 # Stop fetching: what stays in Kafka is for whichever worker has room.
                 self.consumer.pause(*self.consumer.assignment())
@@ -198,17 +204,60 @@ class Worker:
         if self._paused:
             self.consumer.resume(*self.consumer.paused())
             self._paused = False
-        fetched = await self.consumer.getmany(timeout_ms=200, max_records=room)
-        records = [r for batch in fetched.values() for r in batch]
+        # 1) what each lane may take now (workers/lanes.py)
+        lanes = self._lane_partitions()
+        room = self.lane_policy.room(self.capacity.free, self.capacity.held_by["bulk"],
+                                     await self._waiting(lanes["interactive"]), await self._waiting(lanes["bulk"]))
+        wanted = [(lane, tps, getattr(room, lane)) for lane, tps in lanes.items() if tps and getattr(room, lane) > 0]
+        # 2) what the fetcher holds already, lane by lane; else wait on every lane that may
+        # take some, for at most as many as the smallest of them may (the next turn takes the rest)
+        records = []
+        for _, tps, most in wanted:
+            records += await self._take(tps, 0, most)
+        if not records and wanted:
+            records = await self._take({tp for _, tps, _ in wanted for tp in tps}, 200, min(m for *_, m in wanted))
+        elif not wanted:
+            # Nothing here this worker may take (bulk at its share, no interactive partition
+            # assigned): a poll with everything paused tells the group it is alive.
+            self.consumer.pause(*self.consumer.assignment())
+            self._paused = True
+            await self.consumer.getmany(timeout_ms=200, max_records=1)
         if records and self._stopping.is_set():
             # Stopped while the fetch was in flight: start nothing new. Untracked, these
             # offsets stay uncommitted, and the group's next owner reads them again.
             log.info("fetched_while_stopping", handed_back=len(records))
             return
         if records:
-            self.capacity.take(len(records))
+            for lane in LANES:
+                count = sum(1 for r in records if lane_of(r.topic, self.settings) == lane)
+                if count:
+                    self.capacity.take(count, lane)
+                    self.metrics.count_fetched(lane, count)
             self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.capacity.held)
             await self.intake.accept(records)
+
+    def _lane_partitions(self) -> dict[Lane, set[TopicPartition]]:
+        assigned = self.consumer.assignment()
+        return {lane: {tp for tp in assigned if lane_of(tp.topic, self.settings) == lane} for lane in LANES}
+
+    async def _waiting(self, partitions: set[TopicPartition]) -> bool:
+        """Whether these partitions hold records this worker has not taken yet: its position
+        is behind the high watermark the last fetch reported (none reported yet: maybe)."""
+        for tp in partitions:
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:
+                return True
+            try:
+                if await self.consumer.position(tp) < highwater:
+                    return True
+            except IllegalStateError:  # revoked in a rebalance meanwhile: the next turn sees the new assignment
+                return True
+        return False
+
+    async def _take(self, partitions, timeout_ms: int, most: int) -> list[ConsumerRecord]:
+        # Named partitions always: getmany() with none named reads every partition.
+        fetched = await self.consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=most)
+        return [r for batch in fetched.values() for r in batch]
 
 
 class _Rebalance(ConsumerRebalanceListener):

@@ -42,6 +42,7 @@ def view_of(record: Mapping[str, str]) -> RequestView:
         usage=usage,
         error=error,
         attempts=int(record.get("attempts", 0)),
+        lane=record.get("lane", "interactive"),
         tenant=record.get("tenant"),
         metadata=json.loads(record["metadata"]) if record.get("metadata") else {},
         timings=Timings(
