@@ -67,8 +67,10 @@ class LanePolicy:
     @classmethod
     def of(cls, limit: int, bulk_max_share: float, bulk_min_in_flight: int) -> LanePolicy:
         # At least one place for bulk, and at least one left for interactive where there are two.
+        # The guard never holds the last place: a worker of one place serves bulk only while
+        # interactive is idle, rather than keep its one place from interactive work.
         bulk_max = max(1, min(math.floor(limit * bulk_max_share), limit - 1))
-        return cls(bulk_max=bulk_max, bulk_min=min(bulk_min_in_flight, bulk_max))
+        return cls(bulk_max=bulk_max, bulk_min=min(bulk_min_in_flight, bulk_max, limit - 1))
 
     def room(self, free: int, bulk_held: int, interactive_waiting: bool, bulk_waiting: bool) -> FetchRoom:
         """How the `free` in-flight places may be filled now.

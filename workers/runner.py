@@ -32,7 +32,7 @@ log = structlog.get_logger(__name__)
 class Runner:
     def __init__(self, settings: WorkerSettings, worker_name: str, store: RequestStore, engine: Engine,
                  results: ResultWriter, progress: ProgressWriter, metrics: WorkerMetrics, tracing: Tracing,
-                 on_fatal: Callable[[], None]) -> None:
+                 on_fatal: Callable[[], None], bulk_guard: int = 0) -> None:
         self.settings = settings
         self.worker_name = worker_name
         self.store = store
@@ -42,6 +42,7 @@ class Runner:
         self.metrics = metrics
         self.tracing = tracing
         self.on_fatal = on_fatal  # called once the engine has died: the worker stops
+        self.bulk_guard = bulk_guard  # bulk requests that queue in the engine as interactive ones (lanes.py)
         self.fatal: EngineError | None = None
         self.running: dict[str, Job] = {}  # in the engine, by request id
         self._lapsing: set[str] = set()  # handed back: their leases are let go at the next renewal
@@ -49,7 +50,7 @@ class Runner:
         self._tasks: set[asyncio.Task] = set()
 
     def start(self, job: Job) -> None:
-        if job.lane == "bulk" and len(self._guarded) < self.settings.bulk_min_in_flight:
+        if job.lane == "bulk" and len(self._guarded) < self.bulk_guard:
             # The guard's minimum of bulk must start in the engine also under steady
             # interactive load, where a bulk request queued behind them would never start.
             job.guarded = True

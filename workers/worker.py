@@ -104,7 +104,7 @@ class Worker:
                                     self.tracing, self._stopping)
         progress = ProgressWriter(store, self.name, s.stream_interval_ms / 1000)
         self.runner = Runner(s, self.name, store, self.engine, self.results, progress, self.metrics, self.tracing,
-                             self.stop)
+                             self.stop, bulk_guard=self.lane_policy.bulk_min)
         # What `model` may name: the engine's name, or (a model engine's) the path or hub name it loaded.
         names = [self.engine.model_name] + ([s.model] if s.engine != "echo" and s.model != self.engine.model_name else [])
         await retry("register_models", lambda: ServedModels(self.redis, store.keys).register(names, s.engine),
@@ -255,7 +255,9 @@ class Worker:
         return False
 
     async def _take(self, partitions, timeout_ms: int, most: int) -> list[ConsumerRecord]:
-        # Named partitions always: getmany() with none named reads every partition.
+        # Lanes are kept apart by naming partitions, not by pausing the bulk ones: a paused
+        # partition's high watermark goes stale, and the guard must see whether bulk has work.
+        # Named always: getmany() with none named reads every partition.
         fetched = await self.consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=most)
         return [r for batch in fetched.values() for r in batch]
 

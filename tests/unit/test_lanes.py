@@ -16,7 +16,9 @@ from workers.lanes import FetchRoom, LanePolicy, engine_priority, lane_of
 def test_bulk_share_and_guard_come_from_the_settings_within_the_limit():
     assert LanePolicy.of(64, 0.5, 1) == LanePolicy(bulk_max=32, bulk_min=1)
     assert LanePolicy.of(64, 1.0, 1).bulk_max == 63  # a place is always left for interactive
-    assert LanePolicy.of(1, 0.5, 1) == LanePolicy(bulk_max=1, bulk_min=1)  # one place: bulk may still run
+    # one place: bulk may still run, but the guard never keeps it from interactive work
+    assert LanePolicy.of(1, 0.5, 1) == LanePolicy(bulk_max=1, bulk_min=0)
+    assert LanePolicy.of(2, 0.5, 1) == LanePolicy(bulk_max=1, bulk_min=1)
     assert LanePolicy.of(8, 0.25, 5) == LanePolicy(bulk_max=2, bulk_min=2)  # the guard never exceeds the share
 
 
@@ -37,6 +39,17 @@ def test_interactive_waiting_closes_bulk_but_for_the_guard():
     assert policy.room(free=1, bulk_held=0, interactive_waiting=True, bulk_waiting=True) == _room(0, 1)
     # nothing waiting in bulk: nothing kept
     assert policy.room(free=5, bulk_held=0, interactive_waiting=True, bulk_waiting=False) == _room(5, 0)
+
+
+def test_interactive_always_keeps_a_place():
+    for limit in range(1, 10):
+        for share in (0.1, 0.5, 1.0):
+            policy = LanePolicy.of(limit, share, bulk_min_in_flight=limit)
+            for bulk_held in range(policy.bulk_max + 1):
+                free = limit - bulk_held
+                room = policy.room(free, bulk_held, interactive_waiting=True, bulk_waiting=True)
+                assert room.interactive >= 1 or free == 0, (limit, share, bulk_held)
+                assert room.interactive + room.bulk >= min(free, 1)
 
 
 def test_no_guard_means_bulk_only_while_interactive_is_idle():
