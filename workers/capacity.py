@@ -18,6 +18,7 @@ class Capacity:
         self.held_by: dict[Lane, int] = {"interactive": 0, "bulk": 0}
         self._on_change = on_change or (lambda lane, held: None)  # e.g. a per-lane gauge
         self._room = asyncio.Event()
+        self.given_back = asyncio.Event()  # set by every give_back; the fetch loop clears it each turn
 
     @property
     def free(self) -> int:
@@ -32,6 +33,7 @@ class Capacity:
         self.held -= 1
         self.held_by[lane] -= 1
         self._on_change(lane, self.held_by[lane])
+        self.given_back.set()
         if self.held < self.limit:
             self._room.set()
 

@@ -205,6 +205,7 @@ class Worker:
             self.consumer.resume(*self.consumer.paused())
             self._paused = False
         # 1) what each lane may take now (workers/lanes.py)
+        self.capacity.given_back.clear()
         lanes = self._lane_partitions()
         room = self.lane_policy.room(self.capacity.free, self.capacity.held_by["bulk"],
                                      await self._waiting(lanes["interactive"]), await self._waiting(lanes["bulk"]))
@@ -215,7 +216,11 @@ class Worker:
         for _, tps, most in wanted:
             records += await self._take(tps, 0, most)
         if not records and wanted:
-            records = await self._take({tp for _, tps, _ in wanted for tp in tps}, 200, min(m for *_, m in wanted))
+            # A lane held back by its bound (bulk at its share, say) may take more as soon as
+            # a place is given back: then the wait ends there, not at its timeout.
+            held_back = len(wanted) < sum(1 for tps in lanes.values() if tps)
+            records = await self._wait_for_records({tp for _, tps, _ in wanted for tp in tps},
+                                                   min(m for *_, m in wanted), held_back)
         elif not wanted:
             # Nothing here this worker may take (bulk at its share, no interactive partition
             # assigned): a poll with everything paused tells the group it is alive.
@@ -253,6 +258,19 @@ class Worker:
             except IllegalStateError:  # revoked in a rebalance meanwhile: the next turn sees the new assignment
                 return True
         return False
+
+    async def _wait_for_records(self, partitions: set[TopicPartition], most: int,
+                                held_back: bool) -> list[ConsumerRecord]:
+        """Up to `most` records from these partitions, waiting at most 200 ms for some; with
+        a lane `held_back`, no longer than until a place is given back (looked at every
+        20 ms: a getmany cancelled mid-wait would leave aiokafka's poll bookkeeping off)."""
+        if not held_back:
+            return await self._take(partitions, 200, most)
+        deadline = time.monotonic() + 0.2
+        while True:
+            records = await self._take(partitions, 20, most)
+            if records or self.capacity.given_back.is_set() or time.monotonic() >= deadline:
+                return records
 
     async def _take(self, partitions, timeout_ms: int, most: int) -> list[ConsumerRecord]:
         # Lanes are kept apart by naming partitions, not by pausing the bulk ones: a paused

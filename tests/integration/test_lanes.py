@@ -35,7 +35,8 @@ def _at(view: dict, what: str) -> datetime:
 
 async def test_an_interactive_request_overtakes_queued_bulk_work(settings, gateway, http, start_worker):
     # Two engine slots; 20 places, of which bulk may hold half: 2 running, 8 queued in the engine.
-    worker = await start_worker(echo_token_delay_ms=10, batch_max_size=2, max_in_flight=20, drain_seconds=1)
+    worker = await start_worker(echo_token_delay_ms=10, batch_max_size=2, max_in_flight=20, bulk_max_share=0.5,
+                                drain_seconds=1)
     bulk_ids = await _submit_many(http, gateway.url, [{"input": {"prompt": BULK_PROMPT}, "lane": "bulk"}] * 200)
     await wait_until(lambda: asyncio.sleep(0, worker.capacity.held_by["bulk"] == 10), 30, "bulk to fill its share")
 
