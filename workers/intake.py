@@ -84,6 +84,7 @@ class Intake:
     def _receive(self, record: ConsumerRecord) -> Job:
         """Track the offset, parse the message, and open its `process` span."""
         self.offsets.track(TopicPartition(record.topic, record.partition), record.offset)
+        lane = lane_of(record.topic, self.settings)
         parent = self.tracing.message_context(record.headers)
         span = self.tracing.start_span(
             f"process {record.topic}", context=parent, kind=SpanKind.CONSUMER,
@@ -95,13 +96,12 @@ class Intake:
             message = parse_message(record.value)
         except MessageError as exc:
             span.set_status(trace.StatusCode.ERROR, str(exc))
-            return Job(record, None, span, parent, error=str(exc), lane=lane_of(record.topic, self.settings))
+            return Job(record, None, span, parent, error=str(exc), lane=lane)
         submitted = message.submitted_at.timestamp() if message.submitted_at else record.timestamp / 1000
         # Time in the queue (until this fetch) is an attribute rather than a span of its
         # own: each span costs CPU in the Python SDK.
         span.set_attributes({REQUEST_ID: message.id, MESSAGE_KEY: message.id,
                              "llmq.queue_seconds": max(time.time() - submitted, 0.0)})
-        lane = lane_of(record.topic, self.settings)
         return Job(record, message, span, parent, lane=lane,
                    create_fields=base_fields(message.id, message, submitted, "kafka", message.tenant, lane))
 
