@@ -127,7 +127,9 @@ class Worker:
             log.warning("metrics_port_unavailable", worker=self.name, host=s.metrics_host, port=s.metrics_port,
                         error=str(exc))
         log.info("worker_started", worker=self.name, engine=s.engine, model=self.engine.model_name,
-                 topic=s.request_topic, group=s.consumer_group, max_in_flight=self.capacity.limit)
+                 topic=s.request_topic, bulk_topic=s.bulk_topic_name, group=s.consumer_group,
+                 max_in_flight=self.capacity.limit, bulk_max=self.lane_policy.bulk_max,
+                 bulk_min=self.lane_policy.bulk_min)
 
     def _background_ended(self, task: asyncio.Task) -> None:
         """A loop the worker cannot serve without ended on an error it could not retry:
