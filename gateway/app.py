@@ -67,6 +67,7 @@ from shared.keys import Keys
 from shared.lag import LagReader
 from shared.schema import (
     REQUEST_ID_PATTERN,
+    Lane,
     ModelCard,
     ModelList,
     RequestMessage,
@@ -300,15 +301,15 @@ class Gateway:
         # 2) admit it; 3) answer, once it is final if `Prefer: wait` asks. Only a request
         # with an Idempotency-Key needs a fingerprint (a serialisation and a hash).
         fingerprint = fingerprint_of(body) if IDEMPOTENCY_KEY in request.headers else ""
-        admitted = await self.admit(request, body, tenant, fingerprint, body.id)
+        admitted = await self.admit(request, body, tenant, fingerprint, body.id, body.lane)
         return await self._accepted(request, admitted)
 
     async def admit(self, request: web.Request, spec: RequestSpec, tenant: str | None, fingerprint: str,
-                    request_id: str | None = None) -> Admitted:
+                    request_id: str | None = None, lane: Lane = "interactive") -> Admitted:
         """Everything after validation, the same for every endpoint that submits: the
-        queue's bound, the Idempotency-Key, the key's rate, the record, the message.
-        `fingerprint` is what a retry with the same Idempotency-Key must repeat (read
-        only when the request has one). Raises ApiError.
+        queue's bound, the Idempotency-Key, the key's rate, the record, the message
+        (to the lane's topic). `fingerprint` is what a retry with the same
+        Idempotency-Key must repeat (read only when the request has one). Raises ApiError.
 
         A repeat of a deterministic request found in the result cache is recorded final
         at once and never enqueued, so the queue's bound doesn't refuse it; it is still
@@ -330,7 +331,7 @@ class Gateway:
         trace.get_current_span().set_attribute(REQUEST_ID, request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         rate = self.settings.rate_limit_rps if self.settings.auth else 0.0
-        fields = base_fields(request_id, spec, submitted_at, "http", tenant)
+        fields = base_fields(request_id, spec, submitted_at, "http", tenant, lane)
         if "no-store" in directives:
             fields["no_store"] = 1  # read by the worker's cache fill
         if answer is not None:
@@ -340,7 +341,7 @@ class Gateway:
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc
         if admission.outcome == "replay":
-            return await self._replayed(request, spec, tenant, idempotency, request_id, admission.request_id)
+            return await self._replayed(request, spec, tenant, idempotency, request_id, admission.request_id, lane)
         if admission.outcome == "key_reused":
             raise ApiError(422, "idempotency_key_reused", "Idempotency-Key: already used with another body; "
                            "send a new key with a new request", IDEMPOTENCY_KEY)
@@ -359,7 +360,7 @@ class Gateway:
             **{name: getattr(spec, name) for name in RequestSpec.model_fields},
         )
         try:
-            await self._publish(request_id, message.to_bytes())
+            await self._publish(request_id, message.to_bytes(), lane)
         except Exception as exc:
             log.warning("broker_unavailable", request_id=request_id, error=repr(exc))
             try:
@@ -409,7 +410,7 @@ class Gateway:
         return IdempotencyClaim(key, fingerprint, self.settings.idempotency_window_seconds)
 
     async def _replayed(self, request: web.Request, spec: RequestSpec, tenant: str | None,
-                        idempotency: IdempotencyClaim, request_id: str, replayed_id: str) -> Admitted:
+                        idempotency: IdempotencyClaim, request_id: str, replayed_id: str, lane: Lane) -> Admitted:
         """The request an Idempotency-Key admitted before, as it is now."""
         trace.get_current_span().set_attribute(REQUEST_ID, replayed_id)
         structlog.contextvars.bind_contextvars(request_id=replayed_id)
@@ -422,7 +423,7 @@ class Gateway:
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc
         if view is None:
-            return await self.admit(request, spec, tenant, idempotency.fingerprint, request_id)
+            return await self.admit(request, spec, tenant, idempotency.fingerprint, request_id, lane)
         log.info("request_replayed")
         return Admitted(replayed_id, replayed=True, status=view.status)
 
@@ -449,10 +450,10 @@ class Gateway:
         body = {"id": admitted.id, "status": status.value, "status_url": status_url}
         return web.json_response(body, status=202, headers=headers)
 
-    async def _publish(self, request_id: str, value: bytes) -> None:
-        """Produce the message and wait for the broker's ack, in a PRODUCER span
-        whose context travels in the message headers."""
-        topic = self.settings.request_topic
+    async def _publish(self, request_id: str, value: bytes, lane: Lane) -> None:
+        """Produce the message to its lane's topic and wait for the broker's ack, in a
+        PRODUCER span whose context travels in the message headers."""
+        topic = self.settings.bulk_topic_name if lane == "bulk" else self.settings.request_topic
         with self.tracing.producer_span(topic, request_id) as span:
             sent = await self._send(topic, request_id, value, self.tracing.inject(JSON_HEADERS, span))
             span.set_attributes({PARTITION: str(sent.partition), OFFSET: sent.offset})

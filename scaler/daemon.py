@@ -1,7 +1,8 @@
 """The scaler's loop: read the lag, decide, act, report; once per poll interval.
 
-Every decision is one structured log line (depth, current, desired, reason)
-and sets the Prometheus gauges. A failed lag read or backend call is logged
+The lag is read on both lanes at once (the request topic and the bulk topic)
+and weighed per lane by the policy. Every decision is one structured log line
+(depth, bulk_depth, current, desired, reason) and sets the Prometheus gauges. A failed lag read or backend call is logged
 and the turn skipped: nothing is scaled on a reading it does not have.
 """
 
@@ -38,8 +39,8 @@ class ScalerMetrics(ServedMetrics):
 
     def __init__(self) -> None:
         super().__init__()
-        self.queue_depth = Gauge("llmq_scaler_queue_depth", "Lag of the worker group on the request topic(s)",
-                                 registry=self.registry)
+        self.queue_depth = Gauge("llmq_scaler_queue_depth", "Lag of the worker group on each lane's topic",
+                                 ["lane"], registry=self.registry)
         self.desired = Gauge("llmq_scaler_desired_workers", "Workers the policy asks for", registry=self.registry)
         self.current = Gauge("llmq_scaler_current_workers", "Workers running and not stopping",
                              registry=self.registry)
@@ -58,7 +59,7 @@ class Scaler:
         self.settings = settings
         self.scaler_settings = scaler_settings
         self.backend = backend
-        self.lag = lag_reader or LagReader(settings)
+        self.lag = lag_reader or LagReader(settings, settings.lane_topics)
         self.policy = ScalingPolicy(PolicyConfig.from_settings(scaler_settings))
         self.metrics = ScalerMetrics()
         self.stats = ScalerStats()
@@ -90,8 +91,9 @@ class Scaler:
             self.metrics.serve(s.metrics_port, s.metrics_host)
         await self.backend.start()
         await self.lag.start()
-        log.info("scaler_started", topic=self.settings.request_topic, group=self.settings.consumer_group,
-                 min=s.min, max=s.max, target_per_worker=s.target_per_worker,
+        log.info("scaler_started", topic=self.settings.request_topic, bulk_topic=self.settings.bulk_topic_name,
+                 group=self.settings.consumer_group, min=s.min, max=s.max, bulk_max_workers=s.bulk_max_workers,
+                 target_per_worker=s.target_per_worker,
                  activation_threshold=s.activation_threshold, poll_interval_seconds=s.poll_interval_seconds,
                  stabilization_seconds=s.stabilization_seconds, idle_seconds=s.idle_seconds,
                  dry_run=s.dry_run, metrics_port=s.metrics_port or None, **self.backend.describe())
@@ -108,7 +110,8 @@ class Scaler:
             log.warning("scaler_read_failed", error=repr(exc))
             return None
         # 2) decide
-        decision = self.policy.decide(self.clock(), reading.depth, current, reading.partition_count)
+        interactive, bulk = (reading.of(topic).depth for topic in self.settings.lane_topics)
+        decision = self.policy.decide(self.clock(), interactive, current, reading.partition_count, bulk)
         self.stats.decisions += 1
         self._report(decision)
         # 3) act
@@ -132,24 +135,26 @@ class Scaler:
 
     def _report(self, d: Decision) -> None:
         m = self.metrics
-        m.queue_depth.set(d.depth)
+        m.queue_depth.labels("interactive").set(d.depth)
+        m.queue_depth.labels("bulk").set(d.bulk_depth)
         m.desired.set(d.desired)
         m.current.set(d.current)
         m.partitions.set(d.partitions)
         m.draining.set(self.backend.draining())
-        fields = dict(depth=d.depth, current=d.current, desired=d.desired, reason=d.reason, target=d.target,
-                      partitions=d.partitions, draining=self.backend.draining())
+        fields = dict(depth=d.depth, bulk_depth=d.bulk_depth, current=d.current, desired=d.desired, reason=d.reason,
+                      target=d.target, partitions=d.partitions, draining=self.backend.draining())
         # Every decision is a line; one that repeats the previous one exactly (a
         # steady state, once a second) is at debug level, to keep the log readable.
         previous = self.last_decision
         self.last_decision = d
-        if d.changes or previous is None or (d.depth, d.current, d.reason) != (previous.depth, previous.current,
-                                                                                previous.reason):
+        if d.changes or previous is None or (d.depth, d.bulk_depth, d.current, d.reason) != (
+                previous.depth, previous.bulk_depth, previous.current, previous.reason):
             log.info("scaling_decision", dry_run=self.scaler_settings.dry_run, **fields)
         else:
             log.debug("scaling_decision", dry_run=self.scaler_settings.dry_run, **fields)
         if self.echo is not None:
-            self.echo(f"depth={d.depth} current={d.current} desired={d.desired} reason={d.reason} "
+            bulk = f" bulk_depth={d.bulk_depth}" if d.bulk_depth else ""
+            self.echo(f"depth={d.depth}{bulk} current={d.current} desired={d.desired} reason={d.reason} "
                       f"target={d.target} partitions={d.partitions}" + (" (dry run: not acting)" if d.changes else ""))
 
     async def close(self) -> None:

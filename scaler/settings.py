@@ -30,6 +30,9 @@ class ScalerSettings(BaseSettings):
     activation_threshold: int = Field(default=0, ge=0, json_schema_extra=cli("--activation-threshold"))
     # How often the lag is read and a decision taken.
     poll_interval_seconds: float = Field(default=1.0, gt=0, json_schema_extra=cli("--poll-interval"))
+    # Most workers the bulk lane's lag alone asks for (interactive lag scales to max); 1: a
+    # batch gets done from zero on one worker; 0: bulk alone wakes no worker and keeps none.
+    bulk_max_workers: int = Field(default=1, ge=0, json_schema_extra=cli("--bulk-max-workers"))
     # Scale down only after depth has needed fewer workers for this long.
     stabilization_seconds: float = Field(default=60.0, ge=0, json_schema_extra=cli("--stabilization"))
     # Scale the last worker away only after the queue has been idle this long.

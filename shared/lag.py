@@ -1,4 +1,5 @@
-"""Queue depth: the worker group's lag on the request topic(s).
+"""Queue depth: the worker group's lag on the request topic(s); one read covers
+both lanes (the request and bulk topics), and `LagReading.of(topic)` splits it.
 
 Per partition: log end offset - committed offset (no committed offset: count
 from the log start, what is still retained), summed. Workers commit only
@@ -17,6 +18,7 @@ return no records, only the high watermark, so reading lag costs no data.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from dataclasses import dataclass
 
@@ -52,7 +54,14 @@ class LagReading:
 
     @property
     def partition_count(self) -> int:
-        return len(self.partitions)
+        """The most partitions of any one topic read: the most workers that can each
+        own a partition of it (the group's members share each topic's partitions)."""
+        per_topic = collections.Counter(p.tp.topic for p in self.partitions)
+        return max(per_topic.values(), default=0)
+
+    def of(self, topic: str) -> LagReading:
+        """The reading of one topic (one lane) alone."""
+        return LagReading([p for p in self.partitions if p.tp.topic == topic])
 
 
 class LagReader:

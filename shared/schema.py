@@ -56,6 +56,11 @@ MAX_WEBHOOK_URL_CHARS = 2048
 WebhookEvent = Literal["start", "completed"]
 DEFAULT_WEBHOOK_EVENTS: tuple[str, ...] = ("start", "completed")
 
+# Which of a worker's two queues a request waits in: interactive requests (HTTP and
+# OpenAI calls) start before bulk ones (batch lines, work marked low priority). On
+# Kafka the lane is the topic a request is produced to, not a message field.
+Lane = Literal["interactive", "bulk"]
+
 
 class Status(str, Enum):
     queued = "queued"
@@ -196,6 +201,8 @@ class SubmitRequest(RequestSpec):
 
     id: RequestId | None = Field(default=None, description="Omitted: the gateway makes one. Chosen: it must not "
                                                            "be in use (409 `id_in_use`).")
+    lane: Lane = Field(default="interactive", description="`bulk`: low priority; interactive requests overtake "
+                                                          "it, and it runs beside them on a bounded share.")
 
 
 class RequestMessage(RequestSpec):
@@ -304,6 +311,7 @@ class RequestView(BaseModel):
     attempts: int = 0
     cache_hit: bool = Field(default=False, description="Answered from the result cache: the output and usage of "
                                                         "an earlier identical deterministic request; no worker ran it.")
+    lane: Lane = "interactive"
     metadata: dict[str, str] = Field(default_factory=dict)
     webhook: WebhookDeliveries | None = None
     # The API key name that owns it; never shown, used to answer 404 to other keys.

@@ -39,6 +39,7 @@ from shared.telemetry import (
     Tracing,
 )
 from workers.job import Job
+from workers.lanes import lane_of
 from workers.metrics import WorkerMetrics
 from workers.outcome import Outcome
 from workers.results import ResultWriter
@@ -70,7 +71,6 @@ class Intake:
         self._awaiting: set[asyncio.Task] = set()  # requests whose claim another worker holds
 
     async def accept(self, records: list[ConsumerRecord]) -> None:
-        self.metrics.stats.fetched += len(records)
         jobs = [self._receive(record) for record in records]
         # The fetch's own span links to every request's trace (messaging conventions);
         # the spans under each request name their parent themselves.
@@ -88,6 +88,7 @@ class Intake:
     def _receive(self, record: ConsumerRecord) -> Job:
         """Track the offset, parse the message, and open its `process` span."""
         self.offsets.track(TopicPartition(record.topic, record.partition), record.offset)
+        lane = lane_of(record.topic, self.settings)
         parent = self.tracing.message_context(record.headers)
         span = self.tracing.start_span(
             f"process {record.topic}", context=parent, kind=SpanKind.CONSUMER,
@@ -99,14 +100,14 @@ class Intake:
             message = parse_message(record.value)
         except MessageError as exc:
             span.set_status(trace.StatusCode.ERROR, str(exc))
-            return Job(record, None, span, parent, error=str(exc))
+            return Job(record, None, span, parent, error=str(exc), lane=lane)
         submitted = message.submitted_at.timestamp() if message.submitted_at else record.timestamp / 1000
         # Time in the queue (until this fetch) is an attribute rather than a span of its
         # own: each span costs CPU in the Python SDK.
         span.set_attributes({REQUEST_ID: message.id, MESSAGE_KEY: message.id,
                              "llmq.queue_seconds": max(time.time() - submitted, 0.0)})
-        return Job(record, message, span, parent,
-                   create_fields=base_fields(message.id, message, submitted, "kafka", message.tenant))
+        return Job(record, message, span, parent, lane=lane,
+                   create_fields=base_fields(message.id, message, submitted, "kafka", message.tenant, lane))
 
     async def _admit(self, jobs: list[Job]) -> None:
         # 1) garbage goes to the dead-letter topic

@@ -9,7 +9,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
-from shared.schema import RequestMessage
+from shared.schema import Lane, RequestMessage
 from shared.telemetry import log_ids
 
 
@@ -25,6 +25,8 @@ class Job:
     cancelled: bool = False  # a client cancelled it while it ran
     create_fields: dict = field(default_factory=dict)  # the record to create if the message came straight from Kafka
     fetched_at: float = field(default_factory=time.time)
+    lane: Lane = "interactive"  # the topic it came from: the request topic or the bulk topic
+    guarded: bool = False  # a bulk request within the starvation guard's minimum (workers/lanes.py)
 
     @property
     def tp(self) -> TopicPartition:

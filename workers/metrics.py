@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared.metrics import ServedMetrics
-from shared.schema import Status
+from shared.schema import Lane, Status
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -20,6 +20,7 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 @dataclass
 class WorkerStats:
     fetched: int = 0
+    fetched_bulk: int = 0  # of them, from the bulk lane
     succeeded: int = 0
     failed: int = 0
     expired: int = 0
@@ -69,6 +70,16 @@ class WorkerMetrics(ServedMetrics):
                              registry=r)
         self.waiting = Gauge("llmq_worker_num_requests_waiting", "Requests handed to the engine, waiting for a slot.",
                              registry=r)
+        self.fetched = Counter("llmq_worker_fetched_total", "Request messages taken from Kafka, by lane.", ["lane"],
+                               registry=r)
+        self.in_flight = Gauge("llmq_worker_in_flight", "Requests held (running or waiting in the engine), by lane.",
+                               ["lane"], registry=r)
+
+    def count_fetched(self, lane: Lane, count: int) -> None:
+        self.stats.fetched += count
+        if lane == "bulk":
+            self.stats.fetched_bulk += count
+        self.fetched.labels(lane).inc(count)
 
     def count_finished(self, status: Status) -> None:
         """A result was written with this final status."""

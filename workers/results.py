@@ -63,12 +63,12 @@ class ResultWriter:
         """The request needs nothing more from this worker: its offset may be committed."""
         job.end_span()
         self.offsets.finish(job.tp, job.record.offset)
-        self.capacity.give_back()
+        self.capacity.give_back(job.lane)
 
     def hand_back(self, job: Job) -> None:
         """The request is left for another worker: its offset stays uncommitted."""
         job.end_span()
-        self.capacity.give_back()
+        self.capacity.give_back(job.lane)
 
     async def run(self) -> None:
         while True:

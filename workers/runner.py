@@ -18,6 +18,7 @@ from shared.store import RequestStore
 from shared.telemetry import REQUEST_ID, Tracing
 from workers.engines import Engine, EngineError, GenerationRequest, GenerationResult
 from workers.job import Job
+from workers.lanes import engine_priority
 from workers.metrics import WorkerMetrics
 from workers.outcome import Outcome
 from workers.progress import ProgressWriter
@@ -31,7 +32,7 @@ log = structlog.get_logger(__name__)
 class Runner:
     def __init__(self, settings: WorkerSettings, worker_name: str, store: RequestStore, engine: Engine,
                  results: ResultWriter, progress: ProgressWriter, metrics: WorkerMetrics, tracing: Tracing,
-                 on_fatal: Callable[[], None]) -> None:
+                 on_fatal: Callable[[], None], bulk_guard: int = 0) -> None:
         self.settings = settings
         self.worker_name = worker_name
         self.store = store
@@ -41,12 +42,19 @@ class Runner:
         self.metrics = metrics
         self.tracing = tracing
         self.on_fatal = on_fatal  # called once the engine has died: the worker stops
+        self.bulk_guard = bulk_guard  # bulk requests that queue in the engine as interactive ones (lanes.py)
         self.fatal: EngineError | None = None
         self.running: dict[str, Job] = {}  # in the engine, by request id
         self._lapsing: set[str] = set()  # handed back: their leases are let go at the next renewal
+        self._guarded: set[str] = set()  # bulk requests queued as interactive ones (the starvation guard)
         self._tasks: set[asyncio.Task] = set()
 
     def start(self, job: Job) -> None:
+        if job.lane == "bulk" and len(self._guarded) < self.bulk_guard:
+            # The guard's minimum of bulk must start in the engine also under steady
+            # interactive load, where a bulk request queued behind them would never start.
+            job.guarded = True
+            self._guarded.add(job.request_id)
         if self.settings.log_prompts:
             log.info("request_started", prompt=job.message.input.model_dump(), **job.log_fields())
         task = asyncio.create_task(self._generate(job), name=f"llmq-request-{job.request_id}")
@@ -120,6 +128,7 @@ class Runner:
             result = GenerationResult(job.request_id, finish_reason="error", error="the engine failed on this request")
         finally:
             self.running.pop(job.request_id, None)
+            self._guarded.discard(job.request_id)
             self.progress.forget(job.request_id)
             self._update_gauges()
         if result is None:
@@ -152,7 +161,8 @@ class Runner:
         prompt, messages = (message.input.prompt, None) if isinstance(message.input, PromptInput) \
             else (None, message.input.messages)
         return GenerationRequest(message.id, message.params, prompt=prompt, messages=messages,
-                                 adapter=message.adapter, priority=message.priority or 0,
+                                 adapter=message.adapter,
+                                 priority=engine_priority(job.lane, message.priority or 0, job.guarded),
                                  trace_headers=self.tracing.headers_of(job.span))
 
     def _trace_generation(self, job: Job, result: GenerationResult, start: float, end: float) -> None:

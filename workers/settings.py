@@ -55,6 +55,13 @@ class WorkerSettings(ServiceSettings):
     # Most requests a worker holds (running + waiting for a slot); it pauses its
     # Kafka fetch at this many. 0: twice batch_max_size.
     max_in_flight: int = Field(default=0, ge=0)
+    # Most of the in-flight places (above) bulk-lane requests may hold, so that an interactive
+    # request arriving in the middle of a batch is fetched, and starts, at once: at the default
+    # max_in_flight (twice the batch) bulk fills at most three quarters of the engine's batch.
+    bulk_max_share: float = Field(default=0.375, gt=0, le=1)
+    # Bulk requests a worker keeps in flight while the bulk lane has waiting work, however
+    # busy the interactive lane is (the starvation guard); 0: bulk only while interactive is idle.
+    bulk_min_in_flight: int = Field(default=1, ge=0)
     # Fetched requests whose claim at most this many times already started (the worker
     # died each time: a poison message) go to the dead-letter topic instead of running.
     max_attempts: int = Field(default=3, ge=1)

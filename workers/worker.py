@@ -2,8 +2,10 @@
 
 It owns the lifecycle and the fetch loop. The loop takes messages while the
 worker holds fewer than its limit (LLMQ_MAX_IN_FLIGHT) and pauses its
-partitions while it is full; what it fetches goes through its collaborators,
-one per concurrent activity:
+partitions while it is full. It reads two lanes, the request topic and the
+bulk topic, and takes bulk only as workers/lanes.py allows (interactive first,
+bulk on a bounded share, a guard against starvation). What it fetches goes
+through its collaborators, one per concurrent activity:
   - intake (intake.py): dead-letter, refuse, claim, hand to the runner;
   - runner (runner.py): one task per request over the engine;
   - results (results.py): batched result writes, replies, commits;
@@ -21,11 +23,13 @@ import socket
 import time
 
 import structlog
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import IllegalStateError
 
 from shared.kafka import ensure_topics, make_consumer, make_producer, start_with_retry
 from shared.keys import Keys
 from shared.offsets import OffsetTracker
+from shared.schema import Lane
 from shared.store import RequestStore, connect_redis
 from shared.store.cache import ResultCache
 from shared.store.models import ServedModels
@@ -34,6 +38,7 @@ from workers.cancels import CancelListener
 from workers.capacity import Capacity
 from workers.engines import Engine, load_engine
 from workers.intake import Intake
+from workers.lanes import LANES, LanePolicy, lane_of
 from workers.metrics import WorkerMetrics, WorkerStats
 from workers.progress import ProgressWriter
 from workers.results import ResultWriter
@@ -57,8 +62,10 @@ class Worker:
         self.engine = engine or load_engine(settings)
         self.name = name or worker_name()
         self.tracing = tracing
-        self.capacity = Capacity(settings.max_in_flight or 2 * self.engine.max_running)
         self.metrics = WorkerMetrics()
+        self.capacity = Capacity(settings.max_in_flight or 2 * self.engine.max_running,
+                                 lambda lane, held: self.metrics.in_flight.labels(lane).set(held))
+        self.lane_policy = LanePolicy.of(self.capacity.limit, settings.bulk_max_share, settings.bulk_min_in_flight)
         self.offsets = OffsetTracker()
         self.consumer = None
         self.producer = None
@@ -103,7 +110,7 @@ class Worker:
                                     self.tracing, self._stopping, webhooks, cache)
         progress = ProgressWriter(store, self.name, s.stream_interval_ms / 1000)
         self.runner = Runner(s, self.name, store, self.engine, self.results, progress, self.metrics, self.tracing,
-                             self.stop)
+                             self.stop, bulk_guard=self.lane_policy.bulk_min)
         # What `model` may name: the engine's name, or (a model engine's) the path or hub name it loaded.
         names = [self.engine.model_name] + ([s.model] if s.engine != "echo" and s.model != self.engine.model_name else [])
         await retry("register_models", lambda: ServedModels(self.redis, store.keys).register(names, s.engine),
@@ -126,7 +133,9 @@ class Worker:
             log.warning("metrics_port_unavailable", worker=self.name, host=s.metrics_host, port=s.metrics_port,
                         error=str(exc))
         log.info("worker_started", worker=self.name, engine=s.engine, model=self.engine.model_name,
-                 topic=s.request_topic, group=s.consumer_group, max_in_flight=self.capacity.limit)
+                 topic=s.request_topic, bulk_topic=s.bulk_topic_name, group=s.consumer_group,
+                 max_in_flight=self.capacity.limit, bulk_max=self.lane_policy.bulk_max,
+                 bulk_min=self.lane_policy.bulk_min)
 
     def _background_ended(self, task: asyncio.Task) -> None:
         """A loop the worker cannot serve without ended on an error it could not retry:
@@ -187,11 +196,10 @@ class Worker:
         self.metrics.close()
         log.info("worker_stopped", worker=self.name, **vars(self.stats))
 
-    # ---- fetching, with back-pressure ----------------------------------------
+    # ---- fetching, with back-pressure and lanes ------------------------------
 
     async def _fetch(self) -> None:
-        room = self.capacity.free
-        if room <= 0:
+        if self.capacity.free <= 0:
             if not self._paused:
                 # Stop fetching: what stays in Kafka is for whichever worker has room.
                 self.consumer.pause(*self.consumer.assignment())
@@ -204,17 +212,80 @@ class Worker:
         if self._paused:
             self.consumer.resume(*self.consumer.paused())
             self._paused = False
-        fetched = await self.consumer.getmany(timeout_ms=200, max_records=room)
-        records = [r for batch in fetched.values() for r in batch]
+        # 1) what each lane may take now (workers/lanes.py)
+        self.capacity.given_back.clear()
+        lanes = self._lane_partitions()
+        room = self.lane_policy.room(self.capacity.free, self.capacity.held_by["bulk"],
+                                     await self._waiting(lanes["interactive"]), await self._waiting(lanes["bulk"]))
+        wanted = [(lane, tps, getattr(room, lane)) for lane, tps in lanes.items() if tps and getattr(room, lane) > 0]
+        # 2) what the fetcher holds already, lane by lane; else wait on every lane that may
+        # take some, for at most as many as the smallest of them may (the next turn takes the rest)
+        records = []
+        for _, tps, most in wanted:
+            records += await self._take(tps, 0, most)
+        if not records and wanted:
+            # A lane held back by its bound (bulk at its share, say) may take more as soon as
+            # a place is given back: then the wait ends there, not at its timeout.
+            held_back = len(wanted) < sum(1 for tps in lanes.values() if tps)
+            records = await self._wait_for_records({tp for _, tps, _ in wanted for tp in tps},
+                                                   min(m for *_, m in wanted), held_back)
+        elif not wanted:
+            # Nothing here this worker may take (bulk at its share, no interactive partition
+            # assigned): a poll with everything paused tells the group it is alive.
+            self.consumer.pause(*self.consumer.assignment())
+            self._paused = True
+            await self.consumer.getmany(timeout_ms=200, max_records=1)
         if records and self._stopping.is_set():
             # Stopped while the fetch was in flight: start nothing new. Untracked, these
             # offsets stay uncommitted, and the group's next owner reads them again.
             log.info("fetched_while_stopping", handed_back=len(records))
             return
         if records:
-            self.capacity.take(len(records))
+            for lane in LANES:
+                count = sum(1 for r in records if lane_of(r.topic, self.settings) == lane)
+                if count:
+                    self.capacity.take(count, lane)
+                    self.metrics.count_fetched(lane, count)
             self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.capacity.held)
             await self.intake.accept(records)
+
+    def _lane_partitions(self) -> dict[Lane, set[TopicPartition]]:
+        assigned = self.consumer.assignment()
+        return {lane: {tp for tp in assigned if lane_of(tp.topic, self.settings) == lane} for lane in LANES}
+
+    async def _waiting(self, partitions: set[TopicPartition]) -> bool:
+        """Whether these partitions hold records this worker has not taken yet: its position
+        is behind the high watermark the last fetch reported (none reported yet: maybe)."""
+        for tp in partitions:
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:
+                return True
+            try:
+                if await self.consumer.position(tp) < highwater:
+                    return True
+            except IllegalStateError:  # revoked in a rebalance meanwhile: the next turn sees the new assignment
+                return True
+        return False
+
+    async def _wait_for_records(self, partitions: set[TopicPartition], most: int,
+                                held_back: bool) -> list[ConsumerRecord]:
+        """Up to `most` records from these partitions, waiting at most 200 ms for some; with
+        a lane `held_back`, no longer than until a place is given back (looked at every
+        20 ms: a getmany cancelled mid-wait would leave aiokafka's poll bookkeeping off)."""
+        if not held_back:
+            return await self._take(partitions, 200, most)
+        deadline = time.monotonic() + 0.2
+        while True:
+            records = await self._take(partitions, 20, most)
+            if records or self.capacity.given_back.is_set() or time.monotonic() >= deadline:
+                return records
+
+    async def _take(self, partitions, timeout_ms: int, most: int) -> list[ConsumerRecord]:
+        # Lanes are kept apart by naming partitions, not by pausing the bulk ones: a paused
+        # partition's high watermark goes stale, and the guard must see whether bulk has work.
+        # Named always: getmany() with none named reads every partition.
+        fetched = await self.consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=most)
+        return [r for batch in fetched.values() for r in batch]
 
 
 class _Rebalance(ConsumerRebalanceListener):

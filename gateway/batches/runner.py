@@ -242,7 +242,7 @@ class BatchRunner:
         line_id = Keys.batch_line(batch_id, line.index)
         spec = line.call.spec
         spec = spec.model_copy(update={"metadata": {**spec.metadata, BATCH_METADATA_KEY: batch_id}})
-        record = base_fields(line_id, spec, submitted_at, "batch", batch.get("tenant") or None)
+        record = base_fields(line_id, spec, submitted_at, "batch", batch.get("tenant") or None, "bulk")
         record.update(custom_id=line.custom_id, batch_counts=self.keys.batch(batch_id))
         return line_id, spec, record
 

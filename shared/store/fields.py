@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from shared.schema import RequestSpec, Status
+from shared.schema import Lane, RequestSpec, Status
 
 
 def encode(fields: Mapping[str, object]) -> dict[str, str]:
@@ -23,7 +23,7 @@ def flat(fields: Mapping[str, object]) -> str:
 
 
 def base_fields(request_id: str, spec: RequestSpec, submitted_at: float, source: str,
-                tenant: str | None = None) -> dict[str, object]:
+                tenant: str | None = None, lane: Lane = "interactive") -> dict[str, object]:
     """What a new record holds before any worker touches it."""
     return {
         "tenant": tenant,
@@ -38,5 +38,6 @@ def base_fields(request_id: str, spec: RequestSpec, submitted_at: float, source:
         # request (a worker, or a gateway cancelling it) knows which to queue.
         "webhook_events": " ".join(sorted(spec.webhook_events)) or None,
         "source": source,
+        "lane": lane,
         "attempts": 0,
     }

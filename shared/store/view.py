@@ -43,6 +43,7 @@ def view_of(record: Mapping[str, str]) -> RequestView:
         error=error,
         attempts=int(record.get("attempts", 0)),
         cache_hit=record.get("cache_hit") == "1",
+        lane=record.get("lane", "interactive"),
         tenant=record.get("tenant"),
         metadata=json.loads(record["metadata"]) if record.get("metadata") else {},
         webhook=_webhook(record),

@@ -113,6 +113,10 @@ async def test_a_batch_runs_end_to_end_with_the_openai_client(gateway, start_wor
 
     output_file = await client.files.retrieve(batch.output_file_id)
     assert output_file.purpose == "batch_output" and output_file.bytes > 0
+    # Each line is a request of the same key on the bulk lane, readable as any other.
+    async with http.get(f"{gateway.url}/v1/requests/{batch.id}-0") as resp:
+        line_record = await resp.json()
+    assert line_record["lane"] == "bulk" and line_record["status"] == "succeeded"
     assert [b.id async for b in client.batches.list()] == [batch.id]
     async with http.get(f"{gateway.url}/metrics") as resp:
         metrics = await resp.text()

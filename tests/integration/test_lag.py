@@ -111,3 +111,19 @@ async def test_a_reader_trusting_list_offsets_would_be_wrong_here(settings):
         assert listed <= 110
     finally:
         await reader.close()
+
+
+async def test_one_read_gives_each_lanes_lag(settings):
+    """The scaler reads both lanes in one read and weighs them apart."""
+    await ensure_topics(settings)
+    await _produce_batched(settings, {0: 3, 1: 4})
+    await _produce_batched(settings.model_copy(update={"request_topic": settings.bulk_topic_name}), {0: 50, 2: 25})
+    reader = LagReader(settings, settings.lane_topics)
+    try:
+        await _depth_becomes(reader, 82)
+        reading = await reader.read()
+        assert (reading.of(settings.request_topic).depth, reading.of(settings.bulk_topic_name).depth) == (7, 75)
+        # Each topic's partitions are shared by the group's members: as many workers as one topic has.
+        assert reading.partition_count == settings.request_partitions
+    finally:
+        await reader.close()

@@ -169,3 +169,21 @@ async def test_workers_started_together_each_serve_metrics_on_a_port_of_their_ow
         return True
 
     await wait_until(all_serve_metrics, timeout=60, what="each worker's /metrics")
+
+
+async def test_bulk_lag_alone_wakes_one_worker_that_serves_it_all(worker_settings, gateway, http, start_scaler):
+    """60 bulk requests would ask for 4 workers as interactive ones (5 per worker, max 4);
+    as bulk they wake LLMQ_SCALER_BULK_MAX_WORKERS=1, which serves them all."""
+    scaler = await start_scaler(bulk_max_workers=1)
+    ids = [await submit(http, gateway.url, {"input": {"prompt": PROMPT}, "lane": "bulk"}) for _ in range(60)]
+    bulk_depths = []
+
+    async def all_final():
+        bulk_depths.append(scaler.metrics.registry.get_sample_value("llmq_scaler_queue_depth", {"lane": "bulk"}) or 0)
+        views = [await gateway.store.get(i) for i in ids]
+        return all(v.status.value == "succeeded" for v in views)
+
+    await wait_until(all_final, timeout=90, what="every bulk request to succeed")
+    assert max(bulk_depths) >= 10  # the scaler saw the bulk lane's backlog ...
+    assert scaler.stats.peak_workers == 1  # ... and started one worker for it, not four
+    assert scaler.last_decision.depth == 0  # no interactive lag counted

@@ -167,8 +167,9 @@ def test_topics_are_created_before_llmq_starts_with_the_partitions_of_the_settin
     creates = re.findall(r"--create --if-not-exists\s*\\?\s*--topic (\S+) --partitions (\d+)", script)
     topics = dict(creates)
     gateway_env = environment(services["gateway"])
-    assert set(topics) == {gateway_env["LLMQ_REQUEST_TOPIC"], gateway_env["LLMQ_DLQ_TOPIC"]}
-    assert topics["llmq.requests"] == gateway_env["LLMQ_REQUEST_PARTITIONS"] == "8"
+    bulk_topic = gateway_env.get("LLMQ_BULK_TOPIC") or f"{gateway_env['LLMQ_REQUEST_TOPIC']}.bulk"
+    assert set(topics) == {gateway_env["LLMQ_REQUEST_TOPIC"], bulk_topic, gateway_env["LLMQ_DLQ_TOPIC"]}
+    assert topics["llmq.requests"] == topics[bulk_topic] == gateway_env["LLMQ_REQUEST_PARTITIONS"] == "8"
     for name in LLMQ_SERVICES:
         depends = services[name]["depends_on"]
         assert depends["kafka-init"]["condition"] == "service_completed_successfully", name

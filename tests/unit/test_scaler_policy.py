@@ -130,3 +130,62 @@ def test_unknown_partition_count_does_not_block_min():
     # the topic does not exist yet (the first worker creates it): no partitions in metadata
     decision = ScalingPolicy(PolicyConfig(min=1, max=4)).decide(0.0, 0, 0, 0)
     assert (decision.desired, decision.reason) == (1, "below_min")
+
+
+# ---- lanes: interactive lag scales as above, bulk lag alone only up to bulk_max_workers --------
+
+def run_lanes(policy: ScalingPolicy, readings, current: int = 0, partitions: int = 8):
+    """Like run(), with (interactive depth, bulk depth) readings."""
+    decisions = []
+    for now, (depth, bulk) in enumerate(readings):
+        decision = policy.decide(float(now), depth, current, partitions, bulk_depth=bulk)
+        decisions.append(decision)
+        current = decision.desired
+    return decisions
+
+
+def test_bulk_lag_alone_wakes_one_worker_from_zero_and_no_more():
+    policy = ScalingPolicy(PolicyConfig(min=0, max=8, target_per_worker=10, bulk_max_workers=1))
+    decisions = run_lanes(policy, [(0, 5000)] * 5)
+    assert [d.desired for d in decisions] == [1, 1, 1, 1, 1]
+    assert decisions[0].reason == "activation" and decisions[0].bulk_depth == 5000 and decisions[0].depth == 0
+
+
+def test_bulk_max_workers_caps_bulk_but_interactive_lag_scales_as_before():
+    policy = ScalingPolicy(PolicyConfig(min=0, max=8, target_per_worker=10, bulk_max_workers=2))
+    assert [d.desired for d in run_lanes(policy, [(0, 5000)] * 4)] == [1, 2, 2, 2]
+    # interactive lag on top: the larger of the two asks (6 for 60 interactive), not their sum
+    both = ScalingPolicy(PolicyConfig(min=0, max=8, target_per_worker=10, bulk_max_workers=2))
+    assert [d.desired for d in run_lanes(both, [(60, 5000)] * 5)] == [1, 2, 4, 6, 6]
+    # bulk lag does not add to interactive lag: 60 interactive + 5000 bulk asks what 60 alone asks
+    alone = ScalingPolicy(PolicyConfig(min=0, max=8, target_per_worker=10, bulk_max_workers=2))
+    assert [d.desired for d in run_lanes(alone, [(60, 0)] * 5)] == [1, 2, 4, 6, 6]
+
+
+def test_bulk_max_workers_zero_means_bulk_alone_wakes_and_keeps_no_worker():
+    policy = ScalingPolicy(PolicyConfig(min=0, max=8, bulk_max_workers=0, idle_seconds=2))
+    assert [d.desired for d in run_lanes(policy, [(0, 5000)] * 3)] == [0, 0, 0]
+    # woken by interactive work, the worker goes once interactive has been idle, bulk left or not
+    decisions = run_lanes(policy, [(5, 5000)] + [(0, 5000)] * 4)
+    assert [d.desired for d in decisions] == [1, 1, 1, 0, 0]
+
+
+def test_bulk_lag_keeps_its_worker_from_idling_away():
+    policy = ScalingPolicy(PolicyConfig(min=0, max=8, bulk_max_workers=1, idle_seconds=2))
+    decisions = run_lanes(policy, [(50, 0)] + [(0, 300)] * 10)
+    assert decisions[-1].desired == 1  # bulk still queued: one worker stays
+    assert all(d.reason != "idle" for d in decisions)
+
+
+def test_bulk_respects_min_max_and_partitions():
+    policy = ScalingPolicy(PolicyConfig(min=0, max=2, bulk_max_workers=5))
+    assert [d.desired for d in run_lanes(policy, [(0, 5000)] * 4)] == [1, 2, 2, 2]
+    few = ScalingPolicy(PolicyConfig(min=0, max=8, bulk_max_workers=5))
+    assert [d.desired for d in run_lanes(few, [(0, 5000)] * 4, partitions=3)] == [1, 2, 3, 3]
+    kept = ScalingPolicy(PolicyConfig(min=3, max=8, bulk_max_workers=1))
+    assert run_lanes(kept, [(0, 5000)], current=3)[0].desired == 3
+
+
+def test_bulk_lag_at_or_under_the_activation_threshold_is_idle():
+    policy = ScalingPolicy(PolicyConfig(min=0, max=8, activation_threshold=5, bulk_max_workers=1))
+    assert [d.desired for d in run_lanes(policy, [(0, 5), (0, 6)])] == [0, 1]
