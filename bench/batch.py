@@ -1,6 +1,7 @@
 """Batch API benchmark: a big batch on the bulk lane beside interactive traffic.
 
-    python -m bench.batch [--lines 10000] [--workers 2] [--rate 20] [--idle-seconds 15] [--json out.json] [--keep]
+    python -m bench.batch [--lines 10000] [--workers 2] [--rate 20] [--idle-seconds 15]
+                          [--webhooks 2000] [--cache-requests 200] [--json out.json] [--keep]
 
 One run starts its own broker (Tansu), redis-server, one `gateway` (LLMQ_AUTH=false)
 and --workers echo `worker`s on free loopback ports. Then:
@@ -11,11 +12,18 @@ and --workers echo `worker`s on free loopback ports. Then:
   batch    a --lines-line chat batch is uploaded (`files.create`) and created
            (`batches.create`); the same interactive client runs until the batch
            is `completed`
+  webhooks --webhooks requests, each asking for its `completed` webhook, delivered
+           to a receiver in this process that verifies every signature
+           (bench/webhooks.py; the stack allows loopback receivers)
+  cache    --cache-requests greedy requests, each sent twice: a miss, then a
+           result-cache hit (bench/cache.py)
 
 Reported: batch lines/s (lines / first line started → last line finished);
 interactive p50/p99 idle and during the batch, and their ratio; time from
 `batches.create` to the first line running; time from the last line finishing
-to `completed` (finalizing: the output file written). The lines' times come from
+to `completed` (finalizing: the output file written); webhook deliveries per
+second and the lag from a request's finish to its delivery (p50/p99); the answer
+latency of a cache hit against a miss. The lines' times come from
 their request records in Redis (started_at, finished_at), the batch's from its
 hash. A benchmark, never part of the tests.
 """
@@ -33,8 +41,10 @@ from pathlib import Path
 
 import openai
 
+from bench.cache import cache_latency
 from bench.openai import served_models
-from bench.pipeline import Children, console_script, llmq_env, log, machine, ms, percentile, with_children
+from bench.pipeline import Children, console_script, llmq_env, log, machine, ms, percentile, run_and_report
+from bench.webhooks import measure as webhook_delivery
 from deploy.devstack import ServiceError, free_port, start_broker, start_redis, wait_for_port
 from shared.keys import Keys
 from shared.store import connect_redis
@@ -48,7 +58,8 @@ def start_stack(children: Children, tmp: Path, workers: int) -> tuple[str, dict]
     children.services.append(redis_service)
     stack = {"run": uuid.uuid4().hex[:8], "bootstrap": broker.url, "redis_url": redis_service.url}
     port = free_port()
-    env = {**llmq_env(stack, "batch", port), "LLMQ_FILES_DIR": str(tmp / "files"), "LLMQ_METRICS_PORT": "0"}
+    env = {**llmq_env(stack, "batch", port), "LLMQ_FILES_DIR": str(tmp / "files"), "LLMQ_METRICS_PORT": "0",
+           "LLMQ_WEBHOOK_ALLOW_PRIVATE": "true"}  # the webhook receiver is on 127.0.0.1
     gateway = children.spawn("gateway", console_script("gateway", "gateway.main"), env)
     for index in range(workers):
         children.spawn(f"worker-{index}", console_script("worker", "workers.main"), env)
@@ -183,6 +194,11 @@ async def measure(base: str, stack: dict, args: argparse.Namespace) -> dict:
     if batch.status != "completed":
         raise RuntimeError(f"the batch ended {batch.status}: {batch.errors}")
     first_started, last_finished = await line_times(stack, batch.id, args.lines)
+    # 3) webhooks; 4) the result cache, on the same stack, the batch done
+    log(f"webhooks: {args.webhooks} requests, each with its `completed` delivery")
+    webhooks = await webhook_delivery(base, args.webhooks)
+    log(f"cache: {args.cache_requests} misses and as many hits")
+    cache = await cache_latency(base, args.cache_requests)
     completed_at = float((await batch_hash(stack, batch.id))["completed_at"])
     during = busy.latencies(created_at, done_at)
     quiet = idle.latencies()
@@ -197,12 +213,15 @@ async def measure(base: str, stack: dict, args: argparse.Namespace) -> dict:
         "interactive_during_batch": {"calls": len(during), "errors": busy.errors,
                                      "p50_ms": ms(percentile(during, 50)), "p99_ms": ms(percentile(during, 99))},
         "counts": batch.request_counts.model_dump(),
+        "webhooks": webhooks,
+        "cache": cache,
         "machine": machine(),
     }
 
 
 def report(result: dict) -> str:
     idle, busy = result["interactive_idle"], result["interactive_during_batch"]
+    hooks, cache = result["webhooks"], result["cache"]
 
     def ratio(key: str) -> str:
         return f"{busy[key] / idle[key]:.2f}x" if idle[key] and busy[key] else "n/a"
@@ -216,6 +235,17 @@ def report(result: dict) -> str:
         ("interactive calls (errors), idle / during", f"{idle['calls']} ({idle['errors']}) / {busy['calls']} "
                                                       f"({busy['errors']})", f"{result['rate']:g} calls/s"),
     ]
+    rows += [
+        ("webhook deliveries/s", f"{hooks['deliveries_per_second']}",
+         f"{hooks['delivered']} of {hooks['requests'] - hooks['refused']} delivered, "
+         f"{hooks['bad_signatures']} bad signatures"),
+        ("webhook lag after finish, p50 / p99", f"{hooks['lag_p50_ms']} / {hooks['lag_p99_ms']} ms",
+         "record's finished_at → receiver"),
+        ("cache hit / miss answer, p50", f"{cache['hit']['p50_ms']} / {cache['miss']['p50_ms']} ms",
+         f"a miss takes {cache['miss_over_hit_p50']}x a hit"),
+        ("cache hit / miss answer, p99", f"{cache['hit']['p99_ms']} / {cache['miss']['p99_ms']} ms",
+         f"{cache['miss_over_hit_p99']}x"),
+    ]
     lines = ["| measure | value | note |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
@@ -228,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="echo workers (2)")
     parser.add_argument("--rate", type=float, default=20.0, help="interactive calls per second (20)")
     parser.add_argument("--idle-seconds", type=float, default=15.0, help="interactive alone first, seconds (15)")
+    parser.add_argument("--webhooks", type=int, default=2000, help="requests with a webhook, after the batch (2000)")
+    parser.add_argument("--cache-requests", type=int, default=200, help="cache misses, and as many hits (200)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (child logs)")
     return parser.parse_args(argv)
@@ -236,15 +268,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    def body(children: Children, tmp: Path) -> None:
+    def run(children: Children, tmp: Path) -> dict:
         base, stack = start_stack(children, tmp, args.workers)
-        result = asyncio.run(measure(base, stack, args))
-        print(report(result), flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return asyncio.run(measure(base, stack, args))
 
-    return with_children(body, args.keep)
-
+    return run_and_report(run, report, args.json, args.keep)
 
 if __name__ == "__main__":
     sys.exit(main())

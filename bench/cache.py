@@ -34,10 +34,10 @@ from bench.pipeline import (
     machine,
     ms,
     percentile,
+    run_and_report,
     start_broker,
     start_redis,
     wait_accepting,
-    with_children,
 )
 
 WAIT = {"Prefer": "wait=30", "Content-Type": "application/json"}
@@ -127,15 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def body(children: Children, tmp: Path) -> None:
-        result = run(args, children, tmp)
-        print(report(result), flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
-
-    return with_children(body, args.keep, prefix="llmq-bench-cache-")
-
+    return run_and_report(lambda children, tmp: run(args, children, tmp), report, args.json, args.keep,
+                          prefix="llmq-bench-cache-")
 
 if __name__ == "__main__":
     sys.exit(main())

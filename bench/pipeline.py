@@ -879,6 +879,20 @@ def _interrupt(_signum, _frame) -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
+def run_and_report(run: Callable[[Children, Path], dict], report: Callable[[dict], str], json_path: Path | None,
+                   keep: bool = False, prefix: str = "llmq-bench-") -> int:
+    """A benchmark's whole run: `run(children, tmp)` in with_children, its report
+    printed, its result also written to `json_path` when given."""
+
+    def body(children: Children, tmp: Path) -> None:
+        result = run(children, tmp)
+        print(report(result), flush=True)
+        if json_path:
+            json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+    return with_children(body, keep, prefix)
+
+
 def with_children(body: Callable[[Children, Path], None], keep: bool = False, prefix: str = "llmq-bench-") -> int:
     """Run `body(children, tmp)` in a fresh temporary directory, then stop every child
     it started, whatever happens; the exit status: 0, 1 (a child failed: its log's

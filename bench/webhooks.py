@@ -26,6 +26,8 @@ import aiohttp
 from aiohttp import web
 from standardwebhooks import Webhook
 
+from bench.pipeline import ms, percentile
+
 
 class _Receiver:
     """Answers 200 to each delivery and notes when each verified one came."""
@@ -60,13 +62,6 @@ async def _serve(receiver: _Receiver) -> tuple[web.AppRunner, str]:
     await site.start()
     host, port = runner.addresses[0][:2]
     return runner, f"http://{host}:{port}/hook"
-
-
-def _percentile(values: list[float], pct: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
 async def measure(gateway_url: str, requests: int = 2000, concurrency: int = 64, api_key: str | None = None,
@@ -108,8 +103,8 @@ async def measure(gateway_url: str, requests: int = 2000, concurrency: int = 64,
         "bad_signatures": receiver.bad_signatures,
         "deliveries_per_second": round((len(arrivals) - 1) / window, 1) if window else None,
         "first_submit_to_last_delivery_seconds": round(arrivals[-1] - started, 3) if arrivals else None,
-        "lag_p50_ms": _ms(_percentile(lags, 50)), "lag_p99_ms": _ms(_percentile(lags, 99)),
-        "lag_max_ms": _ms(max(lags) if lags else None),
+        "lag_p50_ms": ms(percentile(lags, 50)), "lag_p99_ms": ms(percentile(lags, 99)),
+        "lag_max_ms": ms(max(lags) if lags else None),
     }
 
 
@@ -117,10 +112,6 @@ def _finished_at(payload: dict) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(payload["data"]["timings"]["finished_at"]).timestamp()
-
-
-def _ms(seconds: float | None) -> float | None:
-    return round(seconds * 1000, 1) if seconds is not None else None
 
 
 async def _alone(args: argparse.Namespace) -> dict:
