@@ -49,8 +49,9 @@
   key deletes it). Each gateway caches it for `API_KEY_CACHE_SECONDS`.
 - A request record also holds its webhook's delivery state (`webhook_*` fields),
   written only while the record exists, so it lives and expires with it (a write
-  renews the record's TTL). So does a batch's hash, for the batch's webhook: a
-  write there leaves the hash's own TTL as it is (`webhook_holder`).
+  renews the record's TTL). So does a batch's hash, for the batch's webhook (with
+  `webhook_start_queued`, set once its `start` event is on the topic): a write
+  there leaves the hash's own TTL as it is (`webhook_holder`).
 """
 
 from __future__ import annotations

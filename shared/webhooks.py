@@ -119,7 +119,7 @@ class WebhookEvents:
         await self.send("request", view.id, kind, view.webhook.url, view.tenant, json.loads(view.model_dump_json()))
         return True
 
-    async def send(self, subject: str, subject_id: str, kind: str, url: str, tenant: str | None,
+    async def send(self, subject: WebhookSubject, subject_id: str, kind: str, url: str, tenant: str | None,
                    data: dict[str, Any]) -> None:
         """Queue event `kind` of a subject (`data`: as its GET shows it) and wait for the ack."""
         event = WebhookEventMessage(id=f"{subject_id}.{kind}", type=kind, subject=subject, subject_id=subject_id,

@@ -437,6 +437,20 @@ async def test_a_cancelled_batch_says_so_in_its_completed_event(gateway, start_w
     await client.close()
 
 
+async def test_a_batch_that_fails_validation_gets_only_its_completed_event(gateway, http, receiver):
+    client = _client(gateway.url)
+    file_id = await _upload(client, _chat_lines(1) + [{**_chat_lines(1)[0], "url": "/v1/completions"}])
+    created = await client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                          completion_window="24h", extra_body={"webhook": receiver.url})
+    await _until_batch_webhook(http, gateway, created.id, "completed")
+    # Never `in_progress`, so no `start`: events go in order per batch, one would have come first.
+    [payload] = receiver.accepted(await _secret(http, gateway))
+    assert payload["type"] == "batch.completed"
+    assert payload["data"]["status"] == "failed"
+    assert payload["data"]["errors"]["data"][0]["code"] == "mismatched_endpoint"
+    await client.close()
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "http://10.1.2.3/hook", "gopher://example.com/hook"])
 async def test_a_batch_webhook_to_a_private_address_is_refused_at_create(broker, redis_server, url):
     async with serve_gateway(isolated_settings(broker, redis_server)) as gateway:  # the default: refused
