@@ -158,10 +158,10 @@ class Gateway:
         await ensure_topics(s)
         self.files.start()
         self.batches = BatchStore(self.redis, self.store.keys, s.batch_ttl_seconds)
-        self.batch_runner = BatchRunner(s, self.batches, self.files, self.producer, self.served_models,
-                                        self.metrics)
-        self._batch_loop = asyncio.create_task(self.batch_runner.run(), name="batch-runner")
         self.webhook_events = WebhookEvents(self.producer, s.webhook_topic, s.webhook_max_payload_bytes)
+        self.batch_runner = BatchRunner(s, self.batches, self.files, self.producer, self.served_models,
+                                        self.metrics, self.webhook_events)
+        self._batch_loop = asyncio.create_task(self.batch_runner.run(), name="batch-runner")
         if s.webhook_sender:
             self.webhook_sender = WebhookSender(s, self.store, self.webhook_secrets, self.metrics)
             self._webhook_sending = asyncio.create_task(self.webhook_sender.run(), name="webhook-sender")

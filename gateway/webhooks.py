@@ -1,14 +1,15 @@
 """The webhook sender: delivers the events queued on the webhooks topic, signed
-(Standard Webhooks), one at a time in order per request and different requests
-concurrently, retried with exponential back-off, and given up to the webhook
+(Standard Webhooks), one at a time in order per subject (a request, or a batch)
+and different subjects concurrently, retried with exponential back-off, and given up to the webhook
 dead-letter topic with the reason.
 
 It is a member of its own consumer group (LLMQ_WEBHOOK_CONSUMER_GROUP), so every
 gateway runs one and they share the events. Offsets are committed only up to the
 lowest undelivered event of each partition: a sender that stops, or dies, mid-retry
 leaves its events to be delivered again by the next owner, with the same
-`webhook-id`. Each event's end (delivered, given up) is written on the request's
-record first, so an event delivered once is not POSTed again after a restart.
+`webhook-id`. Each event's end (delivered, given up) is written on its subject's
+hash first (the request's record, or the batch's hash), so an event delivered once
+is not POSTed again after a restart.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ class WebhookSender:
         self.producer = None
         self.session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(settings.webhook_concurrency)
-        self._lanes: dict[str, deque[tuple[TopicPartition, int, WebhookEventMessage]]] = {}  # by request id
+        # By the hash of the events' subject (Keys.webhook_holder): a request's id and a
+        # batch's could be alike, their hashes cannot.
+        self._lanes: dict[str, deque[tuple[TopicPartition, int, WebhookEventMessage]]] = {}
         self._lane_tasks: dict[str, asyncio.Task] = {}
         self._paused = False
         self._closed = False
@@ -134,16 +137,17 @@ class WebhookSender:
             await self._dead_letter(record.value, record.key, f"not a webhook event: {exc}", 0, None)
             self.offsets.finish(tp, record.offset)
             return
-        lane = self._lanes.setdefault(event.request_id, deque())
+        holder, _ = self.store.keys.webhook_holder(event.subject, event.subject_id)
+        lane = self._lanes.setdefault(holder, deque())
         lane.append((tp, record.offset, event))
-        if event.request_id not in self._lane_tasks:
-            task = asyncio.create_task(self._drain(event.request_id), name=f"llmq-webhook-{event.request_id}")
-            self._lane_tasks[event.request_id] = task
+        if holder not in self._lane_tasks:
+            task = asyncio.create_task(self._drain(holder), name=f"llmq-webhook-{holder}")
+            self._lane_tasks[holder] = task
             task.add_done_callback(self._lane_ended)
 
-    async def _drain(self, request_id: str) -> None:
-        """One request's events, one at a time, in the order they were queued."""
-        lane = self._lanes[request_id]
+    async def _drain(self, holder: str) -> None:
+        """One subject's events, one at a time, in the order they were queued."""
+        lane = self._lanes[holder]
         try:
             while lane:
                 tp, offset, event = lane[0]
@@ -151,13 +155,13 @@ class WebhookSender:
                 lane.popleft()
                 self.offsets.finish(tp, offset)
         finally:
-            self._lanes.pop(request_id, None)
-            self._lane_tasks.pop(request_id, None)
+            self._lanes.pop(holder, None)
+            self._lane_tasks.pop(holder, None)
 
     async def stop_lanes(self, partitions: set[TopicPartition]) -> None:
-        """Stop the deliveries of events on `partitions` (a request's events share one)."""
-        tasks = [self._lane_tasks[rid] for rid, lane in self._lanes.items()
-                 if lane and lane[0][0] in partitions and rid in self._lane_tasks]
+        """Stop the deliveries of events on `partitions` (a subject's events share one)."""
+        tasks = [self._lane_tasks[holder] for holder, lane in self._lanes.items()
+                 if lane and lane[0][0] in partitions and holder in self._lane_tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -202,7 +206,7 @@ class WebhookSender:
                 return
             status, error = await self._post(event)
             delivered = error is None
-            await self._record(event.request_id, {
+            await self._record(event, {
                 "webhook_status_code": status if status is not None else "", "webhook_error": error or "",
                 **({f"webhook_{event.type}": "delivered"} if delivered else {}),
             }, attempts=1)
@@ -219,27 +223,29 @@ class WebhookSender:
                                            f"LLMQ_WEBHOOK_RETRY_SECONDS={self.settings.webhook_retry_seconds:g}",
                                     attempt, status)
                 return
-            log.info("webhook_retry", request_id=event.request_id, webhook_event=event.type, attempt=attempt,
-                     error=error, pause_seconds=round(pause, 3))
+            log.info("webhook_retry", **event.log_fields(), webhook_event=event.type, attempt=attempt, error=error,
+                     pause_seconds=round(pause, 3))
             await asyncio.sleep(pause)
 
     async def _ended(self, event: WebhookEventMessage) -> bool:
+        holder, _ = self.store.keys.webhook_holder(event.subject, event.subject_id)
         try:
-            if await self.store.webhook_state(event.request_id, event.type):
+            if await self.store.webhook_state(holder, event.type):
                 return True
-            return event.type == "start" and bool(await self.store.webhook_state(event.request_id, "completed"))
+            return event.type == "start" and bool(await self.store.webhook_state(holder, "completed"))
         except (RedisError, OSError) as exc:
-            log.warning("webhook_state_unreadable", request_id=event.request_id, error=str(exc))
+            log.warning("webhook_state_unreadable", **event.log_fields(), error=str(exc))
             return False  # deliver: at least once
 
     async def _first_attempt(self, event: WebhookEventMessage) -> float:
         """The retry window runs from the first attempt, recorded so that a restart (or
         another sender taking the partition over) does not start it again, and not from
         the event, which may have waited while no sender ran."""
+        holder, ttl = self.store.keys.webhook_holder(event.subject, event.subject_id)
         try:
-            return await self.store.webhook_first_attempt(event.request_id, event.type, time.time())
+            return await self.store.webhook_first_attempt(holder, ttl, event.type, time.time())
         except (RedisError, OSError) as exc:
-            log.warning("webhook_state_unreadable", request_id=event.request_id, error=str(exc))
+            log.warning("webhook_state_unreadable", **event.log_fields(), error=str(exc))
             return time.time()
 
     async def _post(self, event: WebhookEventMessage) -> tuple[int | None, str | None]:
@@ -271,10 +277,10 @@ class WebhookSender:
 
     async def _give_up(self, event: WebhookEventMessage, reason: str, attempts: int, status: int | None) -> None:
         """To the dead-letter topic with the reason, then on the record."""
-        await self._dead_letter(event.to_bytes(), event.request_id.encode(), reason, attempts, status)
-        await self._record(event.request_id, {f"webhook_{event.type}": "given_up", "webhook_error": reason})
+        await self._dead_letter(event.to_bytes(), event.subject_id.encode(), reason, attempts, status)
+        await self._record(event, {f"webhook_{event.type}": "given_up", "webhook_error": reason})
         self.metrics.webhook_deliveries.labels("given_up").inc()
-        log.warning("webhook_given_up", request_id=event.request_id, webhook_event=event.type, reason=reason)
+        log.warning("webhook_given_up", **event.log_fields(), webhook_event=event.type, reason=reason)
 
     async def _dead_letter(self, value: bytes | None, key: bytes | None, reason: str, attempts: int,
                            status: int | None) -> None:
@@ -292,12 +298,14 @@ class WebhookSender:
                 log.warning("webhook_dead_letter_failed", error=str(exc))
                 await asyncio.sleep(1.0)
 
-    async def _record(self, request_id: str, fields: dict, attempts: int = 0) -> None:
+    async def _record(self, event: WebhookEventMessage, fields: dict, attempts: int = 0) -> None:
+        """On the hash of the event's subject: the request's record, or the batch's hash."""
+        holder, ttl = self.store.keys.webhook_holder(event.subject, event.subject_id)
         try:
-            await self.store.record_webhook(request_id, fields, attempts)
+            await self.store.record_webhook(holder, ttl, fields, attempts)
         except (RedisError, OSError) as exc:
             # Only the record's account is lost; the delivery itself stands.
-            log.warning("webhook_record_failed", request_id=request_id, error=str(exc))
+            log.warning("webhook_record_failed", **event.log_fields(), error=str(exc))
 
 
 class _Rebalance(ConsumerRebalanceListener):

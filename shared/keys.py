@@ -48,7 +48,10 @@
   the deployment's, with auth off), made on first use; no expiry (revoking the
   key deletes it). Each gateway caches it for `API_KEY_CACHE_SECONDS`.
 - A request record also holds its webhook's delivery state (`webhook_*` fields),
-  written only while the record exists, so it lives and expires with it.
+  written only while the record exists, so it lives and expires with it (a write
+  renews the record's TTL). So does a batch's hash, for the batch's webhook (with
+  `webhook_start_queued`, set once its `start` event is on the topic): a write
+  there leaves the hash's own TTL as it is (`webhook_holder`).
 """
 
 from __future__ import annotations
@@ -132,6 +135,14 @@ class Keys:
 
     def webhook_secret(self, tenant: str) -> str:
         return f"{self.prefix}:whsecret:{tenant}"
+
+    def webhook_holder(self, subject: str, subject_id: str) -> tuple[str, int]:
+        """The hash that holds a webhook subject's delivery state (`webhook_*` fields),
+        and the TTL a write there renews: a request record's, or 0 for a batch's hash,
+        which keeps the one it has (its batch's end set it)."""
+        if subject == "batch":
+            return self.batch(subject_id), 0
+        return self.request(subject_id), self.result_ttl_seconds
 
     @staticmethod
     def rate_limit_ttl(rate: float, burst: int) -> int:

@@ -3,8 +3,8 @@ queued on the webhooks topic (typed, versioned), its production, Standard
 Webhooks signing with a secret per API key, and the guard that keeps
 deliveries off loopback, private and link-local addresses (SSRF).
 
-Workers produce a request's events; the batch API can produce its own with
-the same calls; the sender (gateway/webhooks.py) delivers them.
+Workers produce a request's events, the gateways' batch runner a batch's, with
+the same calls; the sender (gateway/webhooks.py) delivers both.
 """
 
 from __future__ import annotations
@@ -35,30 +35,47 @@ EVENT_VERSION = 1
 SECRET_PREFIX = "whsec_"  # the Standard Webhooks secret format: whsec_ + base64 of the key
 
 
-class WebhookEventMessage(BaseModel):
-    """One delivery to make, as queued on the webhooks topic (key: the request id,
-    so one request's events stay in order on one partition)."""
+# What an event is about; its delivery state is written on that subject's hash
+# (Keys.webhook_state), and its payload's `type` is `{subject}.{event}`.
+WebhookSubject = Literal["request", "batch"]
 
-    model_config = ConfigDict(extra="forbid", strict=True, title="llmq webhook event v1")
+
+class WebhookEventMessage(BaseModel):
+    """One delivery to make, as queued on the webhooks topic (key: the subject's id,
+    so one request's, or one batch's, events stay in order on one partition).
+
+    Version 1 grew `subject` compatibly: a message without it is a request's (as every
+    message was before batches had webhooks), and a request's event is written
+    without it, so that a sender from before reads it still. The wire name of the
+    subject's id stays `request_id` for the same reason."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="llmq webhook event v1", validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
 
     v: Literal[1] = EVENT_VERSION
     # The `webhook-id` header: the same on every redelivery, so receivers can dedupe.
     id: str = Field(max_length=200)
     type: WebhookEvent
-    request_id: str = Field(max_length=128)
+    subject: WebhookSubject = "request"
+    subject_id: str = Field(max_length=128, alias="request_id", description="The request's id, or the batch's.")
     url: str = Field(max_length=2048)
     tenant: str | None = Field(default=None, max_length=64, description="The API key whose secret signs it.")
     created_at: float = Field(description="When the event happened (Unix seconds).")
-    data: dict[str, Any] = Field(description="The request as `GET /v1/requests/{id}` showed it then.")
+    data: dict[str, Any] = Field(description="The subject as `GET /v1/requests/{id}` (or `GET /v1/batches/{id}`) "
+                                             "showed it then.")
 
     def body(self) -> bytes:
         """What is POSTed, in the Standard Webhooks payload shape: type, timestamp, data."""
         at = datetime.fromtimestamp(self.created_at, timezone.utc).isoformat().replace("+00:00", "Z")
-        return json.dumps({"type": f"request.{self.type}", "timestamp": at, "data": self.data},
+        return json.dumps({"type": f"{self.subject}.{self.type}", "timestamp": at, "data": self.data},
                           separators=(",", ":")).encode()
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        return self.model_dump_json(exclude={"subject"} if self.subject == "request" else None).encode()
+
+    def log_fields(self) -> dict[str, str]:
+        """What a log line names it by: `request_id` or `batch_id`."""
+        return {f"{self.subject}_id": self.subject_id}
 
 
 class EventError(ValueError):
@@ -84,9 +101,10 @@ def _bounded(data: dict[str, Any], max_payload_bytes: int) -> dict[str, Any]:
 
 
 class WebhookEvents:
-    """Queues a request's webhook events, for requests that asked for them: the worker's
-    `start` and `completed`, the gateway's `completed` for a request it cancels. One event
-    may be queued twice (a redelivered request); the sender delivers it once."""
+    """Queues webhook events, for requests and batches that asked for them: the worker's
+    `start` and `completed` of a request, the gateway's `completed` for a request it
+    cancels, the batch runner's `start` and `completed` of a batch. One event may be
+    queued twice (a redelivered request, a batch taken over); the sender delivers it once."""
 
     def __init__(self, producer: AIOKafkaProducer, topic: str, max_payload_bytes: int) -> None:
         self.producer = producer
@@ -98,11 +116,16 @@ class WebhookEvents:
         wait for the broker's ack: only then is it handed on. False where none was asked for."""
         if view.webhook is None or kind not in view.webhook.events:
             return False
-        data = _bounded(json.loads(view.model_dump_json()), self.max_payload_bytes)
-        event = WebhookEventMessage(id=f"{view.id}.{kind}", type=kind, request_id=view.id, url=view.webhook.url,
-                                    tenant=view.tenant, created_at=time.time(), data=data)
-        await self.producer.send_and_wait(self.topic, event.to_bytes(), key=view.id.encode(), headers=JSON_HEADERS)
+        await self.send("request", view.id, kind, view.webhook.url, view.tenant, json.loads(view.model_dump_json()))
         return True
+
+    async def send(self, subject: WebhookSubject, subject_id: str, kind: str, url: str, tenant: str | None,
+                   data: dict[str, Any]) -> None:
+        """Queue event `kind` of a subject (`data`: as its GET shows it) and wait for the ack."""
+        event = WebhookEventMessage(id=f"{subject_id}.{kind}", type=kind, subject=subject, subject_id=subject_id,
+                                    url=url, tenant=tenant, created_at=time.time(),
+                                    data=_bounded(data, self.max_payload_bytes))
+        await self.producer.send_and_wait(self.topic, event.to_bytes(), key=subject_id.encode(), headers=JSON_HEADERS)
 
 
 # ---- signing ---------------------------------------------------------------

@@ -125,6 +125,12 @@ def parse_line(raw: RawLine, endpoint: str, settings: GatewaySettings) -> Line:
         over = call.spec.over_limits(settings.max_prompt_chars, settings.max_tokens_limit)
         if over is not None:
             raise limit_error(call, over)
+        if call.spec.webhook is not None or call.spec.webhook_events_filter is not None:
+            # The batch's own webhook tells of the whole batch; a line's would POST once per
+            # line, to a URL the create-time guard never saw.
+            param = "webhook" if call.spec.webhook is not None else "webhook_events_filter"
+            raise OpenAIError(400, f"{param}: a batch line gets no webhook of its own; give the batch one "
+                              "(`webhook` of POST /v1/batches)", param, "invalid_value")
         if len(call.spec.metadata) >= MAX_METADATA_ITEMS:
             raise OpenAIError(400, f"metadata: at most {MAX_METADATA_ITEMS - 1} items in a batch line (llmq "
                               "adds one naming the batch)", "metadata", "invalid_value")

@@ -8,7 +8,7 @@ import re
 
 from gateway.openai_compat import OpenAICall, completion_response, view_error
 from shared.schema import Status
-from shared.store.view import view_of
+from shared.store.view import view_of, webhook_deliveries
 
 BATCH_ID = re.compile(r"^batch_[0-9a-f]{32}$")
 TIMESTAMPS = ("in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
@@ -26,7 +26,8 @@ def _int(value: str | None) -> int | None:
 
 def batch_object(batch: dict[str, str]) -> dict:
     """A batch's hash as OpenAI's Batch object. `request_counts` has llmq's `cancelled`
-    beside OpenAI's three, so completed + failed + cancelled = total."""
+    beside OpenAI's three, so completed + failed + cancelled = total; `webhook` (llmq's,
+    null without one) is how its webhook's deliveries went, as on a request."""
     counts = {name: int(batch.get(name, 0)) for name in ("completed", "failed", "cancelled")}
     errors = json.loads(batch["errors"]) if batch.get("errors") else None
     return {
@@ -44,6 +45,7 @@ def batch_object(batch: dict[str, str]) -> dict:
         **{name: _int(batch.get(name)) for name in TIMESTAMPS},
         "request_counts": {"total": int(batch.get("total", 0)), **counts},
         "metadata": json.loads(batch["metadata"]) if batch.get("metadata") else None,
+        "webhook": hook.model_dump() if (hook := webhook_deliveries(batch)) else None,
     }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from gateway.batches.files import FILE_ID
 from gateway.batches.lines import ENDPOINTS
 from gateway.batches.objects import BATCH_ID, TIMESTAMPS
-from shared.schema import MAX_METADATA_ITEMS
+from shared.schema import MAX_METADATA_ITEMS, RequestSpec
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
@@ -42,7 +42,20 @@ BATCH = {"type": "object",
                                 "description": "OpenAI's counts, and llmq's `cancelled`: completed + failed + "
                                                "cancelled = total."},
              "metadata": {"anyOf": [_METADATA, {"type": "null"}]},
+             "webhook": {"anyOf": [{"$ref": "#/components/schemas/WebhookDeliveries"}, {"type": "null"}],
+                         "description": "llmq's: how the batch's webhook deliveries went (null: it has none)."},
          }}
+_REQUEST_FIELDS = RequestSpec.model_json_schema()["properties"]
+# The batch's webhook, checked as a request's is; it gets `batch.start` (validated, now
+# `in_progress`) and `batch.completed` (ended, whatever the status). Its lines get none.
+_WEBHOOK_PARAMS = {
+    "webhook": {**_REQUEST_FIELDS["webhook"], "description": "llmq's: http(s) URL that gets this batch's events "
+                "(`batch.start`, `batch.completed`), signed (Standard Webhooks). Not on a public address: 400."},
+    "webhook_events_filter": {
+        **_REQUEST_FIELDS["webhook_events_filter"],
+        "description": "llmq's: which events reach `webhook`: `start` (validated, now `in_progress`), `completed` "
+                       "(ended, whatever its status). Omitted: both."},
+}
 _FILE_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": FILE_ID.pattern}}
 _BATCH_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": BATCH_ID.pattern}}
 
@@ -112,7 +125,8 @@ def bulk_paths(key: list) -> dict:
             "post": op("Create a batch (OpenAI)", "createBatch", {
                 "200": _ok("The batch, `validating`: the gateways check its file, then run it.", BATCH),
                 "400": _error("Not valid JSON, a parameter missing or unknown, an endpoint llmq doesn't batch, a "
-                              "window other than 24h, or a file whose purpose is not `batch`."),
+                              "window other than 24h, a file whose purpose is not `batch`, or a `webhook` "
+                              "that is not an http(s) URL or points at a loopback, private or link-local address."),
                 "404": no_file,
                 "413": _error("The body is over LLMQ_MAX_BODY_BYTES."),
                 "415": _error("Content-Type is not application/json."),
@@ -122,7 +136,7 @@ def bulk_paths(key: list) -> dict:
                 "additionalProperties": False,
                 "properties": {"input_file_id": {"type": "string"}, "endpoint": {"enum": list(ENDPOINTS)},
                                "completion_window": {"const": "24h"},
-                               "metadata": {"anyOf": [_METADATA, {"type": "null"}]}}}}}}),
+                               "metadata": {"anyOf": [_METADATA, {"type": "null"}]}, **_WEBHOOK_PARAMS}}}}}),
             "get": op("List this key's batches, newest first (OpenAI)", "listBatches", {
                 "200": _ok("A page of batches.", _list(BATCH)),
                 "400": _error("`limit` out of range."),

@@ -1,7 +1,9 @@
 """`/v1/files` and `/v1/batches`: OpenAI's Batch API. A file is uploaded (streamed to
 disk within LLMQ_MAX_FILE_BYTES), a batch is created `validating` and answered at
 once; the gateways' BatchRunner does the rest. Files and batches belong to the
-API key that made them: any other key gets a 404, as for requests."""
+API key that made them: any other key gets a 404, as for requests. A batch may name
+a `webhook` (llmq's, as a request may), which gets its `batch.start` and
+`batch.completed` events; its lines get none of their own."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from pydantic import ConfigDict, ValidationError, create_model
 from redis.exceptions import RedisError
 
 from gateway.batches.files import FileTooLarge, file_object
@@ -19,7 +22,8 @@ from gateway.batches.lines import ENDPOINTS
 from gateway.batches.objects import BATCH_ID, batch_object
 from gateway.errors import redis_down
 from gateway.openai_compat import OpenAIError
-from shared.schema import MAX_METADATA_ITEMS
+from shared.schema import DEFAULT_WEBHOOK_EVENTS, MAX_METADATA_ITEMS, RequestSpec
+from shared.webhooks import WebhookUrlError, check_webhook_url
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -30,6 +34,10 @@ COMPLETION_WINDOW = "24h"  # the only window OpenAI offers
 # OpenAI's defaults and bounds of `limit`: (default, most) per list.
 _BATCH_PAGE = (20, 100)
 _FILE_PAGE = (10_000, 10_000)
+_WEBHOOK_FIELDS = ("webhook", "webhook_events_filter")
+# A batch's webhook fields, checked exactly as a request's are: RequestSpec's own fields.
+_BatchWebhook = create_model("_BatchWebhook", __config__=ConfigDict(strict=True), **{
+    name: (RequestSpec.model_fields[name].annotation, RequestSpec.model_fields[name]) for name in _WEBHOOK_FIELDS})
 
 
 def _not_found(what: str, object_id: str) -> OpenAIError:
@@ -41,6 +49,21 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= maximum:
         raise OpenAIError(400, f"Invalid 'limit': must be 1 to {maximum}", "limit", "invalid_value")
     return int(raw)
+
+
+def _webhook_fields(body: dict) -> dict:
+    """The batch's `webhook` and the events it gets (space-separated, as on a request's
+    record: the runner reads them there), or None for both."""
+    try:
+        hook = _BatchWebhook.model_validate({name: body.get(name) for name in _WEBHOOK_FIELDS})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = str(error["loc"][0])
+        raise OpenAIError(400, f"Invalid '{param}': {error['msg']}", param, "invalid_value") from None
+    if hook.webhook is None:
+        return {"webhook": None, "webhook_events": None}
+    return {"webhook": hook.webhook,
+            "webhook_events": " ".join(sorted(hook.webhook_events_filter or DEFAULT_WEBHOOK_EVENTS))}
 
 
 class BulkRoutes:
@@ -156,6 +179,8 @@ class BulkRoutes:
         if not isinstance(body, dict):
             raise OpenAIError(400, "the body must be a JSON object", None, "invalid_type")
         fields = self._batch_fields(body)
+        if fields["webhook"] is not None:
+            await self._check_webhook(fields["webhook"])
         meta = await gw.files.meta(fields["input_file_id"])
         if meta is None or (gw.settings.auth and meta.get("tenant") != tenant):
             raise _not_found("file", fields["input_file_id"])
@@ -177,7 +202,7 @@ class BulkRoutes:
         for name in ("input_file_id", "endpoint", "completion_window"):
             if not isinstance(body.get(name), str):
                 raise OpenAIError(400, f"Missing required parameter: '{name}'.", name, "missing_required_parameter")
-        unknown = set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"}
+        unknown = set(body) - {"input_file_id", "endpoint", "completion_window", "metadata", *_WEBHOOK_FIELDS}
         if unknown:
             name = sorted(unknown)[0]
             raise OpenAIError(400, f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
@@ -195,7 +220,16 @@ class BulkRoutes:
             raise OpenAIError(400, f"Invalid 'metadata': at most {MAX_METADATA_ITEMS} string pairs (keys up to 64 "
                               "characters, values up to 512)", "metadata", "invalid_value")
         return {"input_file_id": body["input_file_id"], "endpoint": body["endpoint"],
-                "completion_window": COMPLETION_WINDOW, "metadata": json.dumps(metadata) if metadata else None}
+                "completion_window": COMPLETION_WINDOW, "metadata": json.dumps(metadata) if metadata else None,
+                **_webhook_fields(body)}
+
+    async def _check_webhook(self, url: str) -> None:
+        """Refused now, not at the first delivery: a URL deliveries would be refused to (a
+        loopback, private or link-local address, unless LLMQ_WEBHOOK_ALLOW_PRIVATE)."""
+        try:
+            await check_webhook_url(url, self.gateway.settings.webhook_allow_private)
+        except WebhookUrlError as exc:
+            raise OpenAIError(400, f"Invalid 'webhook': {exc}", "webhook", "invalid_value") from None
 
     async def _owned_batch(self, request: web.Request) -> dict[str, str]:
         gw = self.gateway

@@ -1,7 +1,11 @@
 """The loop every gateway runs for batches: it takes each active batch under a lease
 in Redis (one gateway at a time; another takes over when one dies) and moves it
 on a step: validate its file, enqueue its lines in bounded chunks on the bulk
-lane, finalize (write the output and error files), cancel or expire it.
+lane, finalize (write the output and error files), cancel or expire it. A batch
+with a webhook gets its `start` event queued once it has moved to `in_progress`,
+before any later step, and its `completed` event once it ends (any final status),
+before it leaves the active list; so a gateway that dies in between leaves the
+event to whoever takes the batch over (the sender delivers a repeat once).
 
 Enqueue is resumable: a chunk's records are created (only where missing), its
 messages produced and acked, and only then the cursor saved. A gateway that dies
@@ -24,6 +28,7 @@ from datetime import datetime, timezone
 
 import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from gateway.batches.files import FileStore
@@ -37,7 +42,7 @@ from gateway.batches.lines import (
     parse_line,
     read_lines,
 )
-from gateway.batches.objects import NOT_RUN, result_line
+from gateway.batches.objects import NOT_RUN, batch_object, result_line
 from gateway.metrics import GatewayMetrics
 from gateway.openai_compat import OpenAICall
 from gateway.settings import GatewaySettings
@@ -47,6 +52,7 @@ from shared.schema import RequestMessage, RequestSpec
 from shared.store import base_fields
 from shared.store.batches import BatchStore
 from shared.store.models import ServedModels
+from shared.webhooks import WebhookEvents
 
 log = structlog.get_logger(__name__)
 MAX_ERRORS = 100  # validation errors a failed batch reports (OpenAI reports a bounded list too)
@@ -69,7 +75,8 @@ def finished(batch: dict[str, str]) -> int:
 
 class BatchRunner:
     def __init__(self, settings: GatewaySettings, batches: BatchStore, files: FileStore,
-                 producer: AIOKafkaProducer, served: ServedModels, metrics: GatewayMetrics) -> None:
+                 producer: AIOKafkaProducer, served: ServedModels, metrics: GatewayMetrics,
+                 webhooks: WebhookEvents) -> None:
         self.settings = settings
         self.batches = batches
         self.keys: Keys = batches.keys
@@ -77,6 +84,7 @@ class BatchRunner:
         self.producer = producer
         self.served = served
         self.metrics = metrics
+        self.webhooks = webhooks
         self.owner = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.stats = RunnerStats()
         self._closing = asyncio.Event()
@@ -124,6 +132,8 @@ class BatchRunner:
             # Step after step while the status moves (validated → enqueue at once), each step
             # on the batch as it is now; what waits on workers is looked at again next round.
             for _ in range(len(ACTIVE)):
+                if not await self._start_announced(batch_id, batch):
+                    break  # the broker did not take it: tried again next round
                 step = {"validating": self._validate, "in_progress": self._progress, "finalizing": self._finalize,
                         "cancelling": self._cancelling}[status]
                 await step(batch_id, batch)
@@ -141,11 +151,41 @@ class BatchRunner:
             structlog.contextvars.unbind_contextvars("batch_id")
 
     async def _ended(self, batch_id: str) -> None:
+        """Off the active list, once its `completed` webhook event (if it asked for one) is
+        queued: a gateway that dies before then leaves it listed, and whoever takes it over
+        queues the event again (the sender delivers it once)."""
+        batch = await self.batches.get(batch_id)
+        if batch is not None and batch["status"] not in ACTIVE and not (
+                await self._start_announced(batch_id, batch) and await self._announce(batch_id, "completed", batch)):
+            return  # the broker did not take it: kept active, tried again next round
         await self.batches.ended(batch_id)
         await self.batches.drop_lease(batch_id, self.owner)
         self.stats.batches_ended += 1
-        status = (await self.batches.get(batch_id) or {}).get("status", "gone")
-        self.metrics.batches_ended.labels(status).inc()
+        self.metrics.batches_ended.labels(batch["status"] if batch else "gone").inc()
+
+    async def _start_announced(self, batch_id: str, batch: dict[str, str]) -> bool:
+        """Its `start` event queued, if it has been `in_progress` (marked on its hash, so
+        queued once by this gateway; again only by one taking over before the mark)."""
+        if not batch.get("webhook") or not batch.get("in_progress_at") or batch.get("webhook_start_queued"):
+            return True
+        if not await self._announce(batch_id, "start", batch):
+            return False
+        await self.batches.set(batch_id, {"webhook_start_queued": 1})
+        return True
+
+    async def _announce(self, batch_id: str, kind: str, batch: dict[str, str]) -> bool:
+        """Queue the batch's webhook event `kind`, the Batch object as `GET /v1/batches/{id}`
+        shows it now, if its webhook asks for that event. False where the broker did not
+        take it (said in the log), so the caller tries again next round."""
+        if not batch.get("webhook") or kind not in batch.get("webhook_events", "").split():
+            return True
+        try:
+            await self.webhooks.send("batch", batch_id, kind, batch["webhook"], batch.get("tenant") or None,
+                                     batch_object(batch))
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("batch_webhook_event_failed", webhook_event=kind, error=f"{type(exc).__name__}: {exc}")
+            return False
+        return True
 
     async def _fail(self, batch_id: str, code: str, message: str) -> None:
         error = {"code": code, "message": message, "param": "input_file_id", "line": None}

@@ -119,22 +119,23 @@ class RequestStore:
         return await self._cancel(keys=keys, args=[time.time(), self.ttl_seconds, request_id, k.stream_max_entries,
                                                    k.stream_ttl_seconds])
 
-    async def webhook_state(self, request_id: str, event_type: str) -> str | None:
-        """How the request's `event_type` event ended: 'delivered', 'given_up', or None (not yet)."""
-        return await self.redis.hget(self.keys.request(request_id), f"webhook_{event_type}")
+    # The webhook delivery state is written on the hash of the event's subject (a request
+    # record, or a batch's hash): `key` and `ttl` as Keys.webhook_holder names them.
 
-    async def record_webhook(self, request_id: str, fields: Mapping[str, object], attempts: int = 0) -> bool:
-        """Write webhook delivery state (`webhook_*` fields) and count `attempts`, if the record
+    async def webhook_state(self, key: str, event_type: str) -> str | None:
+        """How the subject's `event_type` event ended: 'delivered', 'given_up', or None (not yet)."""
+        return await self.redis.hget(key, f"webhook_{event_type}")
+
+    async def record_webhook(self, key: str, ttl: int, fields: Mapping[str, object], attempts: int = 0) -> bool:
+        """Write webhook delivery state (`webhook_*` fields) and count `attempts`, if the hash
         still exists. True where written."""
-        written = await self._webhook_state(keys=[self.keys.request(request_id)],
-                                            args=[self.ttl_seconds, flat(fields), attempts, "", ""])
+        written = await self._webhook_state(keys=[key], args=[ttl, flat(fields), attempts, "", ""])
         return written is not None
 
-    async def webhook_first_attempt(self, request_id: str, event_type: str, now: float) -> float:
+    async def webhook_first_attempt(self, key: str, ttl: int, event_type: str, now: float) -> float:
         """When the first attempt to deliver the event was made: `now`, unless a sender (this
         one, or one before a restart) recorded an earlier one; its retry window starts there."""
-        kept = await self._webhook_state(keys=[self.keys.request(request_id)],
-                                         args=[self.ttl_seconds, "[]", 0, f"webhook_{event_type}_since", now])
+        kept = await self._webhook_state(keys=[key], args=[ttl, "[]", 0, f"webhook_{event_type}_since", now])
         return float(kept) if kept is not None else now
 
     async def get(self, request_id: str) -> RequestView | None:

@@ -264,10 +264,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
-# KEYS: record. ARGV: ttl, fields (flat JSON), attempts to add to `webhook_attempts`,
-# a field to set to ARGV[5] unless it is set ('' for none). Returns that field's value
-# (or 1), or nil where the record is gone. Written only into a record that still
-# exists: an HSET alone would recreate an expired one, without its TTL.
+# KEYS: record (or batch hash). ARGV: ttl (0: keep the hash's own), fields (flat JSON),
+# attempts to add to `webhook_attempts`, a field to set to ARGV[5] unless it is set
+# ('' for none). Returns that field's value (or 1), or nil where the hash is gone.
+# Written only into a hash that still exists: an HSET alone would recreate an expired
+# one, without its TTL.
 WEBHOOK_STATE = LUA_HSET_JSON + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
 hset_json(KEYS[1], ARGV[2])
@@ -277,6 +278,6 @@ if ARGV[4] ~= '' then
   redis.call('HSETNX', KEYS[1], ARGV[4], ARGV[5])
   kept = redis.call('HGET', KEYS[1], ARGV[4])
 end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
+if tonumber(ARGV[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return kept
 """

@@ -46,7 +46,7 @@ def view_of(record: Mapping[str, str]) -> RequestView:
         lane=record.get("lane", "interactive"),
         tenant=record.get("tenant"),
         metadata=json.loads(record["metadata"]) if record.get("metadata") else {},
-        webhook=_webhook(record),
+        webhook=webhook_deliveries(record),
         timings=Timings(
             submitted_at=_dt(submitted),
             started_at=_dt(started),
@@ -61,7 +61,8 @@ def view_of(record: Mapping[str, str]) -> RequestView:
 _WEBHOOK_EVENTS = ("start", "completed")
 
 
-def _webhook(record: Mapping[str, str]) -> WebhookDeliveries | None:
+def webhook_deliveries(record: Mapping[str, str]) -> WebhookDeliveries | None:
+    """How the webhook of a request's record (or a batch's hash: the same fields) went."""
     if not record.get("webhook"):
         return None
     ended = {event: record.get(f"webhook_{event}") for event in _WEBHOOK_EVENTS}

@@ -1,6 +1,7 @@
-"""Webhooks end to end: a real gateway (with its webhook sender), a real echo
-worker, the real broker and Redis, and a real HTTP receiver (aiohttp, in the
-test) that verifies every delivery with the `standardwebhooks` package.
+"""Webhooks end to end, of requests and of batches: a real gateway (with its
+webhook sender and batch runner), a real echo worker, the real broker and Redis,
+and a real HTTP receiver (aiohttp, in the test) that verifies every delivery
+with the `standardwebhooks` package.
 
 The receiver listens on 127.0.0.1, so these tests allow private addresses
 (LLMQ_WEBHOOK_ALLOW_PRIVATE=true), as local development would; the tests of the
@@ -21,9 +22,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from shared.keys import Keys
 from shared.schema import RequestMessage
+from shared.store import connect_redis
 from tests.conftest import isolated_settings, serve_gateway
 from tests.integration.helpers import api_keys, llmq_keys, submit, wait_final, wait_until
+from tests.integration.test_batches import _chat_lines, _client, _upload, _wait_batch
 
 
 @dataclass
@@ -334,3 +338,162 @@ async def test_an_event_delivered_once_is_not_posted_again_on_a_redelivery(setti
 
     await wait_until(skipped, what="the second event to be passed over")
     assert len(receiver.posts) == 1
+
+
+# ---- batches ---------------------------------------------------------------------
+# A batch's webhook (llmq's extension of OpenAI's POST /v1/batches, sent by the `openai`
+# client in `extra_body`) gets `batch.start` when it is validated and `batch.completed`
+# when it ends, whatever the end. Its lines get no webhook of their own.
+
+
+async def _batch(http, gateway, batch_id: str) -> dict:
+    async with http.get(f"{gateway.url}/v1/batches/{batch_id}") as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def _until_batch_webhook(http, gateway, batch_id: str, done: str) -> dict:
+    """The Batch object once its webhook lists event `done` as delivered or given up."""
+    batch: dict = {}
+
+    async def ended() -> bool:
+        nonlocal batch
+        batch = await _batch(http, gateway, batch_id)
+        hook = batch.get("webhook") or {}
+        return done in hook.get("delivered", []) + hook.get("given_up", [])
+
+    await wait_until(ended, timeout=30, what=f"the batch webhook's {done} event to end")
+    return batch
+
+
+async def _create_batch(client: openai.AsyncOpenAI, lines: int, **extra_body):
+    file_id = await _upload(client, _chat_lines(lines))
+    return await client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                       completion_window="24h", extra_body=extra_body)
+
+
+async def test_a_batch_gets_signed_start_and_completed_events(settings, gateway, start_worker, http, receiver):
+    await start_worker()
+    client = _client(gateway.url)
+    created = await _create_batch(client, 3, webhook=receiver.url)
+    assert created.status == "validating"
+    batch = await _wait_batch(client, created.id)
+    assert batch.status == "completed", batch
+    shown = await _until_batch_webhook(http, gateway, created.id, "completed")
+
+    start, completed = receiver.accepted(await _secret(http, gateway))  # both verify
+    assert receiver.ids() == [f"{created.id}.start", f"{created.id}.completed"]
+    assert start["type"] == "batch.start"
+    assert start["data"]["id"] == created.id and start["data"]["status"] == "in_progress"
+    assert start["data"]["request_counts"]["total"] == 3
+    assert completed["type"] == "batch.completed"
+    assert completed["data"]["status"] == "completed"
+    assert completed["data"]["request_counts"] == {"total": 3, "completed": 3, "failed": 0, "cancelled": 0}
+    assert completed["data"]["output_file_id"] == batch.output_file_id
+    assert shown["webhook"] == {"url": receiver.url, "events": ["start", "completed"], "attempts": 2,
+                                "last_status_code": 200, "last_error": None, "delivered": ["start", "completed"],
+                                "given_up": []}
+    # The delivery state is written on the batch's hash without cutting its lifetime to a request's.
+    redis = connect_redis(settings.redis_url)
+    try:
+        assert await redis.ttl(Keys.of(settings).batch(created.id)) > settings.result_ttl_seconds
+    finally:
+        await redis.aclose()
+    await client.close()
+
+
+async def test_a_batch_webhook_filter_is_respected(gateway, start_worker, http, receiver):
+    await start_worker()
+    client = _client(gateway.url)
+    created = await _create_batch(client, 2, webhook=receiver.url, webhook_events_filter=["completed"])
+    shown = await _until_batch_webhook(http, gateway, created.id, "completed")
+    # Events go in order per batch, so a `start` would have come before the `completed`.
+    [payload] = receiver.accepted(await _secret(http, gateway))
+    assert payload["type"] == "batch.completed" and payload["data"]["status"] == "completed"
+    assert shown["webhook"]["events"] == ["completed"] and shown["webhook"]["delivered"] == ["completed"]
+
+    with pytest.raises(openai.BadRequestError) as refused:  # not offered: refused, never ignored
+        await _create_batch(client, 1, webhook=receiver.url, webhook_events_filter=["output"])
+    assert refused.value.body["param"] == "webhook_events_filter"
+    await client.close()
+
+
+async def test_a_cancelled_batch_says_so_in_its_completed_event(gateway, start_worker, http, receiver):
+    await start_worker(echo_token_delay_ms=20, max_in_flight=4)  # slow, so most lines are still queued
+    client = _client(gateway.url)
+    created = await _create_batch(client, 60, webhook=receiver.url)
+    await _wait_batch(client, created.id, until={"in_progress"})
+    await client.batches.cancel(created.id)
+    batch = await _wait_batch(client, created.id)
+    assert batch.status == "cancelled", batch
+    await _until_batch_webhook(http, gateway, created.id, "completed")
+
+    payloads = receiver.accepted(await _secret(http, gateway))
+    assert [p["type"] for p in payloads] == ["batch.start", "batch.completed"]
+    data = payloads[-1]["data"]
+    assert data["status"] == "cancelled" and data["cancelled_at"]
+    assert data["request_counts"] == batch.request_counts.model_dump()
+    assert data["request_counts"]["cancelled"] > 0
+    await client.close()
+
+
+async def test_a_batch_that_fails_validation_gets_only_its_completed_event(gateway, http, receiver):
+    client = _client(gateway.url)
+    file_id = await _upload(client, _chat_lines(1) + [{**_chat_lines(1)[0], "url": "/v1/completions"}])
+    created = await client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                          completion_window="24h", extra_body={"webhook": receiver.url})
+    await _until_batch_webhook(http, gateway, created.id, "completed")
+    # Never `in_progress`, so no `start`: events go in order per batch, one would have come first.
+    [payload] = receiver.accepted(await _secret(http, gateway))
+    assert payload["type"] == "batch.completed"
+    assert payload["data"]["status"] == "failed"
+    assert payload["data"]["errors"]["data"][0]["code"] == "mismatched_endpoint"
+    await client.close()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "http://10.1.2.3/hook", "gopher://example.com/hook"])
+async def test_a_batch_webhook_to_a_private_address_is_refused_at_create(broker, redis_server, url):
+    async with serve_gateway(isolated_settings(broker, redis_server)) as gateway:  # the default: refused
+        client = _client(gateway.url)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await _create_batch(client, 1, webhook=url)
+        assert refused.value.body["param"] == "webhook"
+        assert [b async for b in client.batches.list()] == []  # nothing was created
+        await client.close()
+
+
+async def test_a_batch_webhook_that_always_fails_is_given_up_on_the_batch(settings, start_worker, http, receiver):
+    receiver.always = 500
+    async with serve_gateway(settings.model_copy(update={"webhook_retry_seconds": 1.0})) as gateway:
+        await start_worker()
+        client = _client(gateway.url)
+        created = await _create_batch(client, 1, webhook=receiver.url, webhook_events_filter=["completed"])
+        shown = await _until_batch_webhook(http, gateway, created.id, "completed")
+        await client.close()
+    assert shown["status"] == "completed"  # the batch's own end stands, whatever its webhook
+    assert shown["webhook"]["given_up"] == ["completed"] and shown["webhook"]["delivered"] == []
+    assert shown["webhook"]["last_status_code"] == 500
+    assert shown["webhook"]["attempts"] == len(receiver.posts) >= 2
+    [dead] = await _dead_letters(settings, 1)
+    assert json.loads(dead.value)["id"] == f"{created.id}.completed"
+    assert json.loads(dead.value)["subject"] == "batch"
+
+
+async def test_a_batch_webhook_is_signed_with_its_owners_secret(broker, redis_server, http, start_worker, receiver):
+    secured = isolated_settings(broker, redis_server, auth=True, webhook_allow_private=True)
+    keys = api_keys(secured, "alice", "bob")
+    async with serve_gateway(secured) as gateway:
+        await start_worker(**{k: getattr(secured, k) for k in ("request_topic", "consumer_group", "redis_prefix",
+                                                              "webhook_topic")})
+        alice, bob = [await _secret(http, gateway, keys[name]) for name in ("alice", "bob")]
+        client, other = _client(gateway.url, keys["alice"]), _client(gateway.url, keys["bob"])
+        created = await _create_batch(client, 1, webhook=receiver.url, webhook_events_filter=["completed"])
+        await wait_until(lambda: _posted(receiver, 1), timeout=30, what="the delivery")
+        with pytest.raises(openai.NotFoundError):  # nor does bob see the batch, or its deliveries
+            await other.batches.retrieve(created.id)
+        await client.close()
+        await other.close()
+    [payload] = receiver.accepted(alice)
+    assert payload["data"]["id"] == created.id
+    with pytest.raises(WebhookVerificationError):
+        receiver.accepted(bob)

@@ -49,6 +49,9 @@ async def test_chunks_resume_where_the_last_one_ended(tmp_path):
     (_line("a", stream=True), "invalid_value", "body.stream"),
     (_line("a", max_tokens=65), "invalid_value", "body.max_tokens"),
     (_line("a", max_tokens=8, metadata={f"k{i}": "v" for i in range(16)}), "invalid_value", "body.metadata"),
+    # A line gets no webhook of its own: the batch's tells of the whole batch.
+    (_line("a", max_tokens=8, webhook="https://hooks.example/h"), "invalid_value", "body.webhook"),
+    (_line("a", max_tokens=8, webhook_events_filter=["completed"]), "invalid_value", "body.webhook_events_filter"),
 ])
 def test_a_line_the_endpoint_would_refuse_says_why(data, code, param):
     with pytest.raises(LineError) as refused:

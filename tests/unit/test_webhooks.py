@@ -1,6 +1,7 @@
 """The webhook pieces that need no services: where a URL may point (literal
 addresses only: no DNS is reachable here, the integration tests resolve
-`localhost`), Standard Webhooks signatures, and the payload's bound."""
+`localhost`), Standard Webhooks signatures, the payload's bound, and the event
+message's subjects (a request's, a batch's)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from shared.schema import Output, RequestView, Status, Timings, WebhookDeliveries
 from shared.webhooks import (
+    EventError,
     WebhookEventMessage,
     WebhookUrlError,
     _bounded,
     check_webhook_url,
     new_secret,
+    parse_event,
     signed_headers,
 )
 
@@ -64,3 +67,26 @@ def test_an_output_too_large_for_the_payload_is_left_out():
     bounded = _bounded(data, 4096)
     assert bounded["output"] == {"text": "", "finish_reason": "length", "truncated": True}
     assert len(json.dumps(bounded)) < 4096
+
+
+def test_an_event_without_a_subject_is_a_requests_and_a_requests_is_written_without_one():
+    """The event message grew `subject` within version 1: what senders and producers from
+    before batches had webhooks wrote and read still means the same."""
+    before = b'{"v":1,"id":"r1.start","type":"start","request_id":"r1","url":"https://a.example/h",' \
+             b'"tenant":null,"created_at":1.0,"data":{}}'
+    event = parse_event(before)
+    assert (event.subject, event.subject_id) == ("request", "r1")
+    assert json.loads(event.body())["type"] == "request.start"
+    assert event.to_bytes() == before  # a request's event is written as before: no `subject`
+
+
+def test_a_batch_event_names_its_subject_and_is_typed_batch():
+    event = WebhookEventMessage(id="batch_1.completed", type="completed", subject="batch", subject_id="batch_1",
+                                url="https://a.example/h", created_at=1.0, data={"status": "cancelled"})
+    written = json.loads(event.to_bytes())
+    assert written["subject"] == "batch" and written["request_id"] == "batch_1"
+    assert parse_event(event.to_bytes()) == event
+    assert json.loads(event.body()) == {"type": "batch.completed", "timestamp": "1970-01-01T00:00:01Z",
+                                        "data": {"status": "cancelled"}}
+    with pytest.raises(EventError):
+        parse_event(event.to_bytes().replace(b'"batch"', b'"file"'))  # an unknown subject: dead-lettered
