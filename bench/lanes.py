@@ -31,6 +31,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.scaler import wait_ready
 from deploy.devstack import free_port, python_env, start_broker, start_redis, wait_for_port
 from deploy.settings import StackSettings
 
@@ -46,19 +47,6 @@ class Result:
     max_s: float
     backlog_done_by_end: int
     window_s: float  # first probe submitted -> last probe answered
-
-
-async def _wait_ready(url: str) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(600):
-            try:
-                async with http.get(f"{url}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError("gateway not ready")
 
 
 async def _served(http: aiohttp.ClientSession, url: str) -> int:
@@ -84,7 +72,7 @@ async def scenario(name: str, base: StackSettings, args, workdir: Path, backlog_
     try:
         wait_for_port(settings.http_port, 60, gateway, "gateway")
         wait_for_port(settings.metrics_port, 120, worker, "worker")
-        await _wait_ready(url)
+        await wait_ready(url)
         async with aiohttp.ClientSession() as http:
             # 1) warm-up: the worker has joined its group and answers
             async with http.post(f"{url}/v1/requests", json=body, headers={"Prefer": "wait=60"}) as resp:

@@ -119,7 +119,8 @@ def _first_worker_events(log_dir: Path) -> dict[str, float]:
     return times
 
 
-async def _wait_ready(url: str, timeout: float = 60) -> None:
+async def wait_ready(url: str, timeout: float = 60) -> None:
+    """Until the gateway at `url` answers /readyz with 200 (RuntimeError after `timeout`)."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
@@ -162,7 +163,7 @@ async def scenario(name: str, base: StackSettings, args, workdir: Path, scaled: 
     try:
         url = f"http://127.0.0.1:{settings.http_port}"
         wait_for_port(settings.http_port, 60, gateway, "gateway")
-        await _wait_ready(url)
+        await wait_ready(url)
         if not scaled:  # the fixed worker is up and has joined before the load starts
             while not (log_dir.exists() and _worker_start_times(log_dir)[2]):
                 await asyncio.sleep(0.1)

@@ -22,7 +22,7 @@ from collections import deque
 import aiohttp
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from gateway.metrics import GatewayMetrics
@@ -174,16 +174,7 @@ class WebhookSender:
             self._failed = self._failed or task.exception()
 
     async def commit(self) -> None:
-        offsets = self.offsets.committable()
-        if not offsets:
-            return
-        try:
-            await self.consumer.commit(offsets)
-            self.offsets.committed(offsets)
-        except (CommitFailedError, IllegalStateError) as exc:
-            log.warning("webhook_commit_failed", error=str(exc))  # moved to another sender: it redelivers
-        except KafkaError as exc:
-            log.warning("webhook_commit_failed_will_retry", error=str(exc))
+        await self.offsets.commit(self.consumer, "webhook")
 
     # ---- one event -------------------------------------------------------------
 

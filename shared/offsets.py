@@ -12,7 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from aiokafka import TopicPartition
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+log = structlog.get_logger(__name__)
 
 
 class OffsetTracker:
@@ -44,6 +48,22 @@ class OffsetTracker:
 
     def committed(self, offsets: dict[TopicPartition, int]) -> None:
         self._committed.update(offsets)
+
+    async def commit(self, consumer: AIOKafkaConsumer, what: str) -> None:
+        """Commit each partition of `consumer` up to its lowest unfinished offset. A failed
+        commit is logged (`{what}_commit_failed`) and not raised: partitions that moved to
+        another member are read again from the last commit there (the records make it skip
+        what finished here); a broker error is tried again at the next commit."""
+        offsets = self.committable()
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+            self.committed(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            log.warning(f"{what}_commit_failed", error=str(exc))
+        except KafkaError as exc:
+            log.warning(f"{what}_commit_failed_will_retry", error=str(exc))
 
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop partitions this worker no longer owns (after a rebalance)."""

@@ -13,7 +13,7 @@ import time
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import KafkaError
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
@@ -167,15 +167,4 @@ class ResultWriter:
 
     async def commit(self) -> None:
         """Commit each partition up to its lowest unfinished offset."""
-        offsets = self.offsets.committable()
-        if not offsets:
-            return
-        try:
-            await self.consumer.commit(offsets)
-            self.offsets.committed(offsets)
-        except (CommitFailedError, IllegalStateError) as exc:
-            # Partitions moved to another member: it re-reads from the last commit,
-            # and the final records make it skip what we finished.
-            log.warning("commit_failed", error=str(exc))
-        except KafkaError as exc:
-            log.warning("commit_failed_will_retry", error=str(exc))
+        await self.offsets.commit(self.consumer, "request")
