@@ -211,7 +211,16 @@ async def measure(base: str, stack: dict, args: argparse.Namespace) -> dict:
         "interactive_idle": {"calls": len(quiet), "errors": idle.errors, "p50_ms": ms(percentile(quiet, 50)),
                              "p99_ms": ms(percentile(quiet, 99))},
         "interactive_during_batch": {"calls": len(during), "errors": busy.errors,
-                                     "p50_ms": ms(percentile(during, 50)), "p99_ms": ms(percentile(during, 99))},
+                                     "p50_ms": ms(percentile(during, 50)), "p99_ms": ms(percentile(during, 99)),
+                                     # when the slowest calls were sent, from batches.create: which phase
+                                     # (validation, enqueue, running, finalizing) they met
+                                     "slowest": [{"sent_after_create_s": round(sent - created_at, 2),
+                                                  "ms": ms(seconds)}
+                                                 for sent, seconds in sorted(busy.samples, key=lambda x: -x[1])[:10]
+                                                 if created_at <= sent <= done_at]},
+        "phases_after_create_s": {"first_line_started": round(first_started - created_at, 2),
+                                  "last_line_finished": round(last_finished - created_at, 2),
+                                  "completed": round(completed_at - created_at, 2)},
         "counts": batch.request_counts.model_dump(),
         "webhooks": webhooks,
         "cache": cache,

@@ -100,6 +100,7 @@ class Gateway:
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.producer = None
+        self.bulk_producer = None  # batch lines': a connection of their own (see _start)
         self.redis = None
         self.store: RequestStore | None = None
         self.streams: TokenStreams | None = None
@@ -159,7 +160,12 @@ class Gateway:
         self.files.start()
         self.batches = BatchStore(self.redis, self.store.keys, s.batch_ttl_seconds)
         self.webhook_events = WebhookEvents(self.producer, s.webhook_topic, s.webhook_max_payload_bytes)
-        self.batch_runner = BatchRunner(s, self.batches, self.files, self.producer, self.served_models,
+        # Batch lines go out on a producer of their own: a producer sends one request at a
+        # time to each broker, so a chunk of lines on the shared one would hold every
+        # interactive submit behind it.
+        self.bulk_producer = make_producer(s)
+        await start_with_retry(self.bulk_producer, "bulk-producer")
+        self.batch_runner = BatchRunner(s, self.batches, self.files, self.bulk_producer, self.served_models,
                                         self.metrics, self.webhook_events)
         self._batch_loop = asyncio.create_task(self.batch_runner.run(), name="batch-runner")
         if s.webhook_sender:
@@ -212,8 +218,9 @@ class Gateway:
             await self.waiter.close()
         if self.stream_hub is not None:
             await self.stream_hub.close()
-        if self.producer is not None:
-            await self.producer.stop()
+        for producer in (self.producer, self.bulk_producer):
+            if producer is not None:
+                await producer.stop()
         if self.redis is not None:
             await self.redis.aclose()
 

@@ -23,8 +23,10 @@ import json
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TypeVar
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -55,6 +57,7 @@ from shared.store.models import ServedModels
 from shared.webhooks import WebhookEvents
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 MAX_ERRORS = 100  # validation errors a failed batch reports (OpenAI reports a bounded list too)
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 
@@ -67,6 +70,26 @@ class LeaseLost(Exception):
 class RunnerStats:
     lines_enqueued: int = 0
     batches_ended: int = 0
+
+
+# Lines handled between two turns of the event loop: a chunk's CPU work (parsing lines,
+# building records and messages, output lines) would otherwise hold up the interactive
+# requests this gateway serves for the whole chunk.
+LINES_PER_TURN = 32
+
+
+def in_slices(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    """`items` in slices of LINES_PER_TURN: one Redis round trip each, so parsing its
+    answer is a short turn of the event loop too."""
+    return (items[i:i + LINES_PER_TURN] for i in range(0, len(items), LINES_PER_TURN))
+
+
+async def taking_turns(items: Iterable[T]) -> AsyncIterator[T]:
+    """`items`, letting the event loop run other tasks every LINES_PER_TURN of them."""
+    for index, item in enumerate(items):
+        if index and index % LINES_PER_TURN == 0:
+            await asyncio.sleep(0)
+        yield item
 
 
 def finished(batch: dict[str, str]) -> int:
@@ -211,7 +234,7 @@ class BatchRunner:
                 errors.append(LineError("too_many_lines", f"the file has more than {self.settings.batch_max_lines} "
                                         "requests (LLMQ_BATCH_MAX_LINES)", raws[-1].line).entry())
                 break
-            for raw in raws:
+            async for raw in taking_turns(raws):
                 model = self._check_line(raw, batch, seen, model, errors)
             if len(errors) >= MAX_ERRORS:
                 break
@@ -269,7 +292,7 @@ class BatchRunner:
             await self._hold(batch_id)
             if (await self.batches.get(batch_id) or {}).get("status") != "in_progress":
                 return  # cancelled (or gone) meanwhile: enqueue no more
-            lines = [parse_line(raw, batch["endpoint"], self.settings) for raw in raws]  # validated: no LineError
+            lines = [parse_line(raw, batch["endpoint"], self.settings) async for raw in taking_turns(raws)]  # validated: no LineError
             await self._enqueue_chunk(batch_id, batch, lines)
             await self.batches.set(batch_id, {"cursor": after.index, "cursor_offset": after.offset,
                                               "cursor_line": after.line})
@@ -289,13 +312,15 @@ class BatchRunner:
     async def _enqueue_chunk(self, batch_id: str, batch: dict[str, str], lines: list[Line]) -> None:
         # 1) the records, where missing
         submitted_at = time.time()
-        made = [self._line_fields(batch_id, batch, line, submitted_at) for line in lines]
-        statuses = await self.batches.create_lines([(line_id, record) for line_id, _, record in made],
-                                                   self.keys.result_ttl_seconds)
+        made = [self._line_fields(batch_id, batch, line, submitted_at) async for line in taking_turns(lines)]
+        statuses = []
+        for part in in_slices(made):
+            statuses += await self.batches.create_lines([(line_id, record) for line_id, _, record in part],
+                                                        self.keys.result_ttl_seconds)
         # 2) the messages of lines no worker has taken yet, on the bulk lane, all acked
         tenant = batch.get("tenant") or None
         sent = []
-        for (line_id, spec, _), status in zip(made, statuses):
+        async for (line_id, spec, _), status in taking_turns(zip(made, statuses)):
             if status not in ("created", "queued"):
                 continue  # a resumed chunk: a worker has it already
             message = RequestMessage.model_construct(
@@ -351,7 +376,7 @@ class BatchRunner:
         async for raws, _ in read_lines(path, self.settings.batch_enqueue_chunk):
             await self._hold(batch_id)
             made = [self._line_fields(batch_id, batch, parse_line(raw, batch["endpoint"], self.settings), now)
-                    for raw in raws if raw.index < total]
+                    async for raw in taking_turns(raws) if raw.index < total]
             await self.batches.settle_lines([(line_id, record) for line_id, _, record in made], status, counter,
                                             (code, NOT_RUN[code]), leave_running, self.keys.result_ttl_seconds)
 
@@ -371,8 +396,8 @@ class BatchRunner:
                 await self._hold(batch_id)
                 raws = [raw for raw in raws if raw.index < total]
                 ids = [Keys.batch_line(batch_id, raw.index) for raw in raws]
-                records = await self.batches.line_records(ids)
-                for raw, line_id, record in zip(raws, ids, records):
+                records = [record for part in in_slices(ids) for record in await self.batches.line_records(part)]
+                async for raw, line_id, record in taking_turns(zip(raws, ids, records)):
                     ok, text = result_line(call, line_id, json.loads(raw.data)["custom_id"], record)
                     (output if ok else errors).add(text)
                 await output.flush()
