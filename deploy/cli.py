@@ -90,6 +90,8 @@ def up(_args: argparse.Namespace) -> int:
             overrides["redis_url"] = services[-1].url
         if "LLMQ_AUTH" not in os.environ:
             overrides["auth"] = False  # local mode (the banner says so)
+        if "LLMQ_WEBHOOK_ALLOW_PRIVATE" not in os.environ:
+            overrides["webhook_allow_private"] = True  # local mode: a receiver on this machine
         settings = settings.model_copy(update=overrides)
 
         # 2) the model: build the tiny local one on first run
@@ -151,6 +153,7 @@ llmq is up.
   scaler    local, {scaler_settings.min} to {scaler_settings.max} workers from the queue's depth \
 (LLMQ_SCALER_MIN, LLMQ_SCALER_MAX, ...; `scaler --help`)
   auth      {"on (keys: llmq keys create NAME)" if settings.auth else "off (local mode)"}
+  webhooks  {"to any address (local mode)" if settings.webhook_allow_private else "to public addresses only"}
 
 Try:
   curl -s -X POST {url}/v1/requests -H 'Content-Type: application/json' -d '{example}'
