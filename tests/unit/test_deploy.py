@@ -23,7 +23,7 @@ from deploy.settings import StackSettings
 from gateway.main import parse_settings as gateway_parse
 from scaler.main import parse as scaler_parse
 from scaler.settings import ScalerSettings
-from shared.settings import env_names
+from shared.settings import ServiceSettings, env_names
 from workers.main import parse_settings as worker_parse
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,8 +168,11 @@ def test_topics_are_created_before_llmq_starts_with_the_partitions_of_the_settin
     topics = dict(creates)
     gateway_env = environment(services["gateway"])
     bulk_topic = gateway_env.get("LLMQ_BULK_TOPIC") or f"{gateway_env['LLMQ_REQUEST_TOPIC']}.bulk"
-    assert set(topics) == {gateway_env["LLMQ_REQUEST_TOPIC"], bulk_topic, gateway_env["LLMQ_DLQ_TOPIC"]}
+    webhooks = ServiceSettings()  # the compose file leaves the webhook topics at their defaults
+    assert set(topics) == {gateway_env["LLMQ_REQUEST_TOPIC"], bulk_topic, gateway_env["LLMQ_DLQ_TOPIC"],
+                           webhooks.webhook_topic, webhooks.webhook_dlq_topic}
     assert topics["llmq.requests"] == topics[bulk_topic] == gateway_env["LLMQ_REQUEST_PARTITIONS"] == "8"
+    assert topics[webhooks.webhook_topic] == "8"  # as many gateways as partitions share the deliveries
     for name in LLMQ_SERVICES:
         depends = services[name]["depends_on"]
         assert depends["kafka-init"]["condition"] == "service_completed_successfully", name
