@@ -153,7 +153,8 @@ class RequestSpec(_Strict):
     webhook: str | None = Field(default=None, max_length=MAX_WEBHOOK_URL_CHARS,
                                 pattern=r"^https?://[^\s/?#@]+([/?#]\S*)?$",
                                 description="http(s) URL that gets this request's events, signed "
-                                            "(Standard Webhooks).")
+                                            "(Standard Webhooks). A host that doesn't resolve to public "
+                                            "addresses only is refused (422), unless the deployment allows it.")
     webhook_events_filter: list[WebhookEvent] | None = Field(
         default=None, min_length=1, max_length=2,
         description="Which events reach `webhook`: `start` (a worker started it), `completed` (it is "

@@ -50,7 +50,8 @@ _REQUEST_FIELDS = RequestSpec.model_json_schema()["properties"]
 # `in_progress`) and `batch.completed` (ended, whatever the status). Its lines get none.
 _WEBHOOK_PARAMS = {
     "webhook": {**_REQUEST_FIELDS["webhook"], "description": "llmq's: http(s) URL that gets this batch's events "
-                "(`batch.start`, `batch.completed`), signed (Standard Webhooks). Not on a public address: 400."},
+                "(`batch.start`, `batch.completed`), signed (Standard Webhooks). A host that doesn't resolve to "
+                "public addresses only: 400."},
     "webhook_events_filter": {
         **_REQUEST_FIELDS["webhook_events_filter"],
         "description": "llmq's: which events reach `webhook`: `start` (validated, now `in_progress`), `completed` "

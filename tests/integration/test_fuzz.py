@@ -149,14 +149,22 @@ def accepts_what_it_documents(ctx, response, case):
     are deployment settings (LLMQ_MAX_PROMPT_CHARS, LLMQ_MAX_TOKENS_LIMIT), a deadline
     already past when it arrives (the document says it is refused), an Idempotency-Key
     that an earlier generated request already used with another body (a refusal that
-    depends on what came before, as the document says), and a `model` no worker serves
-    (what is served is the deployment's, as the document says). A request the document calls valid
-    may be refused for those, with their own typed errors, and for nothing else."""
-    if response.status_code in (413, 422):
+    depends on what came before, as the document says), a `model` no worker serves
+    (what is served is the deployment's, as the document says), and a `webhook` whose host
+    doesn't resolve or resolves to a non-public address (what DNS says, as the document
+    says). A request the document calls valid may be refused for those, with their own
+    typed errors, and for nothing else."""
+    if response.status_code in (400, 413, 422):
         try:
             error = response.json()["error"]
         except (ValueError, KeyError, TypeError):
             error = {}
+        where_it_points = ("does not resolve", " address (")
+        if (error.get("field") or error.get("param")) == "webhook" and any(
+                words in error.get("message", "") for words in where_it_points):
+            return None
+        if response.status_code == 400:
+            return positive_data_acceptance(ctx, response, case)
         if error.get("type") in ("prompt_too_large", "idempotency_key_reused", "model_not_found") or (
                 error.get("field") == "params.max_tokens" and "must be at most" in error.get("message", "")) or (
                 error.get("field") == "deadline" and "already passed" in error.get("message", "")):
