@@ -74,6 +74,10 @@ def isolated_settings(broker: Service, redis_server: Service, **overrides) -> St
         "webhook_topic": f"llmq.webhooks.{tag}",
         "webhook_dlq_topic": f"llmq.webhooks.{tag}.dlq",
         "webhook_consumer_group": f"llmq-webhooks-{tag}",
+        # No webhook sender unless a test asks (tests/integration/test_webhooks.py): each is one
+        # more group member per gateway, whose join takes seconds on the dev broker, and a
+        # gateway stopped while it joins waits for it. `llmq up` (tests/e2e) runs the default.
+        "webhook_sender": False,
         "redis_prefix": f"llmq-{tag}",
         "files_dir": Path(tempfile.gettempdir()) / f"llmq-files-{tag}",  # not the checkout's .llmq/files
         "request_partitions": 4,

@@ -71,7 +71,8 @@ async def receiver() -> AsyncIterator[Receiver]:
 @pytest.fixture
 def settings(broker, redis_server):
     """Private addresses allowed (the receiver is on 127.0.0.1), and short back-offs."""
-    return isolated_settings(broker, redis_server, webhook_allow_private=True, webhook_backoff_seconds=0.05,
+    return isolated_settings(broker, redis_server, webhook_sender=True, webhook_allow_private=True,
+                             webhook_backoff_seconds=0.05,
                              webhook_backoff_max_seconds=0.2, webhook_retry_seconds=30.0)
 
 
@@ -215,7 +216,7 @@ async def test_a_kafka_request_to_a_private_address_is_dead_lettered(broker, red
                                                                      receiver):
     """On Kafka nothing can refuse the request at submit: it runs, and the sender refuses
     the delivery (dead-lettered with the reason, on the record too)."""
-    strict = isolated_settings(broker, redis_server)
+    strict = isolated_settings(broker, redis_server, webhook_sender=True)  # private addresses refused
     async with serve_gateway(strict) as gateway:
         worker_settings = strict.model_dump()
         await start_worker(**{k: worker_settings[k] for k in ("request_topic", "consumer_group", "redis_prefix",
@@ -278,7 +279,7 @@ async def _attempts(receiver: Receiver, count: int) -> bool:
 
 
 async def test_each_key_signs_with_its_own_secret(broker, redis_server, http, start_worker, receiver):
-    secured = isolated_settings(broker, redis_server, auth=True, webhook_allow_private=True)
+    secured = isolated_settings(broker, redis_server, auth=True, webhook_sender=True, webhook_allow_private=True)
     keys = api_keys(secured, "alice", "bob")
     async with serve_gateway(secured) as gateway:
         await start_worker(**{k: getattr(secured, k) for k in ("request_topic", "consumer_group", "redis_prefix",
@@ -480,7 +481,7 @@ async def test_a_batch_webhook_that_always_fails_is_given_up_on_the_batch(settin
 
 
 async def test_a_batch_webhook_is_signed_with_its_owners_secret(broker, redis_server, http, start_worker, receiver):
-    secured = isolated_settings(broker, redis_server, auth=True, webhook_allow_private=True)
+    secured = isolated_settings(broker, redis_server, auth=True, webhook_sender=True, webhook_allow_private=True)
     keys = api_keys(secured, "alice", "bob")
     async with serve_gateway(secured) as gateway:
         await start_worker(**{k: getattr(secured, k) for k in ("request_topic", "consumer_group", "redis_prefix",
