@@ -53,7 +53,7 @@ import openai
 
 from bench.engine import make_workload
 from bench.pipeline import (Children, CpuMeter, console_script, llmq_env, log, machine, median, ms, percentile,
-                            with_children)
+                            run_and_report)
 from deploy.devstack import ServiceError, free_port, start_broker, start_redis, wait_for_port
 from shared.schema import ChatMessage, Params
 from workers import tinymodel
@@ -425,16 +425,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    def body(children: Children, tmp: Path) -> None:
-        result = run(args, children, tmp)
-        print(report(result), flush=True)
+    def report_with_peer(result: dict) -> str:
         peer = "installed, not measured by this bench yet" if importlib.util.find_spec("vllm") else "not installed here"
-        print(f"vLLM peer: {peer}", flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return f"{report(result)}\nvLLM peer: {peer}"
 
-    return with_children(body, args.keep, prefix="llmq-bench-openai-")
-
+    return run_and_report(lambda children, tmp: run(args, children, tmp), report_with_peer, args.json, args.keep,
+                          prefix="llmq-bench-openai-")
 
 if __name__ == "__main__":
     sys.exit(main())

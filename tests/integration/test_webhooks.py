@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import openai
@@ -278,13 +279,21 @@ async def _attempts(receiver: Receiver, count: int) -> bool:
     return len(receiver.posts) >= count
 
 
-async def test_each_key_signs_with_its_own_secret(broker, redis_server, http, start_worker, receiver):
+@asynccontextmanager
+async def _alice_and_bob(broker, redis_server, http, start_worker):
+    """A gateway with API keys on (and its webhook sender), a worker on its topics, and two
+    keys, alice and bob: (gateway, its settings, the keys, their webhook secrets)."""
     secured = isolated_settings(broker, redis_server, auth=True, webhook_sender=True, webhook_allow_private=True)
     keys = api_keys(secured, "alice", "bob")
     async with serve_gateway(secured) as gateway:
         await start_worker(**{k: getattr(secured, k) for k in ("request_topic", "consumer_group", "redis_prefix",
                                                               "webhook_topic")})
-        alice, bob = [await _secret(http, gateway, keys[name]) for name in ("alice", "bob")]
+        secrets = [await _secret(http, gateway, keys[name]) for name in ("alice", "bob")]
+        yield gateway, secured, keys, secrets
+
+
+async def test_each_key_signs_with_its_own_secret(broker, redis_server, http, start_worker, receiver):
+    async with _alice_and_bob(broker, redis_server, http, start_worker) as (gateway, secured, keys, (alice, bob)):
         async with http.post(f"{gateway.url}/v1/requests", headers={"Authorization": f"Bearer {keys['alice']}"},
                              json={"input": {"prompt": "mine"}, "webhook": receiver.url,
                                    "webhook_events_filter": ["completed"]}) as resp:
@@ -481,12 +490,7 @@ async def test_a_batch_webhook_that_always_fails_is_given_up_on_the_batch(settin
 
 
 async def test_a_batch_webhook_is_signed_with_its_owners_secret(broker, redis_server, http, start_worker, receiver):
-    secured = isolated_settings(broker, redis_server, auth=True, webhook_sender=True, webhook_allow_private=True)
-    keys = api_keys(secured, "alice", "bob")
-    async with serve_gateway(secured) as gateway:
-        await start_worker(**{k: getattr(secured, k) for k in ("request_topic", "consumer_group", "redis_prefix",
-                                                              "webhook_topic")})
-        alice, bob = [await _secret(http, gateway, keys[name]) for name in ("alice", "bob")]
+    async with _alice_and_bob(broker, redis_server, http, start_worker) as (gateway, _, keys, (alice, bob)):
         client, other = _client(gateway.url, keys["alice"]), _client(gateway.url, keys["bob"])
         created = await _create_batch(client, 1, webhook=receiver.url, webhook_events_filter=["completed"])
         await wait_until(lambda: _posted(receiver, 1), timeout=30, what="the delivery")
