@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from pydantic import Field, SecretStr
 
@@ -34,9 +33,6 @@ class GatewaySettings(ServiceSettings):
     idempotency_window_seconds: int = Field(default=86_400, ge=1)
 
     # --- files and batches (OpenAI's /v1/files and /v1/batches) ---------------------------
-    # Where uploaded files and batch outputs live, each with its metadata beside it. Several
-    # gateways must share it (NFS, EFS, CephFS; ReadWriteMany in Kubernetes).
-    files_dir: Path = Field(default=Path(".llmq/files"), json_schema_extra=cli("--files-dir"))
     # Largest file accepted by POST /v1/files, bytes (413 above it); OpenAI's batch limit.
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     # Most lines in one batch's input file (the batch fails validation above it); OpenAI's limit.

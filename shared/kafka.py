@@ -64,8 +64,8 @@ def make_consumer(settings: ServiceSettings, group_id: str | None = None, **opti
 
 
 async def ensure_topics(settings: ServiceSettings) -> None:
-    """Create the request topics (both lanes), the webhooks topic and their dead-letter
-    topics if they don't exist yet.
+    """Create the request topics (both lanes), the webhooks topic, their dead-letter
+    topics and the fine-tuning topic if they don't exist yet.
 
     Auto-creation on first produce would give the broker's default partition
     count, which caps how many workers can share the load.
@@ -78,6 +78,7 @@ async def ensure_topics(settings: ServiceSettings) -> None:
             NewTopic(settings.dlq_topic, 1, 1),
             NewTopic(settings.webhook_topic, settings.request_partitions, 1),
             NewTopic(settings.webhook_dlq_topic, 1, 1),
+            NewTopic(settings.fine_tuning_topic, settings.fine_tuning_partitions, 1),
         ]
         try:
             await admin.create_topics(topics)

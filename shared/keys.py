@@ -52,6 +52,16 @@
   renews the record's TTL). So does a batch's hash, for the batch's webhook (with
   `webhook_start_queued`, set once its `start` event is on the topic): a write
   there leaves the hash's own TTL as it is (`webhook_holder`).
+- `{prefix}:ftjob:{id}`: a fine-tuning job, one hash: its spec, status, owner
+  trainer and lease, progress, eval figures and error. Expires
+  `training_ttl_seconds` (LLMQ_TRAINING_TTL_SECONDS, default 30 days) after its
+  last status change; `{prefix}:ftjob-events:{id}` (a list of its events, oldest
+  first) and `{prefix}:ftjob-checkpoints:{id}` (a list of its checkpoints) live as
+  long. `{prefix}:ftjobs-of:{name}`: sorted set of a key's job ids by creation time.
+- `{prefix}:finetuned`: hash of published fine-tuned models (served name -> owner
+  key, base model, method, job); no expiry (a model outlives its job's record).
+- `{prefix}:trainable`: hash of the base models trainers train (name -> when first
+  registered), like `{prefix}:models`; no expiry.
 """
 
 from __future__ import annotations
@@ -132,6 +142,26 @@ class Keys:
         """The request id of a batch's line (0-based): deterministic, so a resumed enqueue
         finds the records it created before."""
         return f"{batch_id}-{line}"
+
+    def training_job(self, job_id: str) -> str:
+        return f"{self.prefix}:ftjob:{job_id}"
+
+    def training_events(self, job_id: str) -> str:
+        return f"{self.prefix}:ftjob-events:{job_id}"
+
+    def training_checkpoints(self, job_id: str) -> str:
+        return f"{self.prefix}:ftjob-checkpoints:{job_id}"
+
+    def training_jobs_of(self, tenant: str) -> str:
+        return f"{self.prefix}:ftjobs-of:{tenant}"
+
+    @property
+    def fine_tuned_models(self) -> str:
+        return f"{self.prefix}:finetuned"
+
+    @property
+    def trainable_models(self) -> str:
+        return f"{self.prefix}:trainable"
 
     def webhook_secret(self, tenant: str) -> str:
         return f"{self.prefix}:whsecret:{tenant}"

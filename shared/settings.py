@@ -68,6 +68,20 @@ class ServiceSettings(BaseSettings):
     # Largest webhook payload, bytes: an output text that would make it larger is left out (`output.truncated`).
     webhook_max_payload_bytes: int = Field(default=262_144, ge=4096)
 
+    # Topic of fine-tuning jobs (key: the job id), produced by gateways and read by trainers.
+    fine_tuning_topic: str = "llmq.fine_tuning"
+    # Partitions of the fine-tuning topic when llmq creates it (caps useful trainers).
+    fine_tuning_partitions: int = Field(default=4, ge=1)
+
+    # --- shared storage -------------------------------------------------------
+    # Where uploaded files (batch inputs, fine-tuning data) and batch outputs live, each with its
+    # metadata beside it. Gateways and trainers must share it (NFS, EFS, CephFS; ReadWriteMany
+    # in Kubernetes).
+    files_dir: Path = Field(default=Path(".llmq/files"), json_schema_extra=cli("--files-dir"))
+    # Where trainers publish fine-tuned models (adapters/ and models/, with each one's
+    # metadata beside it) and workers load them from: shared by trainers and workers.
+    registry_dir: Path = Field(default=Path(".llmq/registry"), json_schema_extra=cli("--registry-dir"))
+
     # --- Redis ----------------------------------------------------------------
     # Redis URL for request records and completion notifications.
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", json_schema_extra=cli("--redis-url"))
@@ -77,6 +91,8 @@ class ServiceSettings(BaseSettings):
     result_ttl_seconds: int = Field(default=86_400, ge=1)
     # How long a watched request's token stream (SSE, and resuming one) stays in Redis after its last entry.
     stream_ttl_seconds: int = Field(default=3_600, ge=1)
+    # How long a fine-tuning job's record, events and checkpoints list stay in Redis after its last change.
+    training_ttl_seconds: int = Field(default=30 * 86_400, ge=1)
     # Most entries a token stream keeps (each one write's worth of deltas); a reader that falls
     # further behind gets what it missed from the record's text, so the worker never waits for it.
     stream_max_entries: int = Field(default=4_096, ge=16)

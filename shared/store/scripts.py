@@ -281,3 +281,66 @@ end
 if tonumber(ARGV[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return kept
 """
+
+# ---- fine-tuning jobs (shared/store/fine_tuning.py) ----------------------------------
+
+# KEYS: job hash. ARGV: trainer, lease (s), ttl (s). Leases run on Redis's clock. A trainer takes a job that
+# is queued, or running under a lease that lapsed (its trainer died): status running,
+# itself the owner, attempts + 1. Returns the attempt number; 0 if the job ended (or
+# is gone); -1 if another trainer's lease on it is live.
+CLAIM_TRAINING = LUA_NOW + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
+local now = server_now()
+if status == 'running' then
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  local until_ = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+  if owner ~= ARGV[1] and until_ > now then return -1 end
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[1], 'lease_until', tostring(now + tonumber(ARGV[2])))
+redis.call('HSETNX', KEYS[1], 'started_at', math.floor(now))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+"""
+
+# KEYS: job hash. ARGV: trainer, lease (s), fields (flat JSON). The owner renews
+# its lease and writes its progress. Returns 1, plus 1 more if a cancel was asked for
+# (2); 0: the job is no longer this trainer's (lease lost, or it ended).
+RENEW_TRAINING = LUA_HSET_JSON + LUA_NOW + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'lease_until', tostring(server_now() + tonumber(ARGV[2])))
+hset_json(KEYS[1], ARGV[3])
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 2 end
+return 1
+"""
+
+# KEYS: job hash. ARGV: trainer ('' : any, for a job no trainer holds), status, fields
+# (flat JSON), ttl (s). Ends a running (or queued) job, only for its owner: a trainer
+# that lost its lease cannot also finish the job. Returns 1 if ended here.
+END_TRAINING = LUA_HSET_JSON + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' and status ~= 'queued' and status ~= 'validating_files' then return 0 end
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+hset_json(KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# KEYS: job hash. ARGV: now (s), ttl (s). A job not started yet ends cancelled at once;
+# a running one is marked for its trainer, which stops within a step. Returns the
+# status it has now ('cancelled', 'running' (cancel asked), or the final one it had).
+CANCEL_TRAINING = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return nil end
+if status == 'validating_files' or status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', math.floor(tonumber(ARGV[1])))
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 'cancelled'
+end
+if status == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
+return status
+"""
