@@ -17,6 +17,7 @@ from prometheus_client import Counter, Gauge
 
 from scaler.backends import Backend
 from scaler.policy import Decision, PolicyConfig, ScalingPolicy
+from scaler.pools import Pool
 from scaler.settings import ScalerSettings
 from shared.lag import LagReader
 from shared.metrics import ServedMetrics
@@ -59,7 +60,8 @@ class Scaler:
         self.settings = settings
         self.scaler_settings = scaler_settings
         self.backend = backend
-        self.lag = lag_reader or LagReader(settings, settings.lane_topics)
+        self.pool = Pool.of(scaler_settings.pool, settings)
+        self.lag = lag_reader or LagReader(self.pool.lag_settings(settings), list(self.pool.topics))
         self.policy = ScalingPolicy(PolicyConfig.from_settings(scaler_settings))
         self.metrics = ScalerMetrics()
         self.stats = ScalerStats()
@@ -91,8 +93,7 @@ class Scaler:
             self.metrics.serve(s.metrics_port, s.metrics_host)
         await self.backend.start()
         await self.lag.start()
-        log.info("scaler_started", topic=self.settings.request_topic, bulk_topic=self.settings.bulk_topic_name,
-                 group=self.settings.consumer_group, min=s.min, max=s.max, bulk_max_workers=s.bulk_max_workers,
+        log.info("scaler_started", pool=self.pool.name, topics=list(self.pool.topics), group=self.pool.group, min=s.min, max=s.max, bulk_max_workers=s.bulk_max_workers,
                  target_per_worker=s.target_per_worker,
                  activation_threshold=s.activation_threshold, poll_interval_seconds=s.poll_interval_seconds,
                  stabilization_seconds=s.stabilization_seconds, idle_seconds=s.idle_seconds,
@@ -110,7 +111,7 @@ class Scaler:
             log.warning("scaler_read_failed", error=repr(exc))
             return None
         # 2) decide
-        interactive, bulk = (reading.of(topic).depth for topic in self.settings.lane_topics)
+        interactive, bulk = self.pool.depths(reading)
         decision = self.policy.decide(self.clock(), interactive, current, reading.partition_count, bulk)
         self.stats.decisions += 1
         self._report(decision)

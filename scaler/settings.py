@@ -17,6 +17,8 @@ from shared.settings import cli
 class ScalerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLMQ_SCALER_", extra="ignore", populate_by_name=True)
 
+    # What it scales: request workers, or the trainers of fine-tuning jobs (run one scaler per pool).
+    pool: Literal["workers", "trainers"] = Field(default="workers", json_schema_extra=cli("--pool"))
     # Where workers run: child processes of the scaler, or a Kubernetes Deployment.
     backend: Literal["local", "kubernetes"] = Field(default="local", json_schema_extra=cli("--backend"))
     # Fewest workers, also when idle (0 = scale to zero).

@@ -70,6 +70,8 @@ class ServiceSettings(BaseSettings):
 
     # Topic of fine-tuning jobs (key: the job id), produced by gateways and read by trainers.
     fine_tuning_topic: str = "llmq.fine_tuning"
+    # Kafka consumer group shared by all trainers (the fine-tuning topic's readers).
+    trainer_group: str = "llmq-trainers"
     # Partitions of the fine-tuning topic when llmq creates it (caps useful trainers).
     fine_tuning_partitions: int = Field(default=4, ge=1)
 

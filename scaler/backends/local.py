@@ -1,5 +1,6 @@
-"""Workers as child processes of the scaler (`python -m workers.main`), for
-`make up` and single machines.
+"""Workers (or trainers: the scaler's pool) as child processes of the scaler
+(`python -m workers.main`, `python -m workers.training.main`), for `make up`
+and single machines.
 
 Scale down: SIGTERM the newest worker (it stops fetching, finishes its batch,
 commits and leaves the group), SIGKILL it if it has not exited within the
@@ -18,21 +19,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
+from scaler.pools import WORKERS, Pool
 from scaler.settings import ScalerSettings
 from shared.ports import port_is_free
 from shared.settings import ServiceSettings
 
 log = structlog.get_logger(__name__)
-
-WORKER_COMMAND = [sys.executable, "-m", "workers.main"]
-
 
 def _cmdline(pid: int) -> list[str]:
     try:
@@ -49,16 +47,9 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
 
 
-def is_llmq_worker(pid: int, consumer_group: str | None = None) -> bool:
-    """pid is a live llmq worker process (of `consumer_group`, when given)."""
-    args = _cmdline(pid)
-    if not ("workers.main" in args or any(Path(a).name == "worker" for a in args[:2])):
-        return False
-    if _is_zombie(pid):
-        return False
-    if consumer_group is None:
-        return True
-    return _environ(pid).get("LLMQ_CONSUMER_GROUP", "llmq-workers") == consumer_group
+def is_llmq_worker(pid: int, consumer_group: str | None = None, pool: Pool = WORKERS) -> bool:
+    """pid is a live process of the pool (default: request workers), of `consumer_group` when given."""
+    return pool.is_member(_cmdline(pid), _environ(pid), consumer_group) and not _is_zombie(pid)
 
 
 def _is_zombie(pid: int) -> bool:
@@ -76,11 +67,12 @@ class WorkerProcess:
     popen: subprocess.Popen | None = None  # None: adopted from an earlier scaler
     stopping_since: float | None = None
     metrics_port: int = 0  # the LLMQ_METRICS_PORT it was given (0: none)
+    pool: Pool = WORKERS
 
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
-        return is_llmq_worker(self.pid)
+        return is_llmq_worker(self.pid, pool=self.pool)
 
     def signal(self, sig: int) -> None:
         try:
@@ -97,11 +89,12 @@ class LocalBackend:
 
     def __init__(self, settings: ServiceSettings, scaler_settings: ScalerSettings) -> None:
         self.settings = settings
+        self.pool = Pool.of(scaler_settings.pool, settings)
         self.worker_metrics_port = scaler_settings.worker_metrics_port
         self.worker_engine = scaler_settings.worker_engine
         self.grace = scaler_settings.grace_seconds
         self.log_dir = scaler_settings.worker_log_dir
-        safe_group = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in settings.consumer_group)
+        safe_group = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in self.pool.group)
         self.state_file = scaler_settings.state_dir / f"local-workers.{safe_group}.json"
         self.workers: list[WorkerProcess] = []  # oldest first
         self.started = 0
@@ -121,9 +114,10 @@ class LocalBackend:
         except (OSError, ValueError):
             pids = []
         for pid in pids:
-            if is_llmq_worker(pid, self.settings.consumer_group):
+            if is_llmq_worker(pid, self.pool.group, self.pool):
                 port = _environ(pid).get("LLMQ_METRICS_PORT", "0")
-                self.workers.append(WorkerProcess(pid, time.monotonic(), metrics_port=int(port) if port.isdigit() else 0))
+                self.workers.append(WorkerProcess(pid, time.monotonic(), metrics_port=int(port) if port.isdigit() else 0,
+                                                  pool=self.pool))
                 self.adopted += 1
         if pids:
             log.info("workers_adopted", adopted=[w.pid for w in self.workers], forgotten=len(pids) - self.adopted)
@@ -190,12 +184,13 @@ class LocalBackend:
         try:
             # Its own session: a Ctrl-C in the terminal reaches the scaler only,
             # which then stops its workers in order.
-            popen = subprocess.Popen(WORKER_COMMAND, env=env, stdin=subprocess.DEVNULL, stdout=out,
+            popen = subprocess.Popen(self.pool.command, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT if out else None, start_new_session=True)
         finally:
             if out is not None:
                 out.close()
-        self.workers.append(WorkerProcess(popen.pid, time.monotonic(), popen, metrics_port=metrics_port))
+        self.workers.append(WorkerProcess(popen.pid, time.monotonic(), popen, metrics_port=metrics_port,
+                                          pool=self.pool))
         self.started += 1
         log.info("worker_started_by_scaler", pid=popen.pid, metrics_port=metrics_port or None)
 
@@ -253,7 +248,7 @@ class LocalBackend:
     def _save(self) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"consumer_group": self.settings.consumer_group,
-                                   "topic": self.settings.request_topic,
+        tmp.write_text(json.dumps({"consumer_group": self.pool.group, "pool": self.pool.name,
+                                   "topics": list(self.pool.topics),
                                    "pids": [w.pid for w in self.workers if w.alive()]}))
         tmp.replace(self.state_file)
