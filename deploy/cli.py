@@ -26,6 +26,7 @@ from deploy.settings import StackSettings
 from scaler.settings import ScalerSettings
 
 STATE_DIR = Path(".llmq")
+TRAINER_METRICS_PORT = 9500  # the first trainer's /metrics port under `llmq up`
 
 
 def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 120) -> None:
@@ -92,6 +93,11 @@ def up(_args: argparse.Namespace) -> int:
             overrides["auth"] = False  # local mode (the banner says so)
         if "LLMQ_WEBHOOK_ALLOW_PRIVATE" not in os.environ:
             overrides["webhook_allow_private"] = True  # local mode: a receiver on this machine
+        if "LLMQ_ADAPTERS_DIR" not in os.environ and settings.quantize == "none":
+            # Fine-tuned adapters are served from where the trainers publish them.
+            adapters = settings.registry_dir / "adapters"
+            adapters.mkdir(parents=True, exist_ok=True)
+            overrides["adapters_dir"] = str(adapters)
         settings = settings.model_copy(update=overrides)
 
         # 2) the model: build the tiny local one on first run
@@ -108,6 +114,12 @@ def up(_args: argparse.Namespace) -> int:
         children.append(subprocess.Popen([sys.executable, "-m", "gateway.main"], env=env))
         children.append(subprocess.Popen([sys.executable, "-m", "scaler.main", "--backend", "local",
                                           "--min", str(scaler_settings.min)], env=env))
+        # Trainers (fine-tuning jobs) from zero, one at most: training takes the machine's cores.
+        # Their /metrics ports from 9500, clear of the workers' (each scaler counts its own).
+        trainer_env = {**env, "LLMQ_METRICS_PORT": str(TRAINER_METRICS_PORT)} if scaler_settings.worker_metrics_port \
+            else env
+        children.append(subprocess.Popen([sys.executable, "-m", "scaler.main", "--backend", "local", "--pool",
+                                          "trainers", "--min", "0", "--max", "1"], env=trainer_env))
         url = f"http://{settings.http_host}:{settings.http_port}"
         _wait_ready(url, children)
         if scaler_settings.min > 0:
@@ -152,6 +164,7 @@ llmq is up.
   workers   engine {settings.engine}, model {model}
   scaler    local, {scaler_settings.min} to {scaler_settings.max} workers from the queue's depth \
 (LLMQ_SCALER_MIN, LLMQ_SCALER_MAX, ...; `scaler --help`)
+  trainers  0 to 1, started when a fine-tuning job is queued; outputs in {settings.registry_dir}
   auth      {"on (keys: llmq keys create NAME)" if settings.auth else "off (local mode)"}
   webhooks  {"to any address (local mode)" if settings.webhook_allow_private else "to public addresses only"}
 

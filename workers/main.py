@@ -29,7 +29,7 @@ async def serve(settings: WorkerSettings, tracing: Tracing, name: str) -> None:
     await worker.run()
 
 
-def _route_transformers_logs() -> None:
+def route_transformers_logs() -> None:
     """transformers logs through a handler of its own and draws progress bars (a model's
     "Loading weights"): hand its records to the process's log lines instead, and draw none."""
     from transformers.utils import logging as hf_logging
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     name = worker_name()
     configure_logging(settings.log_level, settings.log_format, service="llmq-worker", worker=name)
     if settings.engine in ("torch", "vllm"):
-        _route_transformers_logs()
+        route_transformers_logs()
     tracing = configure_tracing("llmq-worker")
     try:
         asyncio.run(serve(settings, tracing, name))
