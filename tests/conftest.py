@@ -80,6 +80,9 @@ def isolated_settings(broker: Service, redis_server: Service, **overrides) -> St
         "webhook_sender": False,
         "redis_prefix": f"llmq-{tag}",
         "files_dir": Path(tempfile.gettempdir()) / f"llmq-files-{tag}",  # not the checkout's .llmq/files
+        "registry_dir": Path(tempfile.gettempdir()) / f"llmq-registry-{tag}",
+        "fine_tuning_topic": f"llmq.fine_tuning.{tag}",
+        "trainer_group": f"llmq-trainers-{tag}",
         "request_partitions": 4,
         "engine": "echo",
         "session_timeout_ms": 6000,
