@@ -14,7 +14,7 @@ import torch
 
 from shared.schema import Params
 from workers.engines.base import EngineError, GenerationRequest
-from workers.engines.common import build_hint, missing_model_dir
+from workers.engines.common import build_hint, missing_model
 from workers.engines.torch import attention
 from workers.engines.torch.adapters import BASE_ADAPTER, Adapters
 from workers.engines.torch.batch import Batch
@@ -30,8 +30,8 @@ class ModelRunner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.settings = settings
-        source = settings.model
-        if missing := missing_model_dir(source):
+        source = settings.model_path
+        if missing := missing_model(settings):
             raise EngineError(missing)
         device = self._device()
         dtype = self._dtype(device)
