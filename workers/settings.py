@@ -33,8 +33,9 @@ class WorkerSettings(ServiceSettings):
     # torch engine: "int8" applies PyTorch dynamic INT8 quantization to the linear
     # layers (CPU, float32 models); "none" runs the weights as loaded.
     quantize: Literal["none", "int8"] = "none"
-    # LoRA adapters (peft `save_pretrained` folders, one per adapter name) a request
-    # may name in `adapter`; unset: none served.
+    # Adapters (peft `save_pretrained` folders, one per adapter name: LoRA, or (IA)^3 on the
+    # torch engine) a request may name in `adapter`; unset: none served. Fine-tuning publishes
+    # its LoRA and (IA)^3 outputs in LLMQ_REGISTRY_DIR/adapters.
     adapters_dir: str | None = None
     # Most adapters loaded at once (least recently used unloaded when a new one is needed).
     max_adapters: int = Field(default=4, ge=1)
