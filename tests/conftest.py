@@ -31,20 +31,36 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lora_adapters_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """Two LoRA adapters of the tiny model, `style-a` and `style-b`, made with peft and
-    saved with `save_pretrained`: what a worker's LLMQ_ADAPTERS_DIR holds."""
+def adapters_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """Adapters of the tiny model made with peft and saved with `save_pretrained`, what a
+    worker's LLMQ_ADAPTERS_DIR holds: two LoRA (`style-a`, `style-b`), two (IA)^3
+    (`tone-a`, `tone-b`, what fine-tuning's `adapter` method trains) and a prompt-tuning
+    one (`prompt-tuned`, a peft type no engine serves)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    def save(name: str, seed: int, config) -> None:
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        model = get_peft_model(base, config)
+        if isinstance(config, IA3Config):
+            # (IA)^3 vectors start at ones (no change): move them so the adapter changes the output.
+            with torch.no_grad():
+                for param_name, param in model.named_parameters():
+                    if "ia3_l" in param_name:
+                        param.copy_(torch.empty_like(param).uniform_(0.0, 2.0))
+        model.save_pretrained(root / name)
 
     root = tmp_path_factory.mktemp("adapters")
     for seed, name in ((1, "style-a"), (2, "style-b")):
-        torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         # init_lora_weights=False: B starts random, not zero, so the adapter changes the output.
-        config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
-        get_peft_model(base, config).save_pretrained(root / name)
+        save(name, seed, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"],
+                                    init_lora_weights=False))
+    for seed, name in ((3, "tone-a"), (4, "tone-b")):
+        # Fine-tuning's `adapter` method's modules (shared/training.py).
+        save(name, seed, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    save("prompt-tuned", 5, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     return root
 
 

@@ -8,13 +8,15 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 
 from shared.settings import ServiceSettings, cli
+from shared.training import split_fine_tuned
 
 
 class WorkerSettings(ServiceSettings):
     # --- engine ---------------------------------------------------------------
     # Engine the worker runs: a PyTorch/transformers model, vLLM, or echo (no model).
     engine: Literal["torch", "vllm", "echo"] = Field(default="torch", json_schema_extra=cli("--engine"))
-    # Local path or hub name of the model the worker serves.
+    # Local path or hub name of the model the worker serves, or the served name of a full
+    # fine-tune ("tiny-llama:ft-x-0a1b2c3d"), loaded from LLMQ_REGISTRY_DIR/models.
     model: str = Field(default=".llmq/models/tiny-llama", json_schema_extra=cli("--model"))
     # Name clients use in `model`; defaults to the last part of `model`.
     model_name: str | None = None
@@ -31,8 +33,9 @@ class WorkerSettings(ServiceSettings):
     # torch engine: "int8" applies PyTorch dynamic INT8 quantization to the linear
     # layers (CPU, float32 models); "none" runs the weights as loaded.
     quantize: Literal["none", "int8"] = "none"
-    # LoRA adapters (peft `save_pretrained` folders, one per adapter name) a request
-    # may name in `adapter`; unset: none served.
+    # Adapters (peft `save_pretrained` folders, one per adapter name: LoRA, or (IA)^3 on the
+    # torch engine) a request may name in `adapter`; unset: none served. Fine-tuning publishes
+    # its LoRA and (IA)^3 outputs in LLMQ_REGISTRY_DIR/adapters.
     adapters_dir: str | None = None
     # Most adapters loaded at once (least recently used unloaded when a new one is needed).
     max_adapters: int = Field(default=4, ge=1)
@@ -90,9 +93,26 @@ class WorkerSettings(ServiceSettings):
                               validation_alias=AliasChoices("LLMQ_METRICS_HOST", "LLMQ_HTTP_HOST"))
 
     @property
+    def fine_tuned_output(self) -> str | None:
+        """The registry's name of the full fine-tune LLMQ_MODEL names, or None (a path
+        or hub name; an existing folder whose name looks like a served name is a path)."""
+        split = split_fine_tuned(self.model)
+        if split is None or self.engine == "echo" or Path(self.model).is_dir():
+            return None
+        return split[1]
+
+    @property
+    def model_path(self) -> str:
+        """What the engine loads: LLMQ_MODEL, or a full fine-tune's folder in the registry."""
+        output = self.fine_tuned_output
+        return str(Path(self.registry_dir) / "models" / output) if output else self.model
+
+    @property
     def served_model_name(self) -> str:
         if self.model_name:
             return self.model_name
         if self.engine == "echo":
             return "echo"
+        if self.fine_tuned_output:
+            return self.model  # the name the fine-tuning job published it under
         return Path(self.model.rstrip("/")).name or self.model

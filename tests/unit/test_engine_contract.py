@@ -5,7 +5,7 @@ where it is installed (`make install-vllm` makes .venv-vllm; CI runs this
 module there too: `.venv-vllm/bin/python -m pytest tests/unit/test_engine_contract.py`).
 
 One engine of each kind serves the whole module (two slots, the tiny model's
-LoRA adapters), as one worker serves request after request: every test also
+adapters), as one worker serves request after request: every test also
 checks that it leaves nothing running behind. Echo has no model, so the
 promises about a model's context, its adapters and its greedy text are run on
 the model engines only.
@@ -33,17 +33,18 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 MODEL_ENGINES = (["vllm"] if importlib.util.find_spec("vllm") else []) + ["torch"]
 ENGINES = MODEL_ENGINES + ["echo"]
 model_engines_only = pytest.mark.parametrize("engine", MODEL_ENGINES, indirect=True)
+torch_only = pytest.mark.parametrize("engine", ["torch"], indirect=True)
 
 LONG_PROMPT = " ".join(f"w{i}" for i in range(400))  # echo: 400 tokens to give back
 PROMPT = "The weather this morning was cold and clear, and the wind"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=ENGINES)
-async def engine(request, tiny_model_dir, lora_adapters_dir):
+async def engine(request, tiny_model_dir, adapters_dir):
     kind = request.param
     settings = {"echo": dict(echo_token_delay_ms=5),
-                "torch": dict(model=str(tiny_model_dir), device="cpu", adapters_dir=str(lora_adapters_dir)),
-                "vllm": dict(model=str(tiny_model_dir), adapters_dir=str(lora_adapters_dir))}[kind]
+                "torch": dict(model=str(tiny_model_dir), device="cpu", adapters_dir=str(adapters_dir)),
+                "vllm": dict(model=str(tiny_model_dir), adapters_dir=str(adapters_dir))}[kind]
     engine = load_engine(WorkerSettings(engine=kind, batch_max_size=2, max_adapters=2, **settings))
     await engine.start()
     yield engine
@@ -279,16 +280,12 @@ async def test_a_request_that_does_not_fit_the_context_fails_alone(engine, refer
 
 @model_engines_only
 async def test_adapters_are_served_by_name_beside_the_base_model(engine, reference, tiny_model_dir,
-                                                                 lora_adapters_dir):
-    from peft import PeftModel
-
+                                                                 adapters_dir):
     tokenizer, model = reference
     ids = tokenizer(PROMPT).input_ids
     expected = {None: greedy_directly(model, tokenizer, ids, 24)}
     for name in ("style-a", "style-b"):
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        expected[name] = greedy_directly(PeftModel.from_pretrained(base, lora_adapters_dir / name).eval(),
-                                         tokenizer, ids, 24)
+        expected[name] = peft_greedy(tiny_model_dir, adapters_dir / name, tokenizer, ids)
     assert len(set(expected.values())) == 3, "the adapters should change the text"
 
     names = [None, "style-a", "style-b", None, "style-b"]
@@ -298,8 +295,35 @@ async def test_adapters_are_served_by_name_beside_the_base_model(engine, referen
     assert [r.text for r in results] == [expected[name] for name in names]
 
 
+def peft_greedy(model_dir, adapter_dir, tokenizer, ids: list[int], n: int = 24) -> str:
+    """peft's own greedy text for one adapter: PeftModel.from_pretrained, then generate."""
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return greedy_directly(PeftModel.from_pretrained(base, adapter_dir).eval(), tokenizer, ids, n)
+
+
+@torch_only
+async def test_ia3_adapters_are_served_by_name_beside_lora_and_base_rows(engine, reference, tiny_model_dir,
+                                                                         adapters_dir):
+    tokenizer, model = reference
+    ids = tokenizer(PROMPT).input_ids
+    expected = {None: greedy_directly(model, tokenizer, ids, 24)}
+    for name in ("tone-a", "tone-b", "style-a"):
+        expected[name] = peft_greedy(tiny_model_dir, adapters_dir / name, tokenizer, ids)
+    assert len(set(expected.values())) == 4, "the adapters should change the text"
+
+    names = ["tone-a", None, "style-a", "tone-b", "tone-a", None]
+    results = await asyncio.gather(*(collect(engine, request(str(i), adapter=name, max_tokens=24))
+                                     for i, name in enumerate(names)))
+
+    assert [r.text for r in results] == [expected[name] for name in names]
+
+
 @model_engines_only
 @pytest.mark.parametrize("name, reason", [("missing", "unknown adapter 'missing'"),
+                                          ("prompt-tuned", "adapter 'prompt-tuned' is a peft PROMPT_TUNING "
+                                                           "adapter; the"),
                                           ("../style-a", "invalid adapter name"),
                                           ("__base__", "invalid adapter name")])
 async def test_an_adapter_that_cannot_be_served_is_that_requests_error(engine, name, reason):

@@ -12,7 +12,7 @@ mapping of outputs and finish reasons, including vLLM's error finish; an engine
 that dies (EngineDeadError) or wraps a failure (EngineGenerateError); the races
 of an abort that comes before vLLM knows the request, or while it takes it; a
 cancelled consumer; trace headers, sent only when vLLM exports traces; and
-adapter lookup.
+adapter lookup (with the refusal of an (IA)^3 adapter, on peft's own folders).
 """
 
 from __future__ import annotations
@@ -346,6 +346,31 @@ def test_an_adapter_above_the_started_rank_is_refused(tmp_path):
     make_adapter(tmp_path, "big", rank=64)
     with pytest.raises(AdapterError, match="rank 64, above this worker's max_lora_rank 16"):
         Adapters(tmp_path, max_rank=16).resolve("big")
+
+
+def test_an_ia3_adapter_is_refused_and_left_out_of_the_rank_bound(adapters_dir):
+    # peft's own folders (conftest): LoRA style-a/-b, (IA)^3 tone-a/-b, prompt-tuned.
+    adapters = Adapters(adapters_dir, max_rank=8)
+    assert adapters.names() == ["style-a", "style-b"]
+    assert adapters.ranks() == [8, 8]
+    with pytest.raises(AdapterError, match=re.escape(
+            "adapter 'tone-a' is an (IA)^3 adapter; the vllm engine serves LoRA adapters only")):
+        adapters.resolve("tone-a")
+    with pytest.raises(AdapterError, match=re.escape(
+            "adapter 'prompt-tuned' is a peft PROMPT_TUNING adapter; the vllm engine serves LoRA adapters only")):
+        adapters.resolve("prompt-tuned")
+
+
+@pytest.mark.asyncio
+async def test_an_ia3_adapter_request_is_that_requests_error_and_never_reaches_vllm(adapters_dir):
+    llm = StandInAsyncLLM(script=[delta("ok", [7], "stop")])
+    engine = started(llm, adapters=Adapters(adapters_dir, max_rank=8))
+    refused = await collect(engine, request("ia3", adapter="tone-a"))
+    served = await collect(engine, request("lora", adapter="style-a"))
+    assert refused.finish_reason == "error"
+    assert refused.error == "adapter 'tone-a' is an (IA)^3 adapter; the vllm engine serves LoRA adapters only"
+    assert served.text == "ok"
+    assert [call["lora"][1] for call in llm.calls] == ["style-a"]
 
 
 @pytest.mark.parametrize("ranks, bound", [([], 16), ([8], 8), ([4, 8], 8), ([8, 20], 32), ([300], 320), ([600], 512)])

@@ -5,11 +5,13 @@ either engine."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 from shared.schema import ChatMessage
+from shared.training import split_fine_tuned
 
 # One folder name: no separators, no leading dot or underscore, so a client's
 # adapter name can never reach outside the adapters directory, nor be peft's
@@ -60,12 +62,56 @@ def context_refusal(prompt_tokens: int, max_tokens: int, context: int) -> str | 
     return None
 
 
-def adapter_refusal(root: Path | None, name: str) -> str | None:
-    """Why adapter `name` cannot be served from `root` (None: no adapters), or None."""
+# peft's `peft_type`s (adapter_config.json) that an engine may serve, as a refusal names them.
+ADAPTER_KINDS = {"LORA": "LoRA", "IA3": "(IA)^3"}
+
+
+def adapter_kind(folder: Path) -> str:
+    """peft's type of the adapter saved in `folder` ("LORA", "IA3", ...); ValueError when
+    its adapter_config.json can't be read or names none."""
+    try:
+        kind = json.loads((folder / "adapter_config.json").read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"adapter {folder.name!r} has an unreadable adapter_config.json: {exc}") from exc
+    if not isinstance(kind, str):
+        raise ValueError(f"adapter {folder.name!r}: its adapter_config.json names no peft_type")
+    return kind
+
+
+def adapter_refusal(root: Path | None, name: str, engine: str = "torch",
+                    serves: tuple[str, ...] = ("LORA", "IA3")) -> str | None:
+    """Why adapter `name` cannot be served from `root` (None: no adapters) by an engine
+    that serves these peft types, or None. Read on each request, so an adapter published
+    while the worker runs is served without a restart."""
     if root is None:
         return f"this worker serves no adapters (LLMQ_ADAPTERS_DIR is not set); asked for {name!r}"
     if not ADAPTER_NAME.fullmatch(name):
         return f"invalid adapter name {name!r}"
     if not (root / name / "adapter_config.json").is_file():
         return f"unknown adapter {name!r}"
+    try:
+        kind = adapter_kind(root / name)
+    except ValueError as exc:
+        return str(exc)
+    if kind not in serves:
+        label = ADAPTER_KINDS.get(kind, f"peft {kind}")
+        article = "an" if label.startswith("(") else "a"
+        served = " and ".join(ADAPTER_KINDS[k] for k in serves)
+        return f"adapter {name!r} is {article} {label} adapter; the {engine} engine serves {served} adapters only"
     return None
+
+
+def missing_model(settings) -> str | None:
+    """Why the model LLMQ_MODEL names can't be loaded, when that is plain before loading it,
+    or None: a fine-tuned model's name not in the registry, or a local path that doesn't exist."""
+    path = settings.model_path
+    if settings.fine_tuned_output and not Path(path).is_dir():
+        base, output = split_fine_tuned(settings.model)
+        why = (f"LLMQ_MODEL {settings.model!r} names a fine-tuned model, but the registry "
+               f"(LLMQ_REGISTRY_DIR={str(settings.registry_dir)!r}) has no full model {output!r} at {path!r}")
+        adapter = Path(settings.registry_dir) / "adapters" / output
+        if adapter.is_dir():
+            why += (f"; it is an adapter: serve it from a worker on {base!r} with "
+                    f"LLMQ_ADAPTERS_DIR={str(adapter.parent)!r}")
+        return why
+    return missing_model_dir(path)

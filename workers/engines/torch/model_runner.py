@@ -1,5 +1,5 @@
 """The model on its device: loading it (tokenizer, device, dtype, int8
-quantization, LoRA adapters) and running its steps: one forward pass over
+quantization, LoRA and (IA)^3 adapters) and running its steps: one forward pass over
 every running row's last token and the prompts of the rows joining the batch."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from shared.schema import Params
 from workers.engines.base import EngineError, GenerationRequest
-from workers.engines.common import build_hint, missing_model_dir
+from workers.engines.common import build_hint, missing_model
 from workers.engines.torch import attention
 from workers.engines.torch.adapters import BASE_ADAPTER, Adapters
 from workers.engines.torch.batch import Batch
@@ -30,8 +30,8 @@ class ModelRunner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.settings = settings
-        source = settings.model
-        if missing := missing_model_dir(source):
+        source = settings.model_path
+        if missing := missing_model(settings):
             raise EngineError(missing)
         device = self._device()
         dtype = self._dtype(device)
@@ -130,8 +130,8 @@ class ModelRunner:
             raise EngineError("LLMQ_QUANTIZE=int8 is PyTorch dynamic quantization: it needs LLMQ_DEVICE=cpu "
                               "and float32 weights")
         if self.settings.adapters_dir:
-            raise EngineError("LLMQ_QUANTIZE=int8 cannot serve LoRA adapters (LLMQ_ADAPTERS_DIR): peft does "
-                              "not wrap dynamically quantized linear layers")
+            raise EngineError("LLMQ_QUANTIZE=int8 cannot serve adapters (LLMQ_ADAPTERS_DIR): peft does not "
+                              "wrap dynamically quantized linear layers")
         # Weights stored as int8, activations quantized per batch on the fly:
         # the linear layers are most of a decode step's time and memory.
         from torch.ao.quantization import quantize_dynamic
@@ -168,7 +168,7 @@ class ModelRunner:
         if self._keep_last_logits:
             kwargs["logits_to_keep"] = 1
         if self.adapters is not None:
-            # peft runs each row through its own adapter (mixed-adapter batches).
+            # Each row runs through its own adapter (mixed-adapter batches, adapters.py).
             kwargs["adapter_names"] = [name or BASE_ADAPTER for name in adapters]
         # No attention mask: the step cache says what each row attends (attention.py).
         out = self.model(input_ids=input_ids, position_ids=positions, use_cache=True, **kwargs)

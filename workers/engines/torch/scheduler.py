@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
-from workers.engines.torch.adapters import Adapters
+from workers.engines.torch.adapters import AdapterError, Adapters
 from workers.engines.torch.row import Output, Row
 
 
@@ -56,8 +56,12 @@ class Scheduler:
             # the context), so an oversized request can't wait forever.
             if (running or admitted) and tokens + row.budget > self.max_tokens:
                 break
-            if adapters is not None and not adapters.ready(row.request.adapter, running + admitted):
-                break  # every adapter slot is in use by running rows: wait for one to free
+            try:
+                if adapters is not None and not adapters.ready(row.request.adapter, running + admitted):
+                    break  # every adapter slot is in use by running rows: wait for one to free
+            except AdapterError as exc:  # its folder can't be loaded: this request's error alone
+                row.error = str(exc)
+                continue
             self.waiting.popleft()
             tokens += row.budget
             admitted.append(row)

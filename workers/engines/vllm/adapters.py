@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.engines.common import ADAPTER_NAME, adapter_refusal
+from workers.engines.common import ADAPTER_NAME, adapter_kind, adapter_refusal
 from workers.engines.vllm.mapping import VLLM_LORA_RANKS
 
 
@@ -41,10 +41,11 @@ class Adapters:
         self._known: dict[str, Adapter] = {}
 
     def names(self) -> list[str]:
+        """The LoRA adapters in the folder now ((IA)^3 and other peft types are refused per request)."""
         if self.root is None or not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if ADAPTER_NAME.fullmatch(p.name)
-                      and (p / "adapter_config.json").is_file())
+                      and (p / "adapter_config.json").is_file() and _is_lora(p))
 
     def ranks(self) -> list[int]:
         return [_read_rank(self.root / name) for name in self.names()]
@@ -52,7 +53,8 @@ class Adapters:
     def resolve(self, name: str) -> Adapter:
         if (known := self._known.get(name)) is not None:
             return known
-        if (refusal := adapter_refusal(self.root, name)) is not None:
+        # vLLM serves LoRA only: an (IA)^3 adapter is the torch engine's.
+        if (refusal := adapter_refusal(self.root, name, engine="vllm", serves=("LORA",))) is not None:
             raise AdapterError(refusal)
         folder = self.root / name
         rank = _read_rank(folder)
@@ -64,6 +66,13 @@ class Adapters:
         adapter = Adapter(name, len(self._known) + 1, str(folder), rank)  # vLLM ids start at 1
         self._known[name] = adapter
         return adapter
+
+
+def _is_lora(folder: Path) -> bool:
+    try:
+        return adapter_kind(folder) == "LORA"
+    except ValueError:
+        return True  # _read_rank says what is wrong with it
 
 
 def _read_rank(folder: Path) -> int:

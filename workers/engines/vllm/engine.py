@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from workers.engines.base import EngineError, GenerationOutput, GenerationRequest
-from workers.engines.common import context_refusal, missing_model_dir, prompt_ids
+from workers.engines.common import context_refusal, missing_model, prompt_ids
 from workers.engines.vllm.adapters import AdapterError, Adapters
 from workers.engines.vllm.mapping import (DeltaState, cpu_omp_threads, engine_kwargs, error_text, kv_cache_bytes,
                                          lora_rank_bound, sampling_kwargs)
@@ -75,7 +75,7 @@ class VllmEngine:
     # ---- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        if missing := missing_model_dir(self.settings.model):
+        if missing := missing_model(self.settings):
             raise EngineError(missing)  # before vLLM takes it for a hub name
         vllm = _import_vllm()
         # 1) Adapters present now decide the LoRA rank bound vLLM reserves memory for.
@@ -101,7 +101,7 @@ class VllmEngine:
                 self._size_cpu_kv_cache(config)
             engine = vllm.AsyncLLM.from_vllm_config(config, stat_loggers=[self._batch_reporter(vllm.StatLoggerBase)])
         except Exception as exc:
-            raise EngineError(f"vLLM could not load {self.settings.model!r}: {exc}") from exc
+            raise EngineError(f"vLLM could not load {self.settings.model_path!r}: {exc}") from exc
         # 3) get_tokenizer() is a coroutine in 0.11 and a plain method on later
         # versions (vllm/v1/engine/async_llm.py).
         try:
@@ -110,7 +110,7 @@ class VllmEngine:
                 tokenizer = await tokenizer
         except Exception as exc:
             engine.shutdown()
-            raise EngineError(f"vLLM has no tokenizer for {self.settings.model!r}: {exc}") from exc
+            raise EngineError(f"vLLM has no tokenizer for {self.settings.model_path!r}: {exc}") from exc
         tracing = await engine.is_tracing_enabled()
         self._attach(vllm, engine, tokenizer, Adapters(adapters_dir, lora_rank or 0), tracing,
                      context=engine.model_config.max_model_len)

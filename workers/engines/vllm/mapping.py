@@ -135,7 +135,7 @@ def engine_kwargs(settings: WorkerSettings, lora_rank: int | None, cuda: bool = 
     """Keyword arguments of vllm.AsyncEngineArgs (vllm/engine/arg_utils.py); `cuda`:
     whether vLLM runs on a GPU (else its CPU backend)."""
     kwargs: dict[str, Any] = {
-        "model": settings.model,
+        "model": settings.model_path,
         "served_model_name": settings.served_model_name,
         # llmq's choices are a subset of vLLM's. "auto" means what it means on the torch
         # engine: on CPU float32, where vLLM's own "auto" would run a float32 model in
