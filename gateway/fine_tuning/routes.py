@@ -85,8 +85,11 @@ def parse_job_body(raw: bytes) -> JobCreate:
         if error["type"] == "extra_forbidden":
             raise OpenAIError(400, f"Unrecognized request argument supplied: {param}", param,
                               "unknown_parameter") from None
-        raise OpenAIError(400, f"Invalid '{param}': {message}" if param else message, param,
-                          "invalid_value") from None
+        # A check across parameters (a method's settings, the two forms of hyperparameters)
+        # says so by its code: no JSON Schema of the body states it.
+        code = "invalid_value" if error["type"] != "value_error" else \
+            "unsupported_parameter" if param == "integrations" else "invalid_combination"
+        raise OpenAIError(400, f"Invalid '{param}': {message}" if param else message, param, code) from None
 
 
 class FineTuningRoutes:
