@@ -175,7 +175,7 @@ class Gateway:
         self.bulk_producer = make_producer(s)
         await start_with_retry(self.bulk_producer, "bulk-producer")
         self.batch_runner = BatchRunner(s, self.batches, self.files, self.bulk_producer, self.served_models,
-                                        self.metrics, self.webhook_events)
+                                        self.metrics, self.webhook_events, self.fine_tuned)
         self._batch_loop = asyncio.create_task(self.batch_runner.run(), name="batch-runner")
         if s.webhook_sender:
             self.webhook_sender = WebhookSender(s, self.store, self.webhook_secrets, self.metrics)

@@ -77,14 +77,21 @@ class FineTunedModels:
         NotYours, AdapterConflict: refused."""
         if spec.model is None or split_fine_tuned(spec.model) is None:
             return spec  # not a fine-tuned name: nothing to look up on the hot path
-        model = await self._find(spec.model)
+        model, adapter = await self.route(spec.model, spec.adapter, tenant)
+        return spec.model_copy(update={"model": model, "adapter": adapter})
+
+    async def route(self, name: str, adapter: str | None, tenant: str | None) -> tuple[str, str | None]:
+        """(model, adapter) that workers run for a request naming `name` and `adapter`."""
+        if split_fine_tuned(name) is None:
+            return name, adapter
+        model = await self._find(name)
         if model is None or not self._visible(model, tenant):
-            raise NotYours(spec.model)
-        if spec.adapter is not None:
-            raise AdapterConflict(spec.model)
+            raise NotYours(name)
+        if adapter is not None:
+            raise AdapterConflict(name)
         if model.method == "full":
-            return spec
-        return spec.model_copy(update={"model": model.base, "adapter": model.output})
+            return name, None
+        return model.base, model.output
 
 
 def _entry(name: str, entry: dict) -> Published:

@@ -23,7 +23,7 @@ from shared.store import connect_redis
 from shared.store.fine_tuning import TrainingStore
 from shared.training import JOB_ID, fine_tuned_name, parse_message
 from tests.conftest import isolated_settings, serve_gateway
-from tests.integration.helpers import api_keys
+from tests.integration.helpers import api_keys, wait_until
 
 BASE = "tiny-base"
 CHAT = {"messages": [{"role": "user", "content": "Is the market up?"}, {"role": "assistant", "content": "Yes."}]}
@@ -337,3 +337,43 @@ async def test_a_published_model_is_served_to_everyone_with_auth_off(settings, h
             record = await resp.json()
         assert record["model"] == BASE and record["adapter"] == name.partition(":")[2]
 
+
+
+async def test_batch_lines_naming_a_published_model_run_as_its_base_and_adapter(settings, http):
+    settings = settings.model_copy(update={"auth": True})
+    keys = api_keys(settings, "alice", "bob")
+    job_id = "ftjob-" + "12" * 12
+    name = fine_tuned_name(BASE, "batch", job_id)
+    # What a trainer publishes on success (simulated: the trainer is tested elsewhere).
+    training, redis = _training(settings)
+    await training.publish(name, {"tenant": "alice", "base": BASE, "method": "lora", "output": name.partition(":")[2],
+                                  "job": job_id, "created_at": 1_700_000_000})
+    await redis.aclose()
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": name, "prompt": f"line {i}"}} for i in range(2)]
+    async with serve_gateway(settings) as gateway:
+        alice, bob = _client(gateway.url, keys["alice"]), _client(gateway.url, keys["bob"])
+        batch = await alice.batches.create(input_file_id=await _upload(alice, lines, "batch"),
+                                           endpoint="/v1/completions", completion_window="24h")
+
+        async def line_record() -> dict | None:
+            async with http.get(f"{gateway.url}/v1/requests/{batch.id}-1",
+                                headers={"Authorization": f"Bearer {keys['alice']}"}) as resp:
+                return await resp.json() if resp.status == 200 else None
+
+        await wait_until(line_record, what="the batch's lines recorded")
+        record = await line_record()
+        assert record["model"] == BASE and record["adapter"] == name.partition(":")[2] and record["lane"] == "bulk"
+        assert (await alice.batches.retrieve(batch.id)).model == name
+
+        theirs = await bob.batches.create(input_file_id=await _upload(bob, lines, "batch"),
+                                          endpoint="/v1/completions", completion_window="24h")
+
+        async def failed():
+            return (await bob.batches.retrieve(theirs.id)).status == "failed"
+
+        await wait_until(failed, what="bob's batch refused")
+        [error] = (await bob.batches.retrieve(theirs.id)).errors.data
+        assert error.code == "model_not_found" and error.param == "body.model"
+        await alice.close()
+        await bob.close()
