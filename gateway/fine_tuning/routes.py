@@ -65,8 +65,9 @@ def _param(error: dict) -> str | None:
     parts = [str(p) for p in error["loc"] if isinstance(p, str) and _FIELD.match(p) and p not in _TYPE_TAGS]
     if parts:
         return ".".join(parts)
-    # A check across fields (JobCreate's own): the first parameter its message names.
-    return next((name for name in _TOP_LEVEL if name in error["msg"]), None)
+    # A check across fields (JobCreate's own): the parameter its message names first.
+    named = [(error["msg"].find(name), name) for name in _TOP_LEVEL if name in error["msg"]]
+    return min(named)[1] if named else None
 
 
 def parse_job_body(raw: bytes) -> JobCreate:
