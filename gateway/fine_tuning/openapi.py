@@ -31,7 +31,8 @@ JOB = {"type": "object", "required": [
         "status": {"enum": [s.value for s in JobStatus]},
         "training_file": {"type": "string"}, "validation_file": _NULLABLE_STR,
         "hyperparameters": {"type": "object", "properties": {n: _AUTO_OR_NUMBER for n in OPENAI_HYPERPARAMETERS}},
-        "method": {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["lora", "adapter", "full"]}},
+        "method": {"type": "object", "required": ["type"],
+                   "properties": {"type": {"enum": ["lora", "adapter", "full"]}},
                    "description": "`{type, <type>: {hyperparameters}}`: every hyperparameter of the method."},
         "trained_tokens": _NULLABLE_INT,
         "error": {"type": ["object", "null"], "required": ["code", "message"], "properties": {

@@ -48,7 +48,8 @@ class FineTunedModels:
 
     async def _all(self) -> dict[str, Published]:
         if time.monotonic() - self._read_at > self.cache_seconds:
-            self._published = {name: _entry(name, entry) for name, entry in (await self.training.all_published()).items()}
+            published = await self.training.all_published()
+            self._published = {name: _entry(name, entry) for name, entry in published.items()}
             self._read_at = time.monotonic()
         return self._published
 

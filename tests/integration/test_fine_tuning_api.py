@@ -166,6 +166,23 @@ async def test_cancelling_a_queued_job_ends_it_cancelled(settings):
         await client.close()
 
 
+async def test_cancelling_a_running_job_asks_its_trainer_to_stop(settings):
+    async with serve_gateway(settings) as gateway:
+        client = _client(gateway.url)
+        job = await client.fine_tuning.jobs.create(model=BASE, training_file=await _upload(client, [PROMPT]))
+        # A trainer takes the job (simulated with the trainer's own store calls; the trainer is tested elsewhere).
+        training, redis = _training(settings)
+        assert await training.claim(job.id, "trainer-1", 60) == 1
+        asked = await client.fine_tuning.jobs.cancel(job.id)
+        assert asked.status == "running" and asked.finished_at is None
+        assert await training.renew(job.id, "trainer-1", 60) == (True, True)  # what its trainer reads next
+        await client.fine_tuning.jobs.cancel(job.id)  # asked twice: one event
+        events = [e.message async for e in client.fine_tuning.jobs.list_events(job.id)]
+        assert sum("Cancellation requested" in m for m in events) == 1
+        await redis.aclose()
+        await client.close()
+
+
 # ---- refused: content, bodies, models, files ---------------------------------------------
 
 
