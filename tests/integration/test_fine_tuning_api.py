@@ -233,6 +233,9 @@ async def test_bad_bodies_models_and_files_get_a_400_naming_the_parameter(settin
         batch_file = await _upload(client, [{"custom_id": "a", "method": "POST", "url": "/v1/completions",
                                              "body": {"model": BASE, "prompt": "x"}}], purpose="batch")
         await refused("training_file", training_file=batch_file)
+        deleted = await _upload(client, [CHAT])
+        await client.files.delete(deleted)
+        await refused("training_file", training_file=deleted)
         await refused("model", model=fine_tuned_name(BASE, None, "ftjob-" + "a" * 24))
         with pytest.raises(openai.BadRequestError) as caught:  # a fine-tuning file is not a batch's input
             await client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h")
