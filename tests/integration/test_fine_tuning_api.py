@@ -18,6 +18,7 @@ import openai
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from deploy.devstack import free_port, start_broker
 from shared.keys import Keys
 from shared.store import connect_redis
 from shared.store.fine_tuning import TrainingStore
@@ -397,3 +398,22 @@ async def test_batch_lines_naming_a_published_model_run_as_its_base_and_adapter(
         assert error.code == "model_not_found" and error.param == "body.model"
         await alice.close()
         await bob.close()
+
+
+async def test_a_job_the_broker_does_not_take_is_refused_503_and_ends_failed(settings, tmp_path):
+    broker = start_broker(free_port(), tmp_path / "broker.log")  # this test's own, so it can kill it
+    settings = settings.model_copy(update={"kafka_bootstrap": broker.url, "produce_timeout_seconds": 1.0})
+    try:
+        async with serve_gateway(settings) as gateway:
+            client = _client(gateway.url)
+            file_id = await _upload(client, [CHAT])
+            broker.kill()
+            with pytest.raises(openai.InternalServerError) as caught:
+                await client.fine_tuning.jobs.create(model=BASE, training_file=file_id)
+            assert caught.value.status_code == 503 and caught.value.code == "broker_unavailable"
+            # Nothing a trainer could run was left behind: the job it recorded ended failed.
+            [job] = [j async for j in client.fine_tuning.jobs.list()]
+            assert job.status == "failed" and job.error.code == "broker_unavailable"
+            await client.close()
+    finally:
+        broker.kill()
