@@ -174,8 +174,9 @@ class FineTuningRoutes:
             try:
                 _, problem = await asyncio.to_thread(check_file, self.gateway.files.content_path(meta["id"]),
                                                      meta["id"], param)
-            except FileNotFoundError:  # deleted since its metadata was read
-                problem = ContentError(f"invalid_{param}", f"{param} {meta['id']}: the file was deleted", param)
+            except OSError as exc:  # deleted since its metadata was read, or unreadable
+                reason = "the file was deleted" if isinstance(exc, FileNotFoundError) else "the file can't be read"
+                problem = ContentError(f"invalid_{param}", f"{param} {meta['id']}: {reason}", param)
             if problem is not None:
                 return problem
         return None
@@ -195,7 +196,8 @@ class FineTuningRoutes:
         told was refused."""
         gw = self.gateway
         try:
-            await gw.training.set(job_id, {"status": JobStatus.queued.value})
+            if not await gw.training.queue(job_id):
+                return  # cancelled while its files were checked: nothing to run
             await gw.training.add_event(job_id, "Files validated, moving job to queued state")
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc

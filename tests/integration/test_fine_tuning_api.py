@@ -417,3 +417,18 @@ async def test_a_job_the_broker_does_not_take_is_refused_503_and_ends_failed(set
             await client.close()
     finally:
         broker.kill()
+
+
+async def test_a_job_cancelled_while_its_files_are_checked_is_never_queued(settings):
+    # The store's step between checking and queuing, on the real Redis: a big file takes a
+    # while to check, and a cancel that lands meanwhile must win.
+    training, redis = _training(settings)
+    job_id = "ftjob-" + "9" * 24
+    await training.create(job_id, None, {"status": "validating_files", "model": BASE}, time.time())
+    assert await training.cancel(job_id) == "cancelled"
+    assert not await training.queue(job_id)
+    assert (await training.get(job_id))["status"] == "cancelled"
+    other = "ftjob-" + "8" * 24
+    await training.create(other, None, {"status": "validating_files", "model": BASE}, time.time())
+    assert await training.queue(other) and (await training.get(other))["status"] == "queued"
+    await redis.aclose()
