@@ -43,6 +43,9 @@ from gateway.batches.routes import PATHS as BULK_PATHS
 from gateway.batches.routes import BulkRoutes
 from gateway.batches.runner import BatchRunner
 from gateway.errors import HTTP_ERROR_TYPES, ApiError, redis_down
+from gateway.fine_tuning.routes import PATHS as FINE_TUNING_PATHS
+from gateway.fine_tuning.routes import FineTuningRoutes
+from gateway.fine_tuning.serving import AdapterConflict, FineTunedModels, NotYours
 from gateway.metrics import GatewayMetrics
 from gateway.openai_compat import OpenAIError
 from gateway.openai_routes import PATHS as OPENAI_PATHS
@@ -79,6 +82,7 @@ from shared.schema import (
 )
 from shared.store import IdempotencyClaim, RequestStore, base_fields, connect_redis
 from shared.store.cache import CachedAnswer, ResultCache, answered_fields, cache_key
+from shared.store.fine_tuning import TrainingStore
 from shared.store.batches import BatchStore
 from shared.store.models import ServedModels
 from shared.store.streams import ENTRY_ID, TokenStreams, entry_key
@@ -113,6 +117,8 @@ class Gateway:
         self._cached = self._cache_lookup if settings.cache_ttl_seconds else self._no_cache
         self.files = FileStore(settings.files_dir)
         self.batches: BatchStore | None = None
+        self.training: TrainingStore | None = None
+        self.fine_tuned: FineTunedModels | None = None
         self.batch_runner: BatchRunner | None = None
         self._batch_loop: asyncio.Task | None = None
         self.webhook_events: WebhookEvents | None = None
@@ -137,6 +143,7 @@ class Gateway:
             web.get("/openapi.json", self.openapi),
             *OpenAIRoutes(self).routes(),
             *BulkRoutes(self).routes(),
+            *FineTuningRoutes(self).routes(),
         ])
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._close)
@@ -159,6 +166,8 @@ class Gateway:
         await ensure_topics(s)
         self.files.start()
         self.batches = BatchStore(self.redis, self.store.keys, s.batch_ttl_seconds)
+        self.training = TrainingStore(self.redis, self.store.keys, s.training_ttl_seconds)
+        self.fine_tuned = FineTunedModels(self.training, s.auth)
         self.webhook_events = WebhookEvents(self.producer, s.webhook_topic, s.webhook_max_payload_bytes)
         # Batch lines go out on a producer of their own: a producer sends one request at a
         # time to each broker, so a chunk of lines on the shared one would hold every
@@ -166,7 +175,7 @@ class Gateway:
         self.bulk_producer = make_producer(s)
         await start_with_retry(self.bulk_producer, "bulk-producer")
         self.batch_runner = BatchRunner(s, self.batches, self.files, self.bulk_producer, self.served_models,
-                                        self.metrics, self.webhook_events)
+                                        self.metrics, self.webhook_events, self.fine_tuned)
         self._batch_loop = asyncio.create_task(self.batch_runner.run(), name="batch-runner")
         if s.webhook_sender:
             self.webhook_sender = WebhookSender(s, self.store, self.webhook_secrets, self.metrics)
@@ -251,7 +260,8 @@ class Gateway:
             log.exception("unhandled_error", path=request.path)
             refused = ApiError(500, "internal_error", "internal error")
         endpoint = _endpoint(request)
-        if isinstance(refused, ApiError) and (endpoint in OPENAI_PATHS or endpoint in BULK_PATHS):
+        if isinstance(refused, ApiError) and (endpoint in OPENAI_PATHS or endpoint in BULK_PATHS
+                                             or endpoint in FINE_TUNING_PATHS):
             refused = openai_error(refused)  # OpenAI's clients read OpenAI's error shape
         if refused is not None:
             if isinstance(refused, OpenAIError):
@@ -301,7 +311,7 @@ class Gateway:
     async def submit(self, request: web.Request) -> web.Response:
         # 1) authenticate, then validate: content type, size, JSON, schema, configured limits
         tenant = await self.authenticate(request)
-        body = self._validate(await self.read_body(request))
+        body = await self.route_model(self._validate(await self.read_body(request)), tenant)
         if body.model is not None:
             await self.check_served(body.model)
 
@@ -460,9 +470,14 @@ class Gateway:
     async def _publish(self, request_id: str, value: bytes, lane: Lane) -> None:
         """Produce the message to its lane's topic and wait for the broker's ack, in a
         PRODUCER span whose context travels in the message headers."""
-        topic = self.settings.bulk_topic_name if lane == "bulk" else self.settings.request_topic
-        with self.tracing.producer_span(topic, request_id) as span:
-            sent = await self._send(topic, request_id, value, self.tracing.inject(JSON_HEADERS, span))
+        await self.produce(self.settings.bulk_topic_name if lane == "bulk" else self.settings.request_topic,
+                           request_id, value)
+
+    async def produce(self, topic: str, key: str, value: bytes) -> None:
+        """Produce one message keyed `key` and wait for the broker's ack, in a PRODUCER span
+        whose context travels in the message headers (requests and fine-tuning jobs alike)."""
+        with self.tracing.producer_span(topic, key) as span:
+            sent = await self._send(topic, key, value, self.tracing.inject(JSON_HEADERS, span))
             span.set_attributes({PARTITION: str(sent.partition), OFFSET: sent.offset})
 
     async def _send(self, topic: str, request_id: str, value: bytes, headers: list):
@@ -521,8 +536,25 @@ class Gateway:
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc
         if not served:
-            names = ", ".join(sorted(await self.served_models.names()))
-            raise ApiError(422, "model_not_found", f"model {model!r} is not served here (served: {names})", "model")
+            raise await self._model_not_found(model)
+
+    async def _model_not_found(self, model: str) -> ApiError:
+        names = ", ".join(sorted(await self.served_models.names()))
+        return ApiError(422, "model_not_found", f"model {model!r} is not served here (served: {names})", "model")
+
+    async def route_model(self, spec: RequestSpec, tenant: str | None) -> RequestSpec:
+        """The spec as workers run it: a published fine-tuned model of the caller's key as
+        its base model plus `adapter` (gateway/fine_tuning/serving.py). Another key's
+        fine-tuned model is refused as a model nobody serves is, in the same words."""
+        try:
+            return await self.fine_tuned.resolve(spec, tenant)
+        except (RedisError, OSError) as exc:
+            raise redis_down(exc) from exc
+        except NotYours:
+            raise await self._model_not_found(spec.model) from None
+        except AdapterConflict:
+            raise ApiError(422, "invalid_request", f"adapter: {spec.model!r} is a fine-tuned model and brings its own "
+                           "adapter; name the fine-tuned model or an adapter, not both", "adapter") from None
 
     @staticmethod
     def _request_id(request: web.Request) -> str:
@@ -635,13 +667,18 @@ class Gateway:
 
     async def list_models(self, request: web.Request) -> web.Response:
         """The models the workers serve (what `model` may name), in OpenAI's shape, so
-        OpenAI clients can list them; registered by workers, so listed at zero workers too."""
-        await self.authenticate(request)
+        OpenAI clients can list them; registered by workers, so listed at zero workers too;
+        and the caller's published fine-tuned models."""
+        tenant = await self.authenticate(request)
         try:
             registered = await self.served_models.registered()
+            fine_tuned, others = await self.fine_tuned.listing(tenant)
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc
-        cards = [ModelCard(id=name, created=int(at)) for name, at in sorted(registered.items())]
+        cards = [ModelCard(id=name, created=int(at)) for name, at in sorted(registered.items()) if name not in others]
+        # The caller's own fine-tuned models (with auth off, every one), owned by its key as OpenAI's are by an org.
+        cards += [ModelCard(id=m.name, created=m.created_at, owned_by=m.tenant or "llmq") for m in fine_tuned
+                  if m.name not in registered]
         return web.json_response(text=ModelList(data=cards).model_dump_json())
 
     async def webhook_secret(self, request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ may (its record is final at once; `Cache-Status` says so)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,7 @@ class OpenAIRoutes:
         if call.spec.deadline is not None and call.spec.deadline.timestamp() <= time.time():
             raise OpenAIError(400, "deadline: already passed; no worker could start it in time", "deadline",
                               "invalid_value")
+        call = dataclasses.replace(call, spec=await gw.route_model(call.spec, tenant))
         await gw.check_served(call.spec.model)
         # 2) admitted as POST /v1/requests admits; a retry with the same Idempotency-Key gets the same request
         fingerprint = f"{kind}:{call.stream}:{call.include_usage}:{fingerprint_of(call.spec)}" \

@@ -8,6 +8,7 @@ from functools import cache
 from pydantic.json_schema import models_json_schema
 
 from gateway.batches.openapi import bulk_paths
+from gateway.fine_tuning.openapi import fine_tuning_defs, fine_tuning_paths
 from gateway.openai_compat import body_schema
 from shared.schema import Accepted, ErrorBody, ModelList, RequestView, SubmitRequest
 
@@ -225,17 +226,20 @@ def openapi_document(auth: bool = True) -> dict:
                                                  "`text_completion`", auth),
             "/v1/models": {
                 "get": {
-                    "summary": "List the models the workers serve (OpenAI's shape)",
+                    "summary": "List the models the workers serve and the caller's fine-tuned models (OpenAI's "
+                               "shape)",
                     "operationId": "listModels",
                     "security": _KEY if auth else [],
                     "responses": {
-                        "200": _json("The served models; empty until a worker has started.", "ModelList"),
+                        "200": _json("The served models (empty until a worker has started), and the fine-tuned "
+                                     "models this key published (`owned_by`: the key's name).", "ModelList"),
                         "401": unauthorized,
                         "503": unavailable,
                     },
                 },
             },
             **bulk_paths(_KEY if auth else []),
+            **fine_tuning_paths(_KEY if auth else []),
             "/v1/webhooks/secret": {
                 "get": {
                     "summary": "The secret that signs this key's webhook deliveries (Standard Webhooks)",
@@ -261,7 +265,7 @@ def openapi_document(auth: bool = True) -> dict:
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         },
         "components": {
-            "schemas": {**top["$defs"], **_openai_defs()},
+            "schemas": {**top["$defs"], **_openai_defs(), **fine_tuning_defs()},
             **({"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
                                                "description": "An llmq API key (`llmq keys create NAME`)."}}}
                if auth else {}),

@@ -1,4 +1,4 @@
-"""Files of OpenAI's `/v1/files` (batch inputs and outputs) in a directory: each
+"""Files of OpenAI's `/v1/files` (batch inputs and outputs, fine-tuning data) in a directory: each
 file's content `{id}.jsonl` with its metadata `{id}.json` beside it.
 
 On disk rather than in Redis: a file and its metadata live exactly as long as each
@@ -75,6 +75,18 @@ class FileStore:
         staging.write_text(json.dumps(meta))
         os.replace(staging, self._meta_path(file_id))
         return meta
+
+    async def set_purpose(self, meta: dict, purpose: str) -> dict:
+        """The metadata with another purpose, replaced whole (a reader sees the old or the new)."""
+        changed = {**meta, "purpose": purpose}
+
+        def write() -> None:
+            staging = self.root / f".{meta['id']}.meta"
+            staging.write_text(json.dumps(changed))
+            os.replace(staging, self._meta_path(meta["id"]))
+
+        await asyncio.to_thread(write)
+        return changed
 
     async def adopt(self, written: Path, filename: str, tenant: str | None) -> dict | None:
         """A file the gateway wrote itself (a batch's output) made a file of `tenant`'s;

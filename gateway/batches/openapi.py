@@ -20,7 +20,7 @@ _METADATA = {"type": "object", "maxProperties": MAX_METADATA_ITEMS, "propertyNam
 FILE = {"type": "object", "required": ["id", "object", "bytes", "created_at", "filename", "purpose", "status"],
         "properties": {"id": {"type": "string"}, "object": {"const": "file"}, "bytes": {"type": "integer"},
                        "created_at": {"type": "integer"}, "filename": {"type": "string"},
-                       "purpose": {"enum": ["batch", "batch_output"]}, "status": {"const": "processed"},
+                       "purpose": {"enum": ["batch", "batch_output", "fine-tune"]}, "status": {"const": "processed"},
                        "expires_at": _NULLABLE_INT, "status_details": _NULLABLE_STR}}
 BATCH = {"type": "object",
          "required": ["id", "object", "endpoint", "input_file_id", "completion_window", "status", "created_at",
@@ -93,14 +93,15 @@ def bulk_paths(key: list) -> dict:
 
     return {
         "/v1/files": {
-            "post": op("Upload a batch input file (OpenAI)", "createFile", {
+            "post": op("Upload a batch input or fine-tuning file (OpenAI)", "createFile", {
                 "200": _ok("The file.", FILE),
-                "400": _error("`file` or `purpose` missing, `purpose` not `batch`, or not a multipart form."),
+                "400": _error("`file` or `purpose` missing, `purpose` not `batch` or `fine-tune`, or not a multipart "
+                              "form."),
                 "413": _error("The file is over LLMQ_MAX_FILE_BYTES."),
                 "415": _error("Not multipart/form-data."),
             }, requestBody={"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "required": ["file", "purpose"], "additionalProperties": False,
-                "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"const": "batch"}}}}}}),
+                "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"enum": ["batch", "fine-tune"]}}}}}}),
             "get": op("List this key's files (OpenAI)", "listFiles", {
                 "200": _ok("Newest first unless `order=asc`.", _list(FILE)),
                 "400": _error("`limit` or `order` out of range."),

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 PATHS = ("/v1/files", "/v1/files/{id}", "/v1/files/{id}/content", "/v1/batches", "/v1/batches/{id}",
          "/v1/batches/{id}/cancel")
+# What uploads may be for: batch inputs, and fine-tuning data (gateway/fine_tuning/).
+PURPOSES = ("batch", "fine-tune")
 COMPLETION_WINDOW = "24h"  # the only window OpenAI offers
 # OpenAI's defaults and bounds of `limit`: (default, most) per list.
 _BATCH_PAGE = (20, 100)
@@ -99,7 +101,8 @@ class BulkRoutes:
                     purpose = (await part.read_chunk(64)).decode(errors="replace")
                     await part.release()
                 elif part.name == "file" and meta is None:
-                    meta = await gw.files.save_upload(part, part.filename or "upload.jsonl", "batch", tenant, limit)
+                    meta = await gw.files.save_upload(part, part.filename or "upload.jsonl",
+                                                      purpose if purpose in PURPOSES else "batch", tenant, limit)
                 else:
                     await part.release()
         except FileTooLarge:
@@ -111,13 +114,15 @@ class BulkRoutes:
                 await gw.files.delete(meta["id"])
             raise OpenAIError(400, f"the multipart form could not be read: {exc}", None, "invalid_multipart") \
                 from None
-        if meta is None or purpose != "batch":
+        if meta is None or purpose not in PURPOSES:
             if meta is not None:
                 await gw.files.delete(meta["id"])
             if meta is None:
                 raise OpenAIError(400, "Missing required parameter: 'file'.", "file", "missing_required_parameter")
-            raise OpenAIError(400, f"Invalid 'purpose': {purpose!r}; llmq takes files for 'batch' only", "purpose",
-                              "invalid_value")
+            raise OpenAIError(400, f"Invalid 'purpose': {purpose!r}; llmq takes files for "
+                              f"{' or '.join(repr(p) for p in PURPOSES)}", "purpose", "invalid_value")
+        if meta["purpose"] != purpose:  # the form named its purpose after the file
+            meta = await gw.files.set_purpose(meta, purpose)
         return web.json_response(file_object(meta))
 
     @staticmethod

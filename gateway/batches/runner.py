@@ -45,6 +45,7 @@ from gateway.batches.lines import (
     read_lines,
 )
 from gateway.batches.objects import NOT_RUN, batch_object, result_line
+from gateway.fine_tuning.serving import FineTunedModels, NotYours
 from gateway.metrics import GatewayMetrics
 from gateway.openai_compat import OpenAICall
 from gateway.settings import GatewaySettings
@@ -54,6 +55,7 @@ from shared.schema import RequestMessage, RequestSpec
 from shared.store import base_fields
 from shared.store.batches import BatchStore
 from shared.store.models import ServedModels
+from shared.training import split_fine_tuned
 from shared.webhooks import WebhookEvents
 
 log = structlog.get_logger(__name__)
@@ -99,13 +101,14 @@ def finished(batch: dict[str, str]) -> int:
 class BatchRunner:
     def __init__(self, settings: GatewaySettings, batches: BatchStore, files: FileStore,
                  producer: AIOKafkaProducer, served: ServedModels, metrics: GatewayMetrics,
-                 webhooks: WebhookEvents) -> None:
+                 webhooks: WebhookEvents, fine_tuned: FineTunedModels) -> None:
         self.settings = settings
         self.batches = batches
         self.keys: Keys = batches.keys
         self.files = files
         self.producer = producer
         self.served = served
+        self.fine_tuned = fine_tuned
         self.metrics = metrics
         self.webhooks = webhooks
         self.owner = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
@@ -241,7 +244,8 @@ class BatchRunner:
         if total == 0 and not errors:
             errors.append({"code": "empty_file", "message": "the input file has no requests", "param": None,
                            "line": None})
-        if not errors and not await self.served.serves(model):
+        routed = await self._route(model, batch, errors) if not errors else None
+        if not errors and not await self.served.serves(routed[0]):
             errors.append({"code": "model_not_found", "message": f"model {model!r} is not served here",
                            "param": "body.model", "line": None})
         now = time.time()
@@ -251,8 +255,19 @@ class BatchRunner:
             await self._ended(batch_id)
             log.info("batch_failed_validation", errors=len(errors))
         elif await self.batches.move(batch_id, ["validating"], "in_progress",
-                                     {"in_progress_at": now, "total": total, "model": model}):
+                                     {"in_progress_at": now, "total": total, "model": model,
+                                      "run_model": routed[0], "run_adapter": routed[1]}):
             log.info("batch_validated", lines=total)
+
+    async def _route(self, model: str, batch: dict[str, str], errors: list[dict]) -> tuple[str, str | None] | None:
+        """(model, adapter) the lines run as: a fine-tuned model of the batch's key as its
+        base and adapter (gateway/fine_tuning/serving.py); another key's is a model not served."""
+        try:
+            return await self.fine_tuned.route(model, None, batch.get("tenant") or None)
+        except NotYours:
+            errors.append({"code": "model_not_found", "message": f"model {model!r} is not served here",
+                           "param": "body.model", "line": None})
+        return None
 
     def _check_line(self, raw: RawLine, batch: dict[str, str], seen: set[str], model: str | None,
                     errors: list[dict]) -> str | None:
@@ -266,6 +281,9 @@ class BatchRunner:
             errors.append(LineError("duplicate_custom_id", f"custom_id {line.custom_id!r} is used by an earlier "
                                     "line", raw.line, "custom_id").entry())
         seen.add(line.custom_id)
+        if line.call.spec.adapter is not None and split_fine_tuned(line.call.spec.model or "") is not None:
+            errors.append(LineError("invalid_value", "adapter: a fine-tuned model brings its own adapter; name the "
+                                    "fine-tuned model or an adapter, not both", raw.line, "body.adapter").entry())
         if model is not None and line.call.spec.model != model:
             errors.append(LineError("mismatched_model", f"model {line.call.spec.model!r}: every line of a batch "
                                     f"must name the same model ({model!r})", raw.line, "body.model").entry())
@@ -304,7 +322,10 @@ class BatchRunner:
         """A line's id, its request (its metadata naming the batch) and its new record."""
         line_id = Keys.batch_line(batch_id, line.index)
         spec = line.call.spec
-        spec = spec.model_copy(update={"metadata": {**spec.metadata, BATCH_METADATA_KEY: batch_id}})
+        update = {"metadata": {**spec.metadata, BATCH_METADATA_KEY: batch_id}}
+        if batch.get("run_model", spec.model) != spec.model:  # a fine-tuned model: run as its base and adapter
+            update.update(model=batch["run_model"], adapter=batch.get("run_adapter"))
+        spec = spec.model_copy(update=update)
         record = base_fields(line_id, spec, submitted_at, "batch", batch.get("tenant") or None, "bulk")
         record.update(custom_id=line.custom_id, batch_counts=self.keys.batch(batch_id))
         return line_id, spec, record

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from shared.keys import Keys
 from shared.store.fields import encode, flat
-from shared.store.scripts import CANCEL_TRAINING, CLAIM_TRAINING, END_TRAINING, RENEW_TRAINING
+from shared.store.scripts import CANCEL_TRAINING, CLAIM_TRAINING, END_TRAINING, QUEUE_TRAINING, RENEW_TRAINING
 from shared.training import JobStatus
 
 # Fields of a job's hash that hold JSON.
@@ -52,6 +52,7 @@ class TrainingStore:
         self._renew = redis.register_script(RENEW_TRAINING)
         self._end = redis.register_script(END_TRAINING)
         self._cancel = redis.register_script(CANCEL_TRAINING)
+        self._queue = redis.register_script(QUEUE_TRAINING)
 
     # ---- the job (gateway) ----------------------------------------------------------
 
@@ -93,6 +94,10 @@ class TrainingStore:
                 pipe.hgetall(self.keys.training_job(job_id))
             found = await pipe.execute()
         return [decode(f) if f else None for f in found]
+
+    async def queue(self, job_id: str) -> bool:
+        """`validating_files` → `queued` (its files passed); False if it was cancelled meanwhile."""
+        return bool(await self._queue(keys=[self.keys.training_job(job_id)]))
 
     async def cancel(self, job_id: str) -> str | None:
         """Cancel: at once if not started; else asked of its trainer. The status it has now."""

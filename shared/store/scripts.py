@@ -317,6 +317,14 @@ if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 2 end
 return 1
 """
 
+# KEYS: job hash. A job whose files were checked moves to `queued`, unless it was
+# cancelled meanwhile. Returns 1 if queued here.
+QUEUE_TRAINING = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'validating_files' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+return 1
+"""
+
 # KEYS: job hash. ARGV: trainer ('' : any, for a job no trainer holds), status, fields
 # (flat JSON), ttl (s). Ends a running (or queued) job, only for its owner: a trainer
 # that lost its lease cannot also finish the job. Returns 1 if ended here.

@@ -150,9 +150,12 @@ def accepts_what_it_documents(ctx, response, case):
     already past when it arrives (the document says it is refused), an Idempotency-Key
     that an earlier generated request already used with another body (a refusal that
     depends on what came before, as the document says), a `model` no worker serves
-    (what is served is the deployment's, as the document says), and a `webhook` whose host
+    (what is served is the deployment's, as the document says), a `webhook` whose host
     doesn't resolve or resolves to a non-public address (what DNS says, as the document
-    says). A request the document calls valid may be refused for those, with their own
+    says), and of a fine-tuning job: a file that isn't there (what is uploaded is the
+    deployment's), a `model` that is a fine-tuned one, and settings that don't go together
+    (`invalid_combination`, `unsupported_parameter`: the document states those rules in
+    words). A request the document calls valid may be refused for those, with their own
     typed errors, and for nothing else."""
     if response.status_code in (400, 413, 422):
         try:
@@ -162,6 +165,10 @@ def accepts_what_it_documents(ctx, response, case):
         where_it_points = ("does not resolve", " address (")
         if (error.get("field") or error.get("param")) == "webhook" and any(
                 words in error.get("message", "") for words in where_it_points):
+            return None
+        if response.status_code == 400 and case.path == "/v1/fine_tuning/jobs" and (
+                error.get("param") in ("training_file", "validation_file", "model")
+                or error.get("code") in ("invalid_combination", "unsupported_parameter")):
             return None
         if response.status_code == 400:
             return positive_data_acceptance(ctx, response, case)
@@ -212,6 +219,12 @@ TAKES_INPUT = [
     "GET /v1/batches",
     "GET /v1/batches/{id}",
     "POST /v1/batches/{id}/cancel",
+    "POST /v1/fine_tuning/jobs",
+    "GET /v1/fine_tuning/jobs",
+    "GET /v1/fine_tuning/jobs/{id}",
+    "POST /v1/fine_tuning/jobs/{id}/cancel",
+    "GET /v1/fine_tuning/jobs/{id}/events",
+    "GET /v1/fine_tuning/jobs/{id}/checkpoints",
 ]
 OPERATIONS = [*TAKES_INPUT, "GET /v1/models", "GET /v1/webhooks/secret", "GET /healthz", "GET /readyz",
               "GET /metrics"]

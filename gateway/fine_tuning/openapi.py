@@ -1,0 +1,164 @@
+"""The `/v1/fine_tuning/jobs` operations of the gateway's OpenAPI document, in
+OpenAI's shapes (fine_tuning.job, .event, .checkpoint, lists, OpenAI's error body),
+with llmq's methods and hyperparameters from the same pydantic models that check them."""
+
+from __future__ import annotations
+
+from gateway.fine_tuning.objects import CHECKPOINT_ID, EVENT_ID, OPENAI_HYPERPARAMETERS
+from gateway.fine_tuning.routes import CHECKPOINT_PAGE, EVENT_PAGE, JOB_PAGE
+from shared.training import JOB_ID, JobCreate, JobStatus
+
+_REF = "#/components/schemas/{model}"
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+_NULLABLE_INT = {"type": ["integer", "null"]}
+_NULLABLE_STR = {"type": ["string", "null"]}
+_NULLABLE_OBJECT = {"type": ["object", "null"]}
+_AUTO_OR_NUMBER = {"anyOf": [{"const": "auto"}, {"type": "number"}]}
+
+JOB = {"type": "object", "required": [
+    "id", "object", "created_at", "model", "organization_id", "result_files", "status", "training_file",
+    "hyperparameters", "seed"],
+    "properties": {
+        "id": {"type": "string", "pattern": JOB_ID.pattern}, "object": {"const": "fine_tuning.job"},
+        "created_at": {"type": "integer"}, "finished_at": _NULLABLE_INT, "model": {"type": "string"},
+        "fine_tuned_model": {**_NULLABLE_STR, "description": "The served name of the output (what `model` names "
+                             "to use it); null until the job succeeded."},
+        "organization_id": {"type": "string", "description": "The API key's name (`llmq` with auth off)."},
+        "result_files": {"type": "array", "items": {"type": "string"}},
+        "status": {"enum": [s.value for s in JobStatus]},
+        "training_file": {"type": "string"}, "validation_file": _NULLABLE_STR,
+        "hyperparameters": {"type": "object", "properties": {n: _AUTO_OR_NUMBER for n in OPENAI_HYPERPARAMETERS}},
+        "method": {"type": "object", "required": ["type"],
+                   "properties": {"type": {"enum": ["lora", "adapter", "full"]}},
+                   "description": "`{type, <type>: {hyperparameters}}`: every hyperparameter of the method."},
+        "trained_tokens": _NULLABLE_INT,
+        "error": {"type": ["object", "null"], "required": ["code", "message"], "properties": {
+            "code": {"type": "string"}, "message": {"type": "string"}, "param": _NULLABLE_STR}},
+        "seed": {"type": "integer"}, "estimated_finish": _NULLABLE_INT,
+        "integrations": {"type": ["array", "null"], "maxItems": 0},
+        "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+        "user_provided_suffix": _NULLABLE_STR,
+        "progress": {**_NULLABLE_OBJECT, "description": "llmq's: the trainer's last step: `step`, `total_steps`, "
+                     "`epoch`, `train_loss`, `eval_loss`, `learning_rate`, `tokens_per_second`, `eta_seconds`."},
+        "eval": {**_NULLABLE_OBJECT, "description": "llmq's: quality figures on the validation data before and "
+                 "after training."},
+    }}
+EVENT = {"type": "object", "required": ["id", "object", "created_at", "level", "message"], "properties": {
+    "id": {"type": "string", "pattern": EVENT_ID.pattern}, "object": {"const": "fine_tuning.job.event"},
+    "created_at": {"type": "integer"}, "level": {"enum": ["info", "warn", "error"]}, "message": {"type": "string"},
+    "type": {"enum": ["message", "metrics"]}, "data": {"type": "object"}}}
+CHECKPOINT = {"type": "object", "required": [
+    "id", "object", "created_at", "fine_tuned_model_checkpoint", "step_number", "metrics", "fine_tuning_job_id"],
+    "properties": {
+        "id": {"type": "string", "pattern": CHECKPOINT_ID.pattern}, "object": {"const": "fine_tuning.job.checkpoint"},
+        "created_at": {"type": "integer"}, "fine_tuned_model_checkpoint": {"type": "string"},
+        "step_number": {"type": "integer"}, "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
+        "fine_tuning_job_id": {"type": "string"}}}
+_JOB_ID_PARAM = {"name": "id", "in": "path", "required": True,
+                 "schema": {"type": "string", "pattern": JOB_ID.pattern}}
+
+
+def _list(item: dict) -> dict:
+    return {"type": "object", "required": ["object", "data", "has_more"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": item},
+                           "first_id": _NULLABLE_STR, "last_id": _NULLABLE_STR, "has_more": {"type": "boolean"}}}
+
+
+def _error(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
+
+
+def _ok(description: str, schema: dict) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _query(name: str, schema: dict, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+def _page(bounds: tuple[int, int], after: str) -> list[dict]:
+    default, most = bounds
+    return [_query("after", {"type": "string"}, after),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": most}, f"Page size (default {default}).")]
+
+
+def job_body_schema() -> tuple[dict, dict]:
+    """(the body's schema, the schemas it refers to)."""
+    schema = JobCreate.model_json_schema(ref_template=_REF)
+    defs = schema.pop("$defs")
+    schema["properties"]["integrations"] = {"type": ["array", "null"], "maxItems": 0,
+                                            "description": "OpenAI's integrations are not offered: none may be given."}
+    schema["description"] = (
+        "OpenAI's body. `method.type` is `lora` (the default; OpenAI's `supervised` is read as it), `adapter` "
+        "((IA)^3) or `full`; only the chosen type's settings may be given. `hyperparameters` beside `method` is "
+        "OpenAI's older form, refused when `method` is given too. An (IA)^3 `feedforward_modules` entry must be "
+        "in its `target_modules`.")
+    return schema, defs
+
+
+def fine_tuning_paths(key: list) -> dict:
+    """The operations, each asking for `key` (the Bearer key's security requirement, or none)."""
+    unauthorized = _error("No API key, or an unknown or revoked one (when auth is on).")
+    unavailable = _error("Redis or the broker is unreachable.")
+    no_job = _error("No such job, or another API key's.")
+    body, _ = job_body_schema()
+
+    def op(summary: str, operation_id: str, responses: dict, **more) -> dict:
+        return {"summary": summary, "operationId": operation_id, "security": key,
+                "responses": {**responses, "401": unauthorized, "503": unavailable}, **more}
+
+    return {
+        "/v1/fine_tuning/jobs": {
+            "post": op("Create a fine-tuning job (OpenAI)", "createFineTuningJob", {
+                "200": _ok("The job: `queued` (on the fine-tuning topic for a trainer), or `failed` at once with "
+                           "`error.code` `invalid_training_file` / `invalid_validation_file` naming the line a "
+                           "trainer would refuse.", JOB),
+                "400": _error("Not valid JSON; a parameter missing, unknown or out of range (`param` names it); "
+                              "settings that don't go together (`invalid_combination`); `integrations` "
+                              "(`unsupported_parameter`); a file that is not the caller's or not uploaded with "
+                              "purpose `fine-tune` (`param`: training_file or validation_file); a `model` trainers "
+                              "don't train (`model_not_found`) or a fine-tuned one."),
+                "413": _error("The body is over LLMQ_MAX_BODY_BYTES."),
+                "415": _error("Content-Type is not application/json."),
+            }, requestBody={"required": True, "content": {"application/json": {"schema": body}}}),
+            "get": op("List this key's fine-tuning jobs, newest first (OpenAI)", "listFineTuningJobs", {
+                "200": _ok("A page of jobs.", _list(JOB)),
+                "400": _error("`limit` out of range."),
+            }, parameters=_page(JOB_PAGE, "The id of the last job of the previous page.")),
+        },
+        "/v1/fine_tuning/jobs/{id}": {
+            "get": op("Read a fine-tuning job (OpenAI)", "retrieveFineTuningJob",
+                      {"200": _ok("The job, with llmq's `progress` and `eval`.", JOB), "404": no_job},
+                      parameters=[_JOB_ID_PARAM]),
+        },
+        "/v1/fine_tuning/jobs/{id}/cancel": {
+            "post": op("Cancel a fine-tuning job (OpenAI)", "cancelFineTuningJob", {
+                "200": _ok("`cancelled` (it had not started, or was cancelled before), or `running` with the "
+                           "cancel asked of its trainer, which ends it `cancelled` within a step.", JOB),
+                "404": no_job,
+                "409": _error("The job already ended `succeeded` or `failed`."),
+            }, parameters=[_JOB_ID_PARAM]),
+        },
+        "/v1/fine_tuning/jobs/{id}/events": {
+            "get": op("List a fine-tuning job's events, newest first (OpenAI)", "listFineTuningEvents", {
+                "200": _ok("A page of events.", _list(EVENT)),
+                "400": _error("`limit` out of range, or `after` is not an event of this job."),
+                "404": no_job,
+            }, parameters=[_JOB_ID_PARAM, *_page(EVENT_PAGE, "The id of the last event of the previous page.")]),
+        },
+        "/v1/fine_tuning/jobs/{id}/checkpoints": {
+            "get": op("List a fine-tuning job's checkpoints, newest first (OpenAI)", "listFineTuningJobCheckpoints", {
+                "200": _ok("A page of checkpoints.", _list(CHECKPOINT)),
+                "400": _error("`limit` out of range, or `after` is not a checkpoint of this job."),
+                "404": no_job,
+            }, parameters=[_JOB_ID_PARAM, *_page(CHECKPOINT_PAGE, "The id of the last checkpoint of the previous "
+                                                                  "page.")]),
+        },
+    }
+
+
+def fine_tuning_defs() -> dict:
+    return job_body_schema()[1]
