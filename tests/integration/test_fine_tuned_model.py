@@ -11,7 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from shared.keys import Keys
 from shared.schema import Params
+from shared.store.fine_tuning import TrainingStore
 from shared.training import REGISTRY_METADATA, registry_path
 from workers.engines.base import EngineError, GenerationRequest, collect
 from workers.engines.torch.engine import TorchEngine
@@ -91,6 +93,11 @@ async def test_a_request_naming_the_fine_tune_runs_on_its_worker(gateway, start_
     import openai
 
     await start_worker(engine="torch", model=SERVED, registry_dir=registry, device="cpu")
+    # What the trainer does when the job succeeds (tests/integration/test_fine_tuning.py runs one):
+    # the gateway routes a fine-tuned name only once it is published for the caller.
+    store = TrainingStore(gateway.redis, Keys.of(gateway.settings), gateway.settings.training_ttl_seconds)
+    await store.publish(SERVED, {"tenant": None, "base": "tiny-llama", "method": "full", "output": "ft-x-0a1b2c3d",
+                                 "job": "ftjob-" + "0" * 16 + "0a1b2c3d", "created_at": 0})
     client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused: auth is off here", max_retries=0)
     try:
         listed = [m.id async for m in client.models.list()]
