@@ -857,14 +857,23 @@ def tracing_rows(result: dict) -> list[Row]:
                 f"{ratio_of_medians:.2f}"
                 f"{per_round(runs, untraced, lambda r: r['throughput']['completed_per_s'])}",
                 f"≥ {target:.2f}" if target else "—", ratio_of_medians >= target if target else None),
+            Row(f"e2e CPU per completed request with tracing on{sampled_note(ratio)}, gateway · worker "
+                "(untraced in brackets)",
+                f"{median_cpu(runs, 'gateway'):.3f} ({median_cpu(untraced, 'gateway'):.3f}) · "
+                f"{median_cpu(runs, 'worker'):.3f} ({median_cpu(untraced, 'worker'):.3f}) ms"),
             Row(f"e2e latency p50 with tracing on{sampled_note(ratio)}",
-                f"{median([t['latency']['p50_ms'] or 0 for t in runs])} ms"),
+                f"{median([t['latency']['p50_ms'] or 0 for t in runs]):.2f} ms"),
             Row(f"e2e traced{sampled_note(ratio)}: publish / process spans at the OTLP sink / requests accepted",
                 " + ".join(f"{s['publish_spans_at_sink']} / {s['process_spans_at_sink']} / {s['accepted']}"
                            for s in spans),
                 *spans_all_arrived(at_sink, accepted, ratio)),
         ]
     return out
+
+
+def median_cpu(runs: list[dict], process: str) -> float:
+    """Median CPU ms per completed request of one process over end-to-end runs."""
+    return median([r["throughput"]["cpu_ms_per_request"][process] for r in runs])
 
 
 def report(result: dict) -> tuple[str, list[Row]]:
