@@ -1,6 +1,7 @@
 """Pipeline benchmark: gateway overhead against a bare floor, and end-to-end throughput and latency.
 
-    python -m bench.pipeline [--tracing [--sample-ratio R]] [--admission] [--rounds N] [--duration S] [--json out.json]
+    python -m bench.pipeline [--tracing [--sample-ratio R ...]] [--admission] [--rounds N] [--e2e-rounds N]
+                             [--duration S] [--json out.json]
 
 One run starts its own broker (Tansu) and redis-server on free loopback ports
 in a temporary directory, then measures:
@@ -11,11 +12,14 @@ in a temporary directory, then measures:
 2. gateway: the llmq `gateway` process under the same wrk load; accepted
    requests/s and the ratio gateway/baseline. No worker runs during 1 and 2,
    so neither server shares the CPUs with one. With --tracing, also a gateway
-   exporting every span to a local OTLP sink (bench.otlp_sink, which counts
-   them: the report checks each accepted request's span arrived); with
+   per --sample-ratio (head sampling, parentbased_traceidratio; 1 = every
+   trace) exporting to a local OTLP sink (bench.otlp_sink, which counts the
+   spans: the report checks each sampled request's span arrived); with
    --admission, also a gateway with queue admission on (LLMQ_MAX_QUEUE_DEPTH
    set above any backlog it meets). The gateways take turns each round;
-3. end to end, a fresh gateway + one echo `worker` on a new topic:
+3. end to end, a fresh gateway + one echo `worker` on a new topic (with
+   --tracing, again for each sample ratio, all of them taking turns for
+   --e2e-rounds rounds; traced / untraced is the median of the rounds):
    (a) completed requests/s: N requests submitted by 64 concurrent aiohttp
        submitters, completions counted from the `{prefix}:done` pub/sub
        channel (published in the same Lua script that writes the result, so a
@@ -541,21 +545,24 @@ def llmq_env(stack: dict, tag: str, port: int) -> dict[str, str]:
     )
 
 
-def traced(env: dict[str, str], stack: dict, service: str, sink_url: str | None) -> dict[str, str]:
-    """`env` with OpenTelemetry export to the bench's OTLP sink turned on; with
-    --sample-ratio below 1, head sampling as a deployment sets it (the gateway
-    decides by trace id, the worker follows its parent)."""
+def traced(env: dict[str, str], service: str, sink_url: str | None, ratio: float = 1.0) -> dict[str, str]:
+    """`env` with OpenTelemetry export to the bench's OTLP sink turned on; with a
+    `ratio` below 1, head sampling as a deployment sets it (the gateway decides by
+    trace id, the worker follows its parent)."""
     if sink_url is None:
         return env
     env = {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url, "OTEL_SERVICE_NAME": service}
-    if stack["sample_ratio"] < 1:
-        env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(stack["sample_ratio"])}
+    if ratio < 1:
+        env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
     return env
 
 
-def sampled_note(result: dict) -> str:
-    ratio = result["config"]["trace_sample_ratio"]
-    return "" if ratio >= 1 else f" ({ratio:g} of traces sampled)"
+def ratio_key(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+def sampled_note(ratio: float) -> str:
+    return " (every trace sampled)" if ratio >= 1 else f" ({ratio:g} of traces sampled)"
 
 
 def spans_all_arrived(spans: int, accepted: int, ratio: float) -> tuple[str, bool]:
@@ -577,12 +584,12 @@ def run_load(args: argparse.Namespace, children: Children, stack: dict, tmp: Pat
                              llmq_env(stack, "load", gw_port))
     servers = {"baseline": (baseline, f"http://127.0.0.1:{base_port}"),
                "gateway": (gateway, f"http://127.0.0.1:{gw_port}")}
-    if stack.get("sink_url"):
+    for i, ratio in enumerate(stack["sample_ratios"]):
         traced_port = free_port()
-        env = traced(llmq_env(stack, "load-traced", traced_port), stack, "llmq-gateway", stack["sink_url"])
-        proc = children.spawn("gateway-traced", console_script("gateway", "gateway.main") + ["--port", str(traced_port)],
-                              env)
-        servers["gateway_traced"] = (proc, f"http://127.0.0.1:{traced_port}")
+        env = traced(llmq_env(stack, f"load-traced-{i}", traced_port), "llmq-gateway", stack["sink_url"], ratio)
+        proc = children.spawn(f"gateway-traced-{i}",
+                              console_script("gateway", "gateway.main") + ["--port", str(traced_port)], env)
+        servers[f"gateway_traced_{i}"] = (proc, f"http://127.0.0.1:{traced_port}")
     if args.admission:
         # Admission on (LagReader polling the lag once a second, a check per submit), with a
         # bound no backlog here reaches: what it costs, never what it refuses.
@@ -607,29 +614,30 @@ def run_load(args: argparse.Namespace, children: Children, stack: dict, tmp: Pat
             log(f"round {r + 1} {name}: {result.accepted_per_s:.0f} accepted/s, "
                 f"{result.server_cpu_us_per_request} µs CPU/request, p50 {result.latency_p50_ms} ms, "
                 f"non-2xx {result.non_2xx}")
-    accepted_traced = accepted_so_far(servers["gateway_traced"][1]) if "gateway_traced" in servers else 0
+    accepted_traced = [accepted_so_far(servers[f"gateway_traced_{i}"][1]) for i in range(len(stack["sample_ratios"]))]
     # Stopped before the end-to-end phase, so they don't share the CPUs with it.
     for proc, _url in servers.values():
         children.stop(proc)  # a traced gateway flushes its spans on the way out
-    if "gateway_traced" in servers:
-        spans = sink_spans(stack["sink_url"])
-        results["gateway_traced_spans"] = {
-            "accepted": accepted_traced,
-            "publish_spans_at_sink": spans.get(f"publish bench.{stack['run']}.load-traced", 0),
-        }
+    spans = sink_spans(stack["sink_url"]) if stack["sample_ratios"] else {}
+    results["traced_gateways"] = {
+        ratio_key(ratio): {
+            "runs": results.pop(f"gateway_traced_{i}"),
+            "accepted": accepted_traced[i],
+            "publish_spans_at_sink": spans.get(f"publish bench.{stack['run']}.load-traced-{i}", 0),
+        } for i, ratio in enumerate(stack["sample_ratios"])}
     return results
 
 
-def run_e2e(args: argparse.Namespace, children: Children, stack: dict, sink_url: str | None = None) -> dict:
+def run_e2e(args: argparse.Namespace, children: Children, stack: dict, tag: str = "e2e",
+            sink_url: str | None = None, ratio: float = 1.0) -> dict:
     """3: a fresh gateway and one echo worker, on a fresh topic (no backlog from the load phase);
-    with `sink_url`, both export their traces there."""
+    with `sink_url`, both export their traces there, sampled at `ratio`."""
     port = free_port()
-    tag = "e2e-traced" if sink_url else "e2e"
     env = llmq_env(stack, tag, port)
     gateway = children.spawn(f"gateway-{tag}", console_script("gateway", "gateway.main") + ["--port", str(port)],
-                             traced(env, stack, "llmq-gateway", sink_url))
+                             traced(env, "llmq-gateway", sink_url, ratio))
     worker = children.spawn(f"worker-{tag}", console_script("worker", "workers.main"),
-                            traced(env, stack, "llmq-worker", sink_url))
+                            traced(env, "llmq-worker", sink_url, ratio))
     url = f"http://127.0.0.1:{port}"
     wait_accepting(url, gateway, "e2e gateway")
     log("waiting for the worker to join its group")
@@ -650,6 +658,20 @@ def run_e2e(args: argparse.Namespace, children: Children, stack: dict, sink_url:
     return result
 
 
+def run_e2e_rounds(args: argparse.Namespace, children: Children, stack: dict) -> dict:
+    """3, untraced and at each sample ratio, taking turns round by round so that a noisy
+    neighbour's drift hits them alike; the first untraced run is the one reported in full."""
+    untraced: list[dict] = []
+    traced_runs: dict[str, list[dict]] = {ratio_key(ratio): [] for ratio in stack["sample_ratios"]}
+    rounds = args.e2e_rounds if stack["sample_ratios"] else 1
+    for r in range(rounds):
+        untraced.append(run_e2e(args, children, stack, f"e2e-{r}"))
+        for i, ratio in enumerate(stack["sample_ratios"]):
+            traced_runs[ratio_key(ratio)].append(
+                run_e2e(args, children, stack, f"e2e-traced-{i}-{r}", stack["sink_url"], ratio))
+    return {"e2e": untraced[0], "e2e_untraced_runs": untraced, "e2e_traced": traced_runs}
+
+
 def run(args: argparse.Namespace, children: Children, tmp: Path) -> dict:
     info = machine()
     # Children inherit this environment: say so when it changes what is measured
@@ -663,7 +685,7 @@ def run(args: argparse.Namespace, children: Children, tmp: Path) -> dict:
     children.services.append(redis_service)
     stack = {"run": uuid.uuid4().hex[:8], "bootstrap": broker.url, "redis_url": redis_service.url,
              "broker_pid": broker.proc.pid, "redis_pid": redis_service.proc.pid, "sink_url": None,
-             "sample_ratio": args.sample_ratio}
+             "sample_ratios": args.sample_ratio if args.tracing else []}
     if args.tracing:
         sink_port = free_port()
         sink = children.spawn("otlp-sink", [sys.executable, "-m", "bench.otlp_sink", "--port", str(sink_port)],
@@ -679,16 +701,14 @@ def run(args: argparse.Namespace, children: Children, tmp: Path) -> dict:
             "worker_during_load": False, "e2e_requests": args.requests, "e2e_submitters": args.submitters,
             "latency_rate_per_s": args.rate, "latency_duration_s": args.latency_duration,
             "env_overrides": overrides, "tracing_compared": args.tracing,
-            "trace_sample_ratio": args.sample_ratio,
+            "trace_sample_ratios": stack["sample_ratios"], "e2e_rounds": args.e2e_rounds,
             "admission_compared": args.admission,
         },
     }
     if args.phases in ("all", "load"):
         result.update(run_load(args, children, stack, tmp))
     if args.phases in ("all", "e2e"):
-        result["e2e"] = run_e2e(args, children, stack)
-        if args.tracing:
-            result["e2e_traced"] = run_e2e(args, children, stack, stack["sink_url"])
+        result.update(run_e2e_rounds(args, children, stack))
     info["loadavg_at_end"] = os.getloadavg()
     return result
 
@@ -736,20 +756,8 @@ def load_rows(result: dict) -> list[Row]:
         Row("gateway / baseline (accepted req/s)", f"{ratio:.2f}", "≥ 0.80", ratio >= 0.80),
         Row("non-2xx + socket errors under wrk load", errors, "0", errors == 0),
     ]
-    if "gateway_traced" in result:
-        traced_rate = median([r["accepted_per_s"] for r in result["gateway_traced"]])
-        traced_ratio = traced_rate / gw if gw else 0.0
-        spans = result["gateway_traced_spans"]
-        out += [
-            Row(f"gateway with tracing on{sampled_note(result)} accepted req/s ({load})", f"{traced_rate:.0f}"),
-            Row("gateway with tracing on CPU per request (server process)",
-                f"{median([r['server_cpu_us_per_request'] or 0 for r in result['gateway_traced']]):.0f} µs"),
-            Row("gateway traced / untraced (accepted req/s)", f"{traced_ratio:.2f}", "≥ 0.90", traced_ratio >= 0.90),
-            Row("traced gateway: publish spans at the OTLP sink / requests accepted",
-                f"{spans['publish_spans_at_sink']} / {spans['accepted']}",
-                *spans_all_arrived(spans["publish_spans_at_sink"], spans["accepted"],
-                                   result["config"]["trace_sample_ratio"])),
-        ]
+    for key, traced_gw in result.get("traced_gateways", {}).items():
+        out += traced_gateway_rows(float(key), traced_gw, result["gateway"], load)
     if "gateway_admission" in result:
         admission_rate = median([r["accepted_per_s"] for r in result["gateway_admission"]])
         admission_ratio = admission_rate / gw if gw else 0.0
@@ -760,6 +768,37 @@ def load_rows(result: dict) -> list[Row]:
             Row("gateway admission on / off (accepted req/s)", f"{admission_ratio:.2f}"),
         ]
     return out
+
+
+def traced_gateway_rows(ratio: float, traced_gw: dict, untraced_runs: list[dict], load: str) -> list[Row]:
+    """The gateway at one sample ratio against the untraced gateway of the same rounds:
+    the ratio of medians, and each round's own ratio (the range)."""
+    runs = traced_gw["runs"]
+    rate, plain = median([r["accepted_per_s"] for r in runs]), median([r["accepted_per_s"] for r in untraced_runs])
+    ratio_of_medians = rate / plain if plain else 0.0
+    target = TRACED_GATEWAY_TARGET if ratio < 1 else None
+    return [
+        Row(f"gateway with tracing on{sampled_note(ratio)} accepted req/s ({load})", f"{rate:.0f}"),
+        Row(f"gateway{sampled_note(ratio)} CPU per request (server process)",
+            f"{median([r['server_cpu_us_per_request'] or 0 for r in runs]):.0f} µs"),
+        Row(f"gateway traced{sampled_note(ratio)} / untraced (accepted req/s)",
+            f"{ratio_of_medians:.2f}{per_round(runs, untraced_runs, lambda r: r['accepted_per_s'])}",
+            f"≥ {target:.2f}" if target else "—", ratio_of_medians >= target if target else None),
+        Row(f"traced gateway{sampled_note(ratio)}: publish spans at the OTLP sink / requests accepted",
+            f"{traced_gw['publish_spans_at_sink']} / {traced_gw['accepted']}",
+            *spans_all_arrived(traced_gw["publish_spans_at_sink"], traced_gw["accepted"], ratio)),
+    ]
+
+
+# Traced / untraced targets with head sampling below 1 (at 1, every trace, the figure is reported).
+TRACED_GATEWAY_TARGET = 0.95
+TRACED_E2E_TARGET = 0.90
+
+
+def per_round(traced_runs: list[dict], untraced_runs: list[dict], rate: Callable[[dict], float]) -> str:
+    """" (lo–hi per round)": each round's traced / untraced, when there was more than one."""
+    ratios = [rate(t) / rate(u) for t, u in zip(traced_runs, untraced_runs) if rate(u)]
+    return f" ({min(ratios):.2f}–{max(ratios):.2f} per round)" if len(ratios) > 1 else ""
 
 
 def e2e_rows(result: dict) -> list[Row]:
@@ -797,25 +836,50 @@ def e2e_rows(result: dict) -> list[Row]:
 
 
 def tracing_rows(result: dict) -> list[Row]:
-    plain, traced_run = result["e2e"]["throughput"], result["e2e_traced"]["throughput"]
-    spans = result["e2e_traced"]["spans"]
-    ratio = traced_run["completed_per_s"] / plain["completed_per_s"] if plain["completed_per_s"] else 0.0
-    return [
-        Row(f"e2e completed req/s with tracing on{sampled_note(result)} (gateway + worker exporting)",
-            f"{traced_run['completed_per_s']:.0f}"),
-        Row("e2e traced / untraced (completed req/s)", f"{ratio:.2f}", "≥ 0.90", ratio >= 0.90),
-        Row("e2e latency p50 with tracing on", f"{result['e2e_traced']['latency']['p50_ms']} ms"),
-        Row("e2e traced: publish / process spans at the OTLP sink / requests accepted",
-            f"{spans['publish_spans_at_sink']} / {spans['process_spans_at_sink']} / {spans['accepted']}",
-            *spans_all_arrived(min(spans["publish_spans_at_sink"], spans["process_spans_at_sink"]), spans["accepted"],
-                               result["config"]["trace_sample_ratio"])),
-    ]
+    untraced = result["e2e_untraced_runs"]
+    rounds = len(untraced)
+    plain = median([u["throughput"]["completed_per_s"] for u in untraced])
+    out = []
+    if rounds > 1:
+        out.append(Row(f"e2e completed req/s untraced, median of {rounds} rounds", f"{plain:.0f}"))
+    for key, runs in result["e2e_traced"].items():
+        ratio = float(key)
+        rate = median([t["throughput"]["completed_per_s"] for t in runs])
+        ratio_of_medians = rate / plain if plain else 0.0
+        spans = [t["spans"] for t in runs]
+        at_sink = sum(min(s["publish_spans_at_sink"], s["process_spans_at_sink"]) for s in spans)
+        accepted = sum(s["accepted"] for s in spans)
+        target = TRACED_E2E_TARGET if ratio < 1 else None
+        out += [
+            Row(f"e2e completed req/s with tracing on{sampled_note(ratio)} (gateway + worker exporting)"
+                + (f", median of {rounds} rounds" if rounds > 1 else ""), f"{rate:.0f}"),
+            Row(f"e2e traced{sampled_note(ratio)} / untraced (completed req/s)",
+                f"{ratio_of_medians:.2f}"
+                f"{per_round(runs, untraced, lambda r: r['throughput']['completed_per_s'])}",
+                f"≥ {target:.2f}" if target else "—", ratio_of_medians >= target if target else None),
+            Row(f"e2e CPU per completed request with tracing on{sampled_note(ratio)}, gateway · worker "
+                "(untraced in brackets)",
+                f"{median_cpu(runs, 'gateway'):.3f} ({median_cpu(untraced, 'gateway'):.3f}) · "
+                f"{median_cpu(runs, 'worker'):.3f} ({median_cpu(untraced, 'worker'):.3f}) ms"),
+            Row(f"e2e latency p50 with tracing on{sampled_note(ratio)}",
+                f"{median([t['latency']['p50_ms'] or 0 for t in runs]):.2f} ms"),
+            Row(f"e2e traced{sampled_note(ratio)}: publish / process spans at the OTLP sink / requests accepted",
+                " + ".join(f"{s['publish_spans_at_sink']} / {s['process_spans_at_sink']} / {s['accepted']}"
+                           for s in spans),
+                *spans_all_arrived(at_sink, accepted, ratio)),
+        ]
+    return out
+
+
+def median_cpu(runs: list[dict], process: str) -> float:
+    """Median CPU ms per completed request of one process over end-to-end runs."""
+    return median([r["throughput"]["cpu_ms_per_request"][process] for r in runs])
 
 
 def report(result: dict) -> tuple[str, list[Row]]:
     m, cfg = result["machine"], result["config"]
     table = ((load_rows(result) if "gateway" in result else []) + (e2e_rows(result) if "e2e" in result else [])
-             + (tracing_rows(result) if "e2e_traced" in result else []))
+             + (tracing_rows(result) if result.get("e2e_traced") else []))
     lines = [
         f"machine: {m['nproc']} CPUs ({m['cpu_model']}), python {m['python']}, "
         f"load average at start {m['loadavg_at_start'][0]:.2f}, at end {m['loadavg_at_end'][0]:.2f}",
@@ -863,13 +927,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="load: wrk baseline vs gateway only; e2e: gateway + worker only (all)")
     parser.add_argument("--tracing", action="store_true",
                         help="also run the gateway (and e2e) with OpenTelemetry export to a local OTLP sink")
-    parser.add_argument("--sample-ratio", type=float, default=1.0,
-                        help="with --tracing: the share of traces sampled (parentbased_traceidratio); 1 = every one (1)")
+    parser.add_argument("--sample-ratio", type=float, action="append",
+                        help="with --tracing: the share of traces sampled (parentbased_traceidratio), 1 = every one, "
+                             "0 = none (what an unsampled request costs); repeat it to compare several in one run (1)")
+    parser.add_argument("--e2e-rounds", type=int, default=1,
+                        help="with --tracing: end-to-end rounds, untraced and each sample ratio taking turns (1)")
     parser.add_argument("--admission", action="store_true",
                         help="also run the gateway with queue admission on (LLMQ_MAX_QUEUE_DEPTH) under the wrk load")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (child logs)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.sample_ratio = args.sample_ratio or [1.0]
+    if any(not 0 <= ratio <= 1 for ratio in args.sample_ratio):
+        parser.error("--sample-ratio: a share in [0, 1]")
+    return args
 
 
 def _interrupt(_signum, _frame) -> None:

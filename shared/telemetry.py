@@ -81,14 +81,17 @@ class Tracing:
         return _NO_CONTEXT
 
     def start_span(self, name: str, *, context: Context | None = None, kind: SpanKind = SpanKind.INTERNAL,
-                   attributes: Mapping | None = None, links: Iterable[Context] = (),
-                   start_time: int | None = None) -> Span:
-        """A span the caller ends; `links` are the contexts of other traces it relates to."""
+                   attributes: Mapping | None = None, start_time: int | None = None) -> Span:
+        """A span the caller ends."""
         return trace.INVALID_SPAN
 
     def headers_of(self, span: Span) -> dict[str, str]:
         """W3C trace headers naming `span` as the parent (for engines that trace themselves)."""
         return {}
+
+    def link(self, span: Span, contexts: Iterable[Context]) -> None:
+        """Link `span` to the traces of `contexts`, if it records (for an unsampled one, nothing
+        is looked up: its links would be dropped)."""
 
     def shutdown(self) -> None:
         """Flush what is still queued for export."""
@@ -176,15 +179,18 @@ class SdkTracing(Tracing):
                 continue  # a garbage header must not stop the message
         return propagate.extract(carrier)
 
-    def start_span(self, name, *, context=None, kind=SpanKind.INTERNAL, attributes=None, links=(),
-                   start_time=None):
-        return self.tracer.start_span(name, context=context, kind=kind, attributes=attributes,
-                                      links=_links_to(links), start_time=start_time)
+    def start_span(self, name, *, context=None, kind=SpanKind.INTERNAL, attributes=None, start_time=None):
+        return self.tracer.start_span(name, context=context, kind=kind, attributes=attributes, start_time=start_time)
 
     def headers_of(self, span):
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         return carrier
+
+    def link(self, span, contexts):
+        if span.is_recording():
+            for link in _links_to(contexts):
+                span.add_link(link.context)
 
     def shutdown(self) -> None:
         self.provider.shutdown()

@@ -72,14 +72,15 @@ class Intake:
 
     async def accept(self, records: list[ConsumerRecord]) -> None:
         jobs = [self._receive(record) for record in records]
-        # The fetch's own span links to every request's trace (messaging conventions);
-        # the spans under each request name their parent themselves.
+        # The fetch's own span links to every request's trace (messaging conventions), when
+        # it is sampled; the spans under each request name their parent themselves.
         topic = self.settings.request_topic
         span = self.tracing.start_span(
-            f"process batch {topic}", kind=SpanKind.CONSUMER, links=(job.parent for job in jobs),
+            f"process batch {topic}", kind=SpanKind.CONSUMER,
             attributes={MESSAGING_SYSTEM: "kafka", DESTINATION: topic, CONSUMER_GROUP: self.settings.consumer_group,
                         BATCH_COUNT: len(records)},
         )
+        self.tracing.link(span, (job.parent for job in jobs))
         try:
             await self._admit(jobs)
         finally:
@@ -102,10 +103,11 @@ class Intake:
             span.set_status(trace.StatusCode.ERROR, str(exc))
             return Job(record, None, span, parent, error=str(exc), lane=lane)
         submitted = message.submitted_at.timestamp() if message.submitted_at else record.timestamp / 1000
-        # Time in the queue (until this fetch) is an attribute rather than a span of its
-        # own: each span costs CPU in the Python SDK.
-        span.set_attributes({REQUEST_ID: message.id, MESSAGE_KEY: message.id,
-                             "llmq.queue_seconds": max(time.time() - submitted, 0.0)})
+        if span.is_recording():  # not sampled: no attributes to build
+            # Time in the queue (until this fetch) is an attribute rather than a span of its
+            # own: each span costs CPU in the Python SDK.
+            span.set_attributes({REQUEST_ID: message.id, MESSAGE_KEY: message.id,
+                                 "llmq.queue_seconds": max(time.time() - submitted, 0.0)})
         return Job(record, message, span, parent, lane=lane,
                    create_fields=base_fields(message.id, message, submitted, "kafka", message.tenant, lane))
 

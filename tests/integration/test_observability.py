@@ -84,13 +84,26 @@ async def receiver():
 @pytest.fixture
 def stack(settings, receiver, tmp_path):
     """Gateway and worker as real processes, tracing to the receiver, logging JSON to files."""
+    yield from _stack(settings, receiver, tmp_path)
+
+
+@pytest.fixture
+def head_sampled_stack(settings, receiver, tmp_path):
+    """The same, head sampling as deploy/k8s does it (parentbased_traceidratio) at a ratio of
+    0: the gateway samples no trace it starts, so what reaches the receiver is only what a
+    caller's sampled traceparent asked for."""
+    yield from _stack(settings, receiver, tmp_path, OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+                      OTEL_TRACES_SAMPLER_ARG="0")
+
+
+def _stack(settings, receiver, tmp_path, **otel):
     settings = settings.model_copy(update={"http_port": free_port(), "metrics_port": free_port(),
                                            "log_format": "json"})
     procs, logs = [], {}
     for role, module in (("gateway", "gateway.main"), ("worker", "workers.main")):
         logs[role] = tmp_path / f"{role}.log"
         env = python_env(**settings.to_env(), OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-                         OTEL_SERVICE_NAME=f"llmq-{role}", OTEL_BSP_SCHEDULE_DELAY="100")
+                         OTEL_SERVICE_NAME=f"llmq-{role}", OTEL_BSP_SCHEDULE_DELAY="100", **otel)
         procs.append(subprocess.Popen([sys.executable, "-m", module], env=env, stdout=subprocess.DEVNULL,
                                       stderr=open(logs[role], "w")))
     wait_for_port(settings.http_port, 30, procs[0], "gateway")
@@ -204,6 +217,37 @@ async def test_a_producer_s_traceparent_is_joined(stack, receiver, http):
                      "the process span")
     [process] = receiver.named(f"process {settings.request_topic}")
     assert (process.trace_id, process.parent_id) == (trace_id, parent)
+
+
+async def test_head_sampling_traces_a_request_everywhere_or_nowhere(head_sampled_stack, receiver, http):
+    """An unsampled request makes no span in the gateway or the worker (the worker follows the
+    flag in the message headers), yet its log lines still name its trace id; a caller's sampled
+    traceparent is followed by both, one whole trace."""
+    settings, base, logs = head_sampled_stack
+    topic = settings.request_topic
+    plain = await submit(http, base, {"input": {"prompt": "not sampled"}, "params": {"max_tokens": 8}})
+    trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    async with http.post(f"{base}/v1/requests", json={"input": {"prompt": "sampled"}, "params": {"max_tokens": 8}},
+                         headers={"traceparent": f"00-{trace_id}-{parent}-01"}) as resp:
+        assert resp.status == 202
+        sampled = (await resp.json())["id"]
+    for request_id in (plain, sampled):
+        assert (await wait_final(http, base, request_id))["status"] == "succeeded"
+    await wait_until(lambda: asyncio.sleep(0, bool(receiver.named("write result"))), 15, "the worker's spans")
+    await asyncio.sleep(0.5)  # the unsampled request's spans, if any were wrongly made, had as long
+
+    [server] = [s for s in receiver.named("POST /v1/requests")]
+    [publish] = receiver.named(f"publish {topic}")
+    [process] = receiver.named(f"process {topic}")
+    [write] = receiver.named("write result")
+    assert (server.trace_id, server.parent_id) == (trace_id, parent)
+    assert {s.trace_id for s in (publish, process, write)} == {trace_id}
+    assert process.attributes["llmq.request_id"] == sampled
+    assert all(s.attributes.get("llmq.request_id") != plain for s in receiver.spans)
+    # the unsampled request's log line still has a trace id, one that no exported span has
+    [finished] = [line for line in _log_lines(logs["worker"])
+                  if line["event"] == "request_finished" and line["request_id"] == plain]
+    assert len(finished["trace_id"]) == 32 and finished["trace_id"] not in {s.trace_id for s in receiver.spans}
 
 
 async def test_worker_metrics_count_what_it_served(stack, http):

@@ -2,7 +2,8 @@
 here, nor network at test time): the compose file against the Compose Specification's JSON
 schema, the Kubernetes manifests against the official schemas shipped by kubernetes-validate,
 the KEDA ScaledObject against its CRD's schema, the Prometheus config against the compose
-services, the Dockerfile's stages and commands, and every LLMQ_* variable against the settings
+services, the OpenTelemetry Collector's config against its pipeline and the compose services,
+the Dockerfile's stages and commands, and every LLMQ_* variable against the settings
 classes. What none of this proves (that the images build, the containers start and talk to
 each other) is listed in deploy/README.md."""
 
@@ -12,11 +13,13 @@ import json
 import re
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 import yaml
 from kubernetes_validate import utils as k8s_validate
+from opentelemetry.sdk.trace import TracerProvider
 
 from deploy.client import ClientSettings
 from deploy.settings import StackSettings
@@ -30,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+COLLECTOR_FILE = DEPLOY / "otel-collector.yaml"
 # Upstream compose-spec schema/compose-spec.json, as shipped byte for byte in the npm package
 # dclint 3.1.0 (package/schemas/compose.schema.json); see deploy/schemas/README.md.
 COMPOSE_SCHEMA = DEPLOY / "schemas" / "compose-spec.json"
@@ -125,11 +129,13 @@ def test_compose_file_matches_the_compose_specification_schema():
 
 def test_compose_has_the_whole_stack():
     services = load_compose()["services"]
-    assert {"kafka", "kafka-init", "redis", "jaeger", "prometheus", "gateway", "worker", "worker-cpu", "scaler"} <= set(services)
+    assert {"kafka", "kafka-init", "redis", "jaeger", "otel-collector", "prometheus", "gateway", "worker", "worker-cpu",
+            "scaler"} <= set(services)
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert "--appendonly yes" in " ".join(command_args(services["redis"]["command"]))
-    jaeger_ports = {p.rsplit(":", 1)[-1] for p in services["jaeger"]["ports"]}
-    assert {"4317", "4318", "16686"} <= jaeger_ports
+    # the Jaeger UI on the host; OTLP from the host goes through the collector's sampling
+    assert {p.rsplit(":", 1)[-1] for p in services["jaeger"]["ports"]} == {"16686"}
+    assert {p.rsplit(":", 1)[-1] for p in services["otel-collector"]["ports"]} == {"4317", "4318"}
     # the default profile runs the CPU worker with the torch engine; the GPU one is opt-in
     assert services["worker-cpu"]["profiles"] == ["cpu"]
     assert services["worker"]["profiles"] == ["gpu"]
@@ -179,15 +185,80 @@ def test_topics_are_created_before_llmq_starts_with_the_partitions_of_the_settin
         assert depends["redis"]["condition"] == "service_healthy", name
 
 
-def test_llmq_services_trace_to_jaeger_under_their_own_names():
+def test_llmq_services_trace_to_the_collector_under_their_own_names_sampling_nothing_away():
+    """In compose the collector samples (tail sampling sees whole traces, errors and slow ones
+    included), so the processes' own sampler keeps every trace; the SDK reads these values."""
     services = load_compose()["services"]
+    collector = services["otel-collector"]
     names = {"gateway": "llmq-gateway", "worker-cpu": "llmq-worker", "worker": "llmq-worker", "scaler": "llmq-scaler"}
     for service, otel_name in names.items():
         env = environment(services[service])
         assert env["OTEL_SERVICE_NAME"] == otel_name
-        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+        endpoint = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        assert endpoint.hostname == "otel-collector" and str(endpoint.port) in collector["expose"]
+        assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf" and endpoint.port == 4318
+        assert sdk_sampler(env).startswith("ParentBased{root:AlwaysOnSampler,")
         assert env["LLMQ_HTTP_HOST"] == "0.0.0.0"
         assert env["LLMQ_METRICS_HOST"] == "0.0.0.0"  # where a worker's /metrics listens
+    # head sampling stays a variable away: OTEL_TRACES_SAMPLER(_ARG) on the host reach the processes
+    env = environment(interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), {
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"})["services"]["gateway"])
+    assert sdk_sampler(env).startswith("ParentBased{root:TraceIdRatioBased{0.1},")
+
+
+def sdk_sampler(env: dict[str, str]):
+    """The sampler the OpenTelemetry SDK builds from these OTEL_TRACES_SAMPLER(_ARG) values, as
+    it describes itself."""
+    names = ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in names:
+            patch.setenv(name, env[name]) if name in env else patch.delenv(name, raising=False)
+        return TracerProvider().sampler.get_description()
+
+
+def collector_config() -> dict:
+    return yaml.safe_load(COLLECTOR_FILE.read_text())
+
+
+def test_collector_pipeline_uses_only_components_it_defines_and_exports_to_jaeger():
+    """What `otelcol validate` would check first (there is no collector binary here): each
+    component a pipeline names is configured, and the addresses point at compose services."""
+    config, services = collector_config(), load_compose()["services"]
+    [pipeline] = config["service"]["pipelines"].values()
+    assert set(config["service"]["pipelines"]) == {"traces"}
+    for kind in ("receivers", "processors", "exporters"):
+        assert pipeline[kind] and set(pipeline[kind]) <= set(config[kind]), kind
+    assert set(config["service"]["extensions"]) <= set(config["extensions"])
+    # the memory limiter first, tail sampling before batching (it regroups spans by trace)
+    assert pipeline["processors"][0] == "memory_limiter"
+    assert pipeline["processors"].index("tail_sampling") < pipeline["processors"].index("batch")
+    # OTLP in on both standard ports, the ones compose publishes
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert {protocols["grpc"]["endpoint"].rsplit(":", 1)[1], protocols["http"]["endpoint"].rsplit(":", 1)[1]} == \
+        set(services["otel-collector"]["expose"]) - {"13133"}
+    [exporter] = pipeline["exporters"]
+    assert exporter.split("/")[0] == "otlp_http"
+    target = urlsplit(config["exporters"][exporter]["endpoint"])
+    assert target.hostname == "jaeger" and str(target.port) in services["jaeger"]["expose"]
+    # compose runs it with this very file
+    collector = services["otel-collector"]
+    assert collector["image"].startswith("otel/opentelemetry-collector-contrib:") and ":latest" not in collector["image"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in collector["volumes"]}
+    [config_flag] = [a for a in command_args(collector["command"]) if a.startswith("--config=")]
+    assert mounted[config_flag.removeprefix("--config=")] == "./" + COLLECTOR_FILE.name
+
+
+def test_collector_keeps_every_error_and_slow_trace_and_a_share_of_the_rest():
+    sampling = collector_config()["processors"]["tail_sampling"]
+    policies = {p["type"]: p for p in sampling["policies"]}
+    assert policies["status_code"]["status_code"]["status_codes"] == ["ERROR"]
+    assert 0 < policies["latency"]["latency"]["threshold_ms"] and "upper_threshold_ms" not in policies["latency"]["latency"]
+    assert 0 < policies["probabilistic"]["probabilistic"]["sampling_percentage"] < 100
+    # no policy that drops: a trace is kept when any one says so
+    assert set(policies) == {"status_code", "latency", "probabilistic"}
+    # the decision waits for the worker's spans of an ordinary request; kept traces' late spans follow
+    assert int(sampling["decision_wait"].removesuffix("s")) >= 30
+    assert sampling["decision_cache"]["sampled_cache_size"] >= sampling["num_traces"]
 
 
 def test_gpu_reservation_is_there_to_uncomment():
@@ -317,6 +388,17 @@ def test_kubernetes_manifests_match_the_official_schemas(version):
     broken["spec"]["template"]["spec"]["containers"][0]["envfrom"] = []
     with pytest.raises(k8s_validate.ValidationError):
         k8s_validate.validate(broken, version, strict=True)
+
+
+def test_kubernetes_processes_head_sample_a_tenth_of_traces():
+    """No collector ships with the manifests, so the processes sample: the gateway decides by
+    trace id, the workers follow the parent's flag (parentbased); the SDK reads these values."""
+    config = by_kind("ConfigMap")["llmq-config"]["data"]
+    assert sdk_sampler(config).startswith("ParentBased{root:TraceIdRatioBased{0.1},")
+    # every llmq process reads the ConfigMap
+    for name, deployment in by_kind("Deployment").items():
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        assert {"configMapRef": {"name": "llmq-config"}} in container["envFrom"], name
 
 
 def test_kustomization_lists_every_manifest_but_keda():
