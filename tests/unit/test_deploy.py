@@ -28,6 +28,8 @@ from scaler.main import parse as scaler_parse
 from scaler.settings import ScalerSettings
 from shared.settings import ServiceSettings, env_names
 from workers.main import parse_settings as worker_parse
+from workers.training.main import parse_settings as trainer_parse
+from workers.training.settings import TrainerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -41,8 +43,8 @@ KEDA_SCHEMA = DEPLOY / "schemas" / "keda-scaledobject-v1alpha1.json"
 KEDA_FILE = K8S / "keda-scaledobject.yaml"  # written by another part of the project
 # The oldest Kubernetes the manifests promise to work on, and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.31", k8s_validate.latest_version())
-LLMQ_ROLES = ("gateway", "worker", "scaler")
-LLMQ_SERVICES = ("gateway", "worker-cpu", "worker", "scaler")
+LLMQ_ROLES = ("gateway", "worker", "scaler", "trainer")
+LLMQ_SERVICES = ("gateway", "worker-cpu", "worker", "scaler", "trainer")
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -174,9 +176,10 @@ def test_topics_are_created_before_llmq_starts_with_the_partitions_of_the_settin
     topics = dict(creates)
     gateway_env = environment(services["gateway"])
     bulk_topic = gateway_env.get("LLMQ_BULK_TOPIC") or f"{gateway_env['LLMQ_REQUEST_TOPIC']}.bulk"
-    webhooks = ServiceSettings()  # the compose file leaves the webhook topics at their defaults
+    webhooks = ServiceSettings()  # the compose file leaves the webhook and fine-tuning topics at their defaults
     assert set(topics) == {gateway_env["LLMQ_REQUEST_TOPIC"], bulk_topic, gateway_env["LLMQ_DLQ_TOPIC"],
-                           webhooks.webhook_topic, webhooks.webhook_dlq_topic}
+                           webhooks.webhook_topic, webhooks.webhook_dlq_topic, webhooks.fine_tuning_topic}
+    assert topics[webhooks.fine_tuning_topic] == str(webhooks.fine_tuning_partitions)
     assert topics["llmq.requests"] == topics[bulk_topic] == gateway_env["LLMQ_REQUEST_PARTITIONS"] == "8"
     assert topics[webhooks.webhook_topic] == "8"  # as many gateways as partitions share the deliveries
     for name in LLMQ_SERVICES:
@@ -284,7 +287,7 @@ def test_gpu_reservation_is_there_to_uncomment():
 def test_llmq_commands_parse_with_the_real_command_lines():
     """Each llmq service runs a console script of pyproject with flags that script accepts."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    parsers = {"gateway": gateway_parse, "worker": worker_parse, "scaler": scaler_parse}
+    parsers = {"gateway": gateway_parse, "worker": worker_parse, "scaler": scaler_parse, "trainer": trainer_parse}
     services = load_compose()["services"]
     runs = []
     for name in LLMQ_SERVICES:
@@ -296,6 +299,7 @@ def test_llmq_commands_parse_with_the_real_command_lines():
     for _, doc in k8s_documents():
         if doc["kind"] == "Deployment":
             runs += [c["command"] + c.get("args", []) for c in doc["spec"]["template"]["spec"]["containers"]]
+    runs = [run[2].split("exec ", 1)[1].split() if run[:2] == ["sh", "-c"] else run for run in runs]
     assert {run[0] for run in runs} == set(LLMQ_ROLES)
     for run in runs:
         assert run[0] in scripts, run
@@ -410,26 +414,28 @@ def test_kustomization_lists_every_manifest_but_keda():
                if name in listed and doc["kind"] != "Namespace")
 
 
-def test_scaler_may_scale_the_worker_deployment_and_nothing_else():
+def test_the_scalers_may_scale_the_worker_and_trainer_deployments_and_nothing_else():
     role = by_kind("Role")["llmq-scaler"]
     assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["deployments/scale"],
-                              "resourceNames": ["llmq-worker"], "verbs": ["get", "patch", "update"]}]
+                              "resourceNames": ["llmq-worker", "llmq-trainer"], "verbs": ["get", "patch", "update"]}]
     binding = by_kind("RoleBinding")["llmq-scaler"]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "llmq-scaler"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "llmq-scaler", "namespace": "llmq"}]
     assert "llmq-scaler" in by_kind("ServiceAccount")
     assert not by_kind("ClusterRole") and not by_kind("ClusterRoleBinding")
-    scaler = by_kind("Deployment")["llmq-scaler"]
-    pod = scaler["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == "llmq-scaler"
-    assert scaler["spec"]["replicas"] == 1
-    env = {e["name"]: e for e in pod["containers"][0]["env"]}
-    assert env["LLMQ_SCALER_BACKEND"]["value"] == "kubernetes"
-    assert env["LLMQ_SCALER_DEPLOYMENT"]["value"] == "llmq-worker" in by_kind("Deployment")
-    assert env["LLMQ_SCALER_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-    # the values are ones the scaler accepts
-    ScalerSettings(**{k.removeprefix("LLMQ_SCALER_").lower(): v["value"] for k, v in env.items()
-                      if k.startswith("LLMQ_SCALER_") and "value" in v})
+    for name, pool, target in (("llmq-scaler", None, "llmq-worker"), ("llmq-scaler-trainers", "trainers", "llmq-trainer")):
+        scaler = by_kind("Deployment")[name]
+        pod = scaler["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == "llmq-scaler"
+        assert scaler["spec"]["replicas"] == 1
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["LLMQ_SCALER_BACKEND"]["value"] == "kubernetes"
+        assert env.get("LLMQ_SCALER_POOL", {}).get("value") == pool, name
+        assert env["LLMQ_SCALER_DEPLOYMENT"]["value"] == target in by_kind("Deployment")
+        assert env["LLMQ_SCALER_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        # the values are ones the scaler accepts
+        ScalerSettings(**{k.removeprefix("LLMQ_SCALER_").lower(): v["value"] for k, v in env.items()
+                          if k.startswith("LLMQ_SCALER_") and "value" in v})
 
 
 def test_worker_deployment_leaves_replicas_to_the_scaler_and_drains_on_stop():
@@ -496,7 +502,7 @@ def test_keda_scaled_object_matches_its_crd_schema():
 
 def known_variables() -> set[str]:
     names = set()
-    for cls in (StackSettings, ScalerSettings, ClientSettings):
+    for cls in (StackSettings, ScalerSettings, ClientSettings, TrainerSettings):
         for field in cls.model_fields:
             names.update(env_names(cls, field))
     return names
