@@ -10,6 +10,11 @@ from pydantic import AliasChoices, Field
 from shared.settings import ServiceSettings, cli
 
 
+def default_model_name(model: str) -> str:
+    """The name clients use for a model given by path or hub name, when none is set: its last part."""
+    return Path(model.rstrip("/")).name or model
+
+
 class WorkerSettings(ServiceSettings):
     # --- engine ---------------------------------------------------------------
     # Engine the worker runs: a PyTorch/transformers model, vLLM, or echo (no model).
@@ -95,4 +100,4 @@ class WorkerSettings(ServiceSettings):
             return self.model_name
         if self.engine == "echo":
             return "echo"
-        return Path(self.model.rstrip("/")).name or self.model
+        return default_model_name(self.model)
