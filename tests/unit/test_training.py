@@ -189,11 +189,11 @@ def test_an_over_long_line_is_refused_with_its_number(settings):
     lines = (settings.files_dir / "file-train.jsonl").read_text().splitlines()
     lines[2] = json.dumps({"prompt": "profit rose " * 40, "completion": "positive"})
     (settings.files_dir / "file-long.jsonl").write_text("\n".join(lines) + "\n")
-    short = settings.model_copy(update={"max_sequence_tokens": 64})
+    short = settings.model_copy(update={"max_sequence_tokens": 100})
     result = run_job(message(training_file="file-long"), short, Recorder().hooks())
     assert (result.status, result.error_code) == ("failed", "invalid_training_file")
     assert result.error_message.startswith("file file-long, line 3: ")
-    assert "more than the 64 a training example may have" in result.error_message
+    assert "more than the 100 a training example may have" in result.error_message
 
 
 @pytest.mark.parametrize(("content", "words"), [

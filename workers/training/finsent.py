@@ -85,7 +85,7 @@ def write_jsonl(path: Path, examples: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workers.training.finsent", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--train", type=int, default=300, help="training examples (default 300)")
+    parser.add_argument("--train", type=int, default=900, help="training examples (default 900)")
     parser.add_argument("--heldout", type=int, default=90, help="held-out examples (default 90)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

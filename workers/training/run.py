@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from safetensors import SafetensorError
 from transformers import PrinterCallback, Trainer
 
 from shared.training import TrainingMessage
@@ -38,7 +39,8 @@ class JobResult:
 
 
 class CheckpointFailed(Exception):
-    """A checkpoint's save failed (a full disk: torch.save says RuntimeError, safetensors OSError)."""
+    """A checkpoint's save failed: a full disk is an OSError from open() and write(), a
+    RuntimeError from torch.save, a SafetensorError from safetensors."""
 
 
 class CheckpointingTrainer(Trainer):
@@ -47,7 +49,7 @@ class CheckpointingTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         try:
             return super()._save_checkpoint(model, trial)
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, SafetensorError) as exc:
             raise CheckpointFailed(str(exc)) from exc
 
 
@@ -127,7 +129,7 @@ class _Run:
         meta = metadata(self.message, self.settings.base_model_name, hp, figures)
         try:
             publish(model, tokenizer, target, meta)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
             raise JobFailed("publish_failed", f"could not write the output to the registry: {exc}") from exc
         self.hooks.event(f"Published {self.message.fine_tuned_model}", "info", {"path": str(target)})
         return JobResult("succeeded", trained_tokens=tokens, eval=figures, output_path=str(target))

@@ -35,11 +35,11 @@ class TrainerSettings(ServiceSettings):
 
     # --- hyperparameters ------------------------------------------------------
     # Base learning rates per method; a job's learning_rate_multiplier multiplies them.
-    lora_learning_rate: float = Field(default=2e-3, ge=0)
-    adapter_learning_rate: float = Field(default=3e-2, ge=0)
+    lora_learning_rate: float = Field(default=4e-3, ge=0)
+    adapter_learning_rate: float = Field(default=1e-1, ge=0)
     full_learning_rate: float = Field(default=5e-4, ge=0)
     # "auto" epochs: enough passes for the job to see about this many examples, at most 20.
-    auto_examples_seen: int = Field(default=3000, ge=1)
+    auto_examples_seen: int = Field(default=3600, ge=1)
     # "auto" batch size: one per 32 training examples, between 1 and this.
     auto_batch_size_max: int = Field(default=8, ge=1)
     # Longest training example (prompt + completion + EOS), tokens; a longer line fails the
