@@ -21,7 +21,7 @@ from workers.engines.common import prompt_ids
 from workers.training import evaluate, finsent
 from workers.training.checkpoints import COMPLETE, Hooks
 from workers.training.data import IGNORE, load_file, tokenize
-from workers.training.run import run_job
+from workers.training.run import remove_work_dir, run_job
 from workers.training.settings import TrainerSettings
 
 JOB_ID = "ftjob-0123456789abcdef01234567"
@@ -127,6 +127,8 @@ def test_a_stopped_job_resumes_from_its_checkpoint(settings):
     assert second.event("Training resumed")[2] == {"step": 3}
     assert [p["step"] for p in second.progress][0] == 4
     assert [p["step"] for p in second.progress][-1] == 12
+    remove_work_dir(settings, JOB_ID)
+    assert not (settings.training_dir / JOB_ID).exists()
 
 
 def test_a_half_written_checkpoint_is_skipped(settings):
@@ -218,3 +220,17 @@ def test_a_bad_validation_file_names_it(settings):
     result = run_job(message(validation_file="file-bad"), settings, Recorder().hooks())
     assert (result.status, result.error_code) == ("failed", "invalid_validation_file")
     assert result.error_message == "file file-bad, line 1: not a JSON object"
+
+
+def test_target_modules_the_model_lacks_fail_the_job(settings):
+    result = run_job(message("adapter", target_modules=["no_such_proj"], feedforward_modules=[]), settings,
+                     Recorder().hooks())
+    assert (result.status, result.error_code) == ("failed", "invalid_hyperparameters")
+    assert "target_modules do not match the base model's modules" in result.error_message
+
+
+def test_a_job_for_another_base_model_is_refused(settings):
+    job = message().model_copy(update={"model": "other-model"})
+    result = run_job(job, settings, Recorder().hooks())
+    assert (result.status, result.error_code) == ("failed", "model_not_available")
+    assert result.error_message == "this trainer trains 'tiny-llama', not 'other-model'"
