@@ -21,7 +21,7 @@ from workers.engines.common import prompt_ids
 from workers.training import evaluate, finsent
 from workers.training.checkpoints import COMPLETE, Hooks
 from workers.training.data import IGNORE, load_file, tokenize
-from workers.training.run import remove_work_dir, run_job
+from workers.training.run import remove_work_dir, resolve_hyperparameters, run_job
 from workers.training.settings import TrainerSettings
 
 JOB_ID = "ftjob-0123456789abcdef01234567"
@@ -234,3 +234,26 @@ def test_a_job_for_another_base_model_is_refused(settings):
     result = run_job(job, settings, Recorder().hooks())
     assert (result.status, result.error_code) == ("failed", "model_not_available")
     assert result.error_message == "this trainer trains 'tiny-llama', not 'other-model'"
+
+
+def test_the_shipped_task_is_balanced_and_its_held_out_sentences_are_new(tmp_path):
+    finsent.main([str(tmp_path / "a"), "--train", "300", "--heldout", "60"])
+    finsent.main([str(tmp_path / "b"), "--train", "300", "--heldout", "60"])
+    assert (tmp_path / "a" / "train.jsonl").read_bytes() == (tmp_path / "b" / "train.jsonl").read_bytes()
+    sets = {}
+    for name in ("train", "heldout"):
+        lines = [json.loads(line)["messages"] for line in (tmp_path / "a" / f"{name}.jsonl").read_text().splitlines()]
+        assert [[m["role"] for m in chat] for chat in lines] == [["system", "user", "assistant"]] * len(lines)
+        labels = [chat[-1]["content"] for chat in lines]
+        assert {label: labels.count(label) for label in set(labels)} == dict.fromkeys(finsent.LABELS, len(lines) // 3)
+        sets[name] = {chat[1]["content"] for chat in lines}
+    assert len(sets["train"]) == 300 and len(sets["heldout"]) == 60
+    assert not sets["train"] & sets["heldout"]
+
+
+def test_auto_hyperparameters_follow_the_data_size(settings):
+    big = resolve_hyperparameters(message(n_epochs="auto", batch_size="auto"), settings, 900)
+    assert (big["n_epochs"], big["batch_size"], big["learning_rate"]) == (6, 8, settings.lora_learning_rate)
+    small = resolve_hyperparameters(message(n_epochs="auto", batch_size="auto", learning_rate_multiplier=0.5),
+                                    settings, 40)
+    assert (small["n_epochs"], small["batch_size"], small["learning_rate"]) == (20, 1, settings.lora_learning_rate / 2)

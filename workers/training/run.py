@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from safetensors import SafetensorError
-from transformers import PrinterCallback, Trainer
+from transformers import PrinterCallback, Trainer, set_seed
 
 from shared.training import TrainingMessage
 from workers.training import evaluate
@@ -107,8 +107,6 @@ class _Run:
         train, heldout = self._data(tokenizer, base.config.max_position_embeddings)
         hp = resolve_hyperparameters(self.message, self.settings, len(train))
         # 2) the model to train, and its figures before training
-        from transformers import set_seed
-
         set_seed(self.message.seed)
         try:
             model = trainable(base, self.message.method)
@@ -131,6 +129,7 @@ class _Run:
         self.hooks.event(f"Evaluation after training: eval loss {after['eval_loss']}", "info", after)
         figures = {"before": before, "after": after}
         if (refusal := self._gate(before, after)) is not None:
+            self.hooks.event(refusal, "error", {"code": "quality_gate"})
             return JobResult("failed", "quality_gate", refusal, tokens, figures)
         target = output_path(self.settings.registry_dir, self.message)
         meta = metadata(self.message, self.settings.base_model_name, hp, figures)

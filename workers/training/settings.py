@@ -39,7 +39,7 @@ class TrainerSettings(ServiceSettings):
     adapter_learning_rate: float = Field(default=1e-1, ge=0)
     full_learning_rate: float = Field(default=5e-4, ge=0)
     # "auto" epochs: enough passes for the job to see about this many examples, at most 20.
-    auto_examples_seen: int = Field(default=3600, ge=1)
+    auto_examples_seen: int = Field(default=5400, ge=1)
     # "auto" batch size: one per 32 training examples, between 1 and this.
     auto_batch_size_max: int = Field(default=8, ge=1)
     # Longest training example (prompt + completion + EOS), tokens; a longer line fails the
