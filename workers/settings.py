@@ -11,6 +11,11 @@ from shared.settings import ServiceSettings, cli
 from shared.training import split_fine_tuned
 
 
+def default_model_name(model: str) -> str:
+    """The name clients use for a model given by path or hub name, when none is set: its last part."""
+    return Path(model.rstrip("/")).name or model
+
+
 class WorkerSettings(ServiceSettings):
     # --- engine ---------------------------------------------------------------
     # Engine the worker runs: a PyTorch/transformers model, vLLM, or echo (no model).
@@ -115,4 +120,4 @@ class WorkerSettings(ServiceSettings):
             return "echo"
         if self.fine_tuned_output:
             return self.model  # the name the fine-tuning job published it under
-        return Path(self.model.rstrip("/")).name or self.model
+        return default_model_name(self.model)
