@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from pydantic_core import PydanticCustomError
 
 from shared.schema import LimitError, RequestSpec, RequestView, Status, Usage, describe_error
+from shared.training import split_fine_tuned
 
 Kind = Literal["chat", "completion"]
 SSE_DONE = b"data: [DONE]\n\n"
@@ -396,7 +397,8 @@ def completion_response(call: OpenAICall, request_id: str, view: RequestView) ->
         "id": _response_id(call, request_id),
         "object": "chat.completion" if call.kind == "chat" else "text_completion",
         "created": int(submitted.timestamp() if submitted else time.time()),
-        "model": view.model or call.model,
+        # A fine-tuned model runs as its base plus an adapter: answer with the name the client used.
+        "model": call.model if split_fine_tuned(call.model) else (view.model or call.model),
         "choices": [choice],
         "usage": _usage(view.usage),
         "system_fingerprint": None,

@@ -33,7 +33,7 @@ from shared.telemetry import NO_TRACING, Tracing
 from shared.training import JobStatus, MessageError, TrainingMessage, parse_message, split_fine_tuned
 from workers.retry import retry
 from workers.training.metrics import TrainerMetrics
-from workers.training.run import Hooks, JobResult, run_job
+from workers.training.run import Hooks, JobResult, remove_work_dir, run_job
 from workers.training.settings import TrainerSettings
 
 log = structlog.get_logger(__name__)
@@ -54,7 +54,7 @@ class RunningJob:
     cancel_asked: bool = False
     lease_lost: bool = False
     progress: dict | None = None
-    events: list[tuple[str, str, dict]] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)  # TrainingStore.add_event's arguments
     checkpoints: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -63,10 +63,13 @@ class RunningJob:
             metrics.progress(values)
             with self.lock:
                 self.progress = dict(values)
+            if values.get("train_loss") is not None:  # a step's figures are an event too, as OpenAI's `metrics` ones
+                event(f"Step {values.get('step')}/{values.get('total_steps')}: training loss={values['train_loss']:.4f}",
+                      "info", dict(values), "metrics")
 
-        def event(message: str, level: str, data: dict) -> None:
+        def event(message: str, level: str, data: dict, type_: str = "message") -> None:
             with self.lock:
-                self.events.append((message, level, data))
+                self.events.append({"message": message, "level": level, "data": data, "type_": type_})
                 del self.events[:-MAX_PENDING_EVENTS]
 
         def checkpoint(values: dict) -> None:
@@ -75,7 +78,7 @@ class RunningJob:
 
         return Hooks(progress=progress, event=event, checkpoint=checkpoint, should_stop=self.stop.is_set)
 
-    def take(self) -> tuple[dict | None, list[tuple[str, str, dict]], list[dict]]:
+    def take(self) -> tuple[dict | None, list[dict], list[dict]]:
         with self.lock:
             taken = self.progress, self.events, self.checkpoints
             self.progress, self.events, self.checkpoints = None, [], []
@@ -98,7 +101,7 @@ class TrainingWorker:
         self.consumer = None
         self.redis = None
         self.store: TrainingStore | None = None
-        self.trainable = frozenset({settings.model_name, settings.model})
+        self.trainable = frozenset({settings.base_model_name, settings.model})
         self.job: RunningJob | None = None
         self._stopping = asyncio.Event()
         self._closed = False
@@ -138,7 +141,7 @@ class TrainingWorker:
             self.metrics.serve(s.metrics_port, s.metrics_host)
         except OSError as exc:
             log.warning("metrics_port_unavailable", trainer=self.name, port=s.metrics_port, error=str(exc))
-        log.info("trainer_started", trainer=self.name, model=s.model_name, topic=s.fine_tuning_topic,
+        log.info("trainer_started", trainer=self.name, model=s.base_model_name, topic=s.fine_tuning_topic,
                  group=s.trainer_group)
 
     async def close(self) -> None:
@@ -165,7 +168,7 @@ class TrainingWorker:
         if message.model not in self.trainable:
             await self._end(message, None, JobStatus.failed, error=(
                 "model_not_trainable", f"model {message.model!r} is not trained here "
-                                       f"(this trainer trains {self.settings.model_name!r})"))
+                                       f"(this trainer trains {self.settings.base_model_name!r})"))
             return True
         attempt = await self._claim(message)
         if attempt is None:
@@ -200,14 +203,15 @@ class TrainingWorker:
         job = self.job = RunningJob(message)
         if self._stopping.is_set():
             job.stop.set()
-        job.events.append((f"Training started (attempt {attempt}) on {self.name}", "info", {"attempt": attempt}))
+        job.events.append({"message": f"Trainer {self.name} took the job (attempt {attempt})", "level": "info",
+                           "data": {"attempt": attempt}})
         self.metrics.started()
         keeper = asyncio.create_task(self._keep(job), name="llmq-training-keeper")
         try:
             result = await asyncio.to_thread(run_job, message, self.settings, job.hooks(self.metrics))
         except Exception as exc:  # a fault of the run itself, not of the job's data: fail the job, say why
             log.exception("training_crashed", job_id=message.id)
-            result = JobResult(status="failed", error_code="training_error", error_message=f"{type(exc).__name__}: {exc}")
+            result = JobResult("failed", "training_error", f"{type(exc).__name__}: {exc}")
         finally:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
@@ -250,6 +254,8 @@ class TrainingWorker:
         if not ended:
             log.warning("training_job_not_ours", job_id=message.id, status=status.value)
             return False
+        if status is JobStatus.succeeded:  # a cancelled or failed job keeps its last checkpoint
+            await asyncio.to_thread(remove_work_dir, self.settings, message.id)
         text = {JobStatus.succeeded: "The job has successfully completed",
                 JobStatus.cancelled: "The job was cancelled (its last checkpoint is kept)",
                 JobStatus.failed: f"The job failed: {error[1] if error else ''}"}[status]
@@ -289,12 +295,10 @@ class TrainingWorker:
         fields: dict[str, object] = {}
         if progress is not None:
             fields["progress"] = progress
-            if progress.get("eta_seconds") is not None:
-                fields["estimated_finish"] = int(time.time() + progress["eta_seconds"])
         try:
             ours, cancel = await self.store.renew(job.message.id, self.name, lease_seconds, fields)
             while events:
-                await self.store.add_event(job.message.id, events[0][0], events[0][1], data=events[0][2])
+                await self.store.add_event(job.message.id, **events[0])
                 events.pop(0)
             while checkpoints:
                 await self.store.add_checkpoint(job.message.id, checkpoints[0])

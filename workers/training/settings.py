@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from shared.settings import ServiceSettings, cli
 from workers.settings import default_model_name
@@ -59,13 +59,19 @@ class TrainerSettings(ServiceSettings):
     heldout_fraction: float = Field(default=0.1, gt=0, lt=1)
 
     # --- the trainer service --------------------------------------------------
-    # Kafka consumer group shared by all trainers.
-    trainer_group: str = "llmq-trainers"
     # A running job's lease: its trainer renews it; another trainer takes the job over
     # (resuming from its last checkpoint) only once it has lapsed.
     training_lease_seconds: float = Field(default=30.0, gt=0)
+    # How often the trainer writes the run's progress, events and checkpoints to the job's
+    # record, renewing its lease and reading whether a cancel was asked for.
+    progress_interval_seconds: float = Field(default=1.0, gt=0)
+    # A job whose trainer died this many times in a row (a poison job) fails instead of starting again.
+    max_attempts: int = Field(default=3, ge=1)
     # Port of the trainer's Prometheus /metrics (0: none).
     metrics_port: int = Field(default=9400, ge=0, le=65535)
+    # Address /metrics listens on; where unset, LLMQ_HTTP_HOST (what deployments set for every process) is read.
+    metrics_host: str = Field(default="127.0.0.1",
+                              validation_alias=AliasChoices("LLMQ_METRICS_HOST", "LLMQ_HTTP_HOST"))
 
     @property
     def base_model_name(self) -> str:
