@@ -18,7 +18,7 @@ import time
 import openai
 import pytest
 
-from deploy.devstack import python_env
+from deploy.devstack import free_port, python_env, start_redis
 from shared.keys import Keys
 from shared.store import connect_redis
 from shared.store.fine_tuning import TrainingStore
@@ -230,3 +230,45 @@ async def test_a_trainer_killed_mid_job_is_resumed_by_another_from_its_checkpoin
                 proc.kill()
                 proc.wait(10)
         await redis.aclose()
+
+
+# ---- Redis restarting mid-job ------------------------------------------------------
+
+
+async def test_training_goes_on_while_redis_restarts_and_its_progress_catches_up(broker, tiny_model_dir, tmp_path):
+    """Redis of its own (persistent, as deploy/ runs it), stopped for a few seconds mid-job."""
+    port = free_port()
+    redis_dir = tmp_path / "redis"
+    redis_service = start_redis(port, redis_dir, persistent=True)
+    settings = isolated_settings(broker, redis_service, engine="torch", model=str(tiny_model_dir),
+                                 registry_dir=tmp_path / "registry")
+    tsettings = trainer_settings(settings, training_dir=tmp_path / "training", checkpoint_steps=4,
+                                 training_lease_seconds=30)
+    trainer = TrainingWorker(tsettings, name="trainer-1")
+    task = asyncio.create_task(trainer.run())
+    try:
+        async with serve_gateway(settings) as gw:
+            client = _client(gw.url, "unused: auth is off")
+            train, heldout = generate(160, 24, seed=5)
+            created = await _create(client, train, heldout, n_epochs=4)
+            running = await _wait_job(client, created.id, until={"running"}, timeout=120,
+                                      check=lambda j: (j.model_extra.get("progress") or {}).get("step", 0) >= 2)
+            step_before = running.model_extra["progress"]["step"]
+            redis_service.stop()
+            await asyncio.sleep(4)  # the run goes on; its writes wait
+            assert not task.done()
+            redis_service = start_redis(port, redis_dir, persistent=True)
+            job = await _wait_job(client, created.id, timeout=240)
+            assert job.status == "succeeded", job
+            assert job.model_extra["progress"]["step"] > step_before
+            messages = [e.message for e in await _events(client, created.id)]
+            # Events from while Redis was away were kept and written once it was back.
+            steps = [m for m in messages if m.startswith("Step ")]
+            numbers = [int(m.split()[1].split("/")[0]) for m in steps]
+            assert numbers == sorted(numbers) and numbers[-1] >= job.model_extra["progress"]["total_steps"] - 5
+            assert messages.count("The job has successfully completed") == 1
+            await client.close()
+    finally:
+        trainer.stop()
+        await asyncio.gather(task, return_exceptions=True)
+        redis_service.stop()
