@@ -79,7 +79,10 @@ def test_every_setting_is_documented_in_the_readme():
     from pathlib import Path
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    missing = [f"LLMQ_{name.upper()}" for name in StackSettings.model_fields if f"LLMQ_{name.upper()}" not in readme]
+    from workers.training.settings import TrainerSettings
+
+    fields = set(StackSettings.model_fields) | set(TrainerSettings.model_fields)
+    missing = [f"LLMQ_{name.upper()}" for name in sorted(fields) if f"LLMQ_{name.upper()}" not in readme]
     assert missing == []
 
 
