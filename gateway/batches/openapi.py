@@ -6,14 +6,11 @@ from __future__ import annotations
 from gateway.batches.files import FILE_ID
 from gateway.batches.lines import ENDPOINTS
 from gateway.batches.objects import BATCH_ID, TIMESTAMPS
+from gateway.openapi_shapes import NULLABLE_INT as _NULLABLE_INT, NULLABLE_STR as _NULLABLE_STR
+from gateway.openapi_shapes import error_response as _error, list_of as _list, ok_response as _ok
+from gateway.openapi_shapes import query_param as _query
 from shared.schema import MAX_METADATA_ITEMS, RequestSpec
 
-_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["message", "type", "param", "code"],
-    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
-_NULLABLE_INT = {"type": ["integer", "null"]}
-_NULLABLE_STR = {"type": ["string", "null"]}
 _METADATA = {"type": "object", "maxProperties": MAX_METADATA_ITEMS, "propertyNames": {"maxLength": 64},
              "additionalProperties": {"type": "string", "maxLength": 512}}
 
@@ -59,24 +56,6 @@ _WEBHOOK_PARAMS = {
 }
 _FILE_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": FILE_ID.pattern}}
 _BATCH_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": BATCH_ID.pattern}}
-
-
-def _list(item: dict) -> dict:
-    return {"type": "object", "required": ["object", "data", "has_more"],
-            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": item},
-                           "first_id": _NULLABLE_STR, "last_id": _NULLABLE_STR, "has_more": {"type": "boolean"}}}
-
-
-def _error(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
-
-
-def _ok(description: str, schema: dict) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _query(name: str, schema: dict, description: str) -> dict:
-    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
 def bulk_paths(key: list) -> dict:

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 from gateway.fine_tuning.objects import CHECKPOINT_ID, EVENT_ID, OPENAI_HYPERPARAMETERS
 from gateway.fine_tuning.routes import CHECKPOINT_PAGE, EVENT_PAGE, JOB_PAGE
+from gateway.openapi_shapes import NULLABLE_INT as _NULLABLE_INT, NULLABLE_STR as _NULLABLE_STR
+from gateway.openapi_shapes import error_response as _error, list_of as _list, ok_response as _ok
+from gateway.openapi_shapes import query_param as _query
 from shared.training import JOB_ID, JobCreate, JobStatus
 
 _REF = "#/components/schemas/{model}"
-_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["message", "type", "param", "code"],
-    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
-_NULLABLE_INT = {"type": ["integer", "null"]}
-_NULLABLE_STR = {"type": ["string", "null"]}
 _NULLABLE_OBJECT = {"type": ["object", "null"]}
 _AUTO_OR_NUMBER = {"anyOf": [{"const": "auto"}, {"type": "number"}]}
 
@@ -59,24 +56,6 @@ CHECKPOINT = {"type": "object", "required": [
         "fine_tuning_job_id": {"type": "string"}}}
 _JOB_ID_PARAM = {"name": "id", "in": "path", "required": True,
                  "schema": {"type": "string", "pattern": JOB_ID.pattern}}
-
-
-def _list(item: dict) -> dict:
-    return {"type": "object", "required": ["object", "data", "has_more"],
-            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": item},
-                           "first_id": _NULLABLE_STR, "last_id": _NULLABLE_STR, "has_more": {"type": "boolean"}}}
-
-
-def _error(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
-
-
-def _ok(description: str, schema: dict) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _query(name: str, schema: dict, description: str) -> dict:
-    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
 def _page(bounds: tuple[int, int], after: str) -> list[dict]:

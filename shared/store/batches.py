@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from shared.keys import Keys
 from shared.store.fields import encode, flat
+from shared.store.paging import newest_first
 from shared.store.pipelining import run_script_batch
 from shared.store.scripts import CREATE_LINE, DROP_LEASE, MOVE_BATCH, SETTLE_LINE, TAKE_LEASE
 
@@ -70,22 +71,16 @@ class BatchStore:
     async def page(self, tenant: str | None, after: str | None, limit: int) -> tuple[list[dict[str, str]], bool]:
         """A key's batches, newest first, after the batch `after`: (batches, more follow)."""
         by_tenant = self.keys.batches_of(tenant or "")
-        start = 0
-        if after is not None:
-            rank = await self.redis.zrevrank(by_tenant, after)
-            if rank is None:
-                return [], False
-            start = rank + 1
-        ids = await self.redis.zrevrange(by_tenant, start, start + limit)
+        ids, more = await newest_first(self.redis, by_tenant, after, limit)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for batch_id in ids[:limit]:
+            for batch_id in ids:
                 pipe.hgetall(self.keys.batch(batch_id))
             found = await pipe.execute()
         # A batch whose hash expired drops out of its index here.
         gone = [batch_id for batch_id, batch in zip(ids, found) if not batch]
         if gone:
             await self.redis.zrem(by_tenant, *gone)
-        return [batch for batch in found if batch], len(ids) > limit
+        return [batch for batch in found if batch], more
 
     # ---- the lease -------------------------------------------------------------------
 

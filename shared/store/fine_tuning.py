@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from shared.keys import Keys
 from shared.store.fields import encode, flat
+from shared.store.paging import newest_first
 from shared.store.scripts import CANCEL_TRAINING, CLAIM_TRAINING, END_TRAINING, QUEUE_TRAINING, RENEW_TRAINING
 from shared.training import JobStatus
 
@@ -77,16 +78,8 @@ class TrainingStore:
 
     async def page(self, tenant: str | None, after: str | None, limit: int) -> tuple[list[dict[str, object]], bool]:
         """A key's jobs, newest first, after the job `after`: (jobs, more follow)."""
-        by_tenant = self.keys.training_jobs_of(tenant or "")
-        start = 0
-        if after is not None:
-            rank = await self.redis.zrevrank(by_tenant, after)
-            if rank is None:
-                return [], False
-            start = rank + 1
-        ids = await self.redis.zrevrange(by_tenant, start, start + limit)
-        jobs = [job for job in await self._many(ids[:limit]) if job is not None]
-        return jobs, len(ids) > limit
+        ids, more = await newest_first(self.redis, self.keys.training_jobs_of(tenant or ""), after, limit)
+        return [job for job in await self._many(ids) if job is not None], more
 
     async def _many(self, ids: Iterable[str]) -> list[dict[str, object] | None]:
         async with self.redis.pipeline(transaction=False) as pipe:
