@@ -19,6 +19,9 @@ import openai
 import pytest
 
 from deploy.devstack import free_port, python_env, start_redis
+from scaler.backends.local import LocalBackend
+from scaler.daemon import Scaler
+from scaler.settings import ScalerSettings
 from shared.keys import Keys
 from shared.store import connect_redis
 from shared.store.fine_tuning import TrainingStore
@@ -272,3 +275,42 @@ async def test_training_goes_on_while_redis_restarts_and_its_progress_catches_up
         trainer.stop()
         await asyncio.gather(task, return_exceptions=True)
         redis_service.stop()
+
+
+# ---- the trainers' scaler pool ---------------------------------------------------------
+
+
+async def test_the_trainers_scaler_starts_a_trainer_for_a_queued_job_and_stops_it_when_idle(
+        broker, redis_server, tiny_model_dir, tmp_path, monkeypatch):
+    settings = isolated_settings(broker, redis_server, engine="torch", model=str(tiny_model_dir),
+                                 registry_dir=tmp_path / "registry", log_format="json")
+    # What a trainer reads beyond the stack's settings, from the environment its scaler hands on.
+    monkeypatch.setenv("LLMQ_TRAINING_DIR", str(tmp_path / "training"))
+    scaler_settings = ScalerSettings(pool="trainers", backend="local", min=0, max=1, target_per_worker=1,
+                                     poll_interval_seconds=0.2, stabilization_seconds=1, idle_seconds=2,
+                                     grace_seconds=30, state_dir=tmp_path / "state",
+                                     worker_log_dir=tmp_path / "trainers", worker_metrics_port=0)
+    backend = LocalBackend(settings, scaler_settings)
+    scaler = Scaler(settings, scaler_settings, backend)
+    task = asyncio.create_task(scaler.run())
+    try:
+        async with serve_gateway(settings) as gw:
+            client = _client(gw.url, "unused: auth is off")
+            await asyncio.sleep(1)
+            assert backend.workers == []  # nothing queued: no trainer
+            train, heldout = generate(48, 12, seed=6)
+            created = await _create(client, train, heldout, n_epochs=1)
+            job = await _wait_job(client, created.id, timeout=240)
+            assert job.status == "succeeded", job
+            assert scaler.stats.peak_workers == 1 and backend.started == 1
+            started = [line for path in (tmp_path / "trainers").glob("*.log")
+                       for line in path.read_text().splitlines() if '"trainer_started"' in line]
+            assert len(started) == 1 and json.loads(started[0])["group"] == settings.trainer_group
+            deadline = time.monotonic() + 60
+            while backend.workers and time.monotonic() < deadline:  # idle again: back to zero
+                await asyncio.sleep(0.2)
+            assert backend.workers == [] and backend.stopped == 1
+            await client.close()
+    finally:
+        scaler.stop()
+        await asyncio.wait_for(task, 60)
