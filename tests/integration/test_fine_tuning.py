@@ -196,6 +196,7 @@ def _spawn_trainer(settings: TrainerSettings, log_path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@pytest.mark.timeout(600)  # two trainer processes, each loading torch and the model
 async def test_a_trainer_killed_mid_job_is_resumed_by_another_from_its_checkpoint(
         broker, redis_server, tiny_model_dir, tmp_path):
     settings = isolated_settings(broker, redis_server, engine="torch", model=str(tiny_model_dir),
@@ -210,7 +211,7 @@ async def test_a_trainer_killed_mid_job_is_resumed_by_another_from_its_checkpoin
         async with serve_gateway(settings) as gw:
             client = _client(gw.url, "unused: auth is off")
             train, heldout = generate(160, 24, seed=4)
-            created = await _create(client, train, heldout, n_epochs=4)
+            created = await _create(client, train, heldout, n_epochs=2)
             # Killed once it has a checkpoint and has trained past it.
             await _wait_job(client, created.id, until={"running"}, timeout=180,
                             check=lambda j: (j.model_extra.get("progress") or {}).get("step", 0) >= 6)
@@ -280,6 +281,7 @@ async def test_training_goes_on_while_redis_restarts_and_its_progress_catches_up
 # ---- the trainers' scaler pool ---------------------------------------------------------
 
 
+@pytest.mark.timeout(600)  # a trainer process started by the scaler, loading torch and the model
 async def test_the_trainers_scaler_starts_a_trainer_for_a_queued_job_and_stops_it_when_idle(
         broker, redis_server, tiny_model_dir, tmp_path, monkeypatch):
     settings = isolated_settings(broker, redis_server, engine="torch", model=str(tiny_model_dir),

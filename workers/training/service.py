@@ -101,7 +101,9 @@ class TrainingWorker:
         self.consumer = None
         self.redis = None
         self.store: TrainingStore | None = None
-        self.trainable = frozenset({settings.base_model_name, settings.model})
+        # The name jobs give as `model` (the one the workers serve it under), and only that one:
+        # a job naming the model's path would publish under a name no client uses.
+        self.trainable = frozenset({settings.base_model_name})
         self.job: RunningJob | None = None
         self._stopping = asyncio.Event()
         self._closed = False
