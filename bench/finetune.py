@@ -1,6 +1,6 @@
 """Fine-tuning benchmark: the shipped financial-sentiment task (workers/training/finsent.py)
 on the tiny local model, per method (lora, adapter = (IA)^3, full) at the trainer's
-default settings, all measured in one run:
+default settings but --epochs passes (0: its "auto") and --gate, all measured in one run:
 
   training    each method through the trainer's own `run_job`, in a spawned child process
               (its ru_maxrss is the peak memory): wall time to the published result (the
@@ -17,9 +17,9 @@ default settings, all measured in one run:
               + one trainer, each its own process: `fine_tuning.jobs.create` (LoRA, the
               official `openai` client) -> first successful chat completion on the new model
 
-    python -m bench.finetune [--methods lora,adapter,full] [--train 300] [--heldout 90] [--epochs 2]
+    python -m bench.finetune [--methods lora,adapter,full] [--train 300] [--heldout 90] [--epochs 6]
                              [--gate eval_loss|accuracy]
-                             [--requests 64] [--concurrency 32] [--max-tokens 32]
+                             [--requests 256] [--concurrency 32] [--max-tokens 32]
                              [--e2e-train 240] [--e2e-epochs 2] [--no-e2e] [--json PATH]
 """
 
@@ -138,7 +138,8 @@ async def _engine(**settings):
 
     engine = load_engine(WorkerSettings(engine="torch", **settings))
     await engine.start()
-    never_eos(engine.model, engine.tokenizer.eos_token_id)
+    # With adapters_dir set, engine.model holds the base; LoRA layers never replace its lm_head.
+    never_eos(getattr(engine.model, "base", engine.model), engine.tokenizer.eos_token_id)
     return engine
 
 
@@ -204,7 +205,10 @@ async def create_to_first_chat(base: str, args) -> dict:
     train_lines, heldout = finsent.generate(args.e2e_train, 45, seed=1)
     files = [await client.files.create(file=(name, _jsonl(lines)), purpose="fine-tune")
              for name, lines in (("train.jsonl", train_lines), ("heldout.jsonl", heldout))]
-    model = served_models(base)[0]
+    from workers.training.settings import TrainerSettings
+
+    # The name the trainer trains (the gateway also lists the worker's model path).
+    model = TrainerSettings(model=args.model_path).base_model_name
     question = heldout[0]["messages"][:-1]
     started = time.perf_counter()
     job = await client.fine_tuning.jobs.create(
@@ -282,9 +286,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default="lora,adapter,full")
     parser.add_argument("--train", type=int, default=300, help="training examples per method")
     parser.add_argument("--heldout", type=int, default=90)
-    parser.add_argument("--epochs", type=int, default=2, help="0: the trainer's auto (about 5400 examples seen)")
+    parser.add_argument("--epochs", type=int, default=6, help="0: the trainer's auto (about 5400 examples seen)")
     parser.add_argument("--gate", default="eval_loss", choices=["eval_loss", "accuracy"])
-    parser.add_argument("--requests", type=int, default=64, help="serving: requests per line")
+    parser.add_argument("--requests", type=int, default=256, help="serving: requests per line")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--e2e-train", type=int, default=240, help="examples of the end-to-end LoRA job")
@@ -313,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         result["serving"] = asyncio.run(serving(result["training"], root, model, prompts, args))
         print(json.dumps(result["serving"]), flush=True)
         if not args.no_e2e:
+            args.model_path = str(model)
             result["end_to_end"] = end_to_end(root, model, args)
     print(report(result))
     if args.json:
