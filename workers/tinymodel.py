@@ -11,11 +11,11 @@ builds the same weights without a download; its text is fluent-looking noise.
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from workers.folders import write_in_place
 
 DEFAULT_PATH = Path(".llmq/models/tiny-llama")
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
@@ -107,35 +107,12 @@ def build_tiny_model(path: Path, *, force: bool = False) -> Path:
     path = Path(path)
     if (path / "config.json").exists() and not force:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
-    try:
+    def write(folder: Path) -> None:
         tokenizer = _train_tokenizer()
-        model = _build_model(tokenizer)
-        tokenizer.save_pretrained(tmp)
-        model.save_pretrained(tmp)
-        # mkdtemp (and the safetensors writer) make owner-only files; the model
-        # is served by whatever user runs the worker, so make it readable.
-        tmp.chmod(0o755)
-        for file in tmp.iterdir():
-            file.chmod(0o644)
-        if path.exists():
-            # Moved aside rather than deleted first, so `path` is never missing
-            # for longer than two renames.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            path.rename(old / path.name)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                tmp.rename(path)
-            except OSError:
-                # Another process finished the same build first: use theirs.
-                if not (path / "config.json").exists():
-                    raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+        _build_model(tokenizer).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return write_in_place(path, write, "building")
 
 
 def main(argv: list[str] | None = None) -> None:
