@@ -107,6 +107,16 @@ async def _create(client, train, heldout, **method_hyperparameters):
         seed=7, method={"type": "lora", "lora": {"hyperparameters": hyperparameters}})
 
 
+async def _events_once_closed(client: openai.AsyncOpenAI, job_id: str) -> list:
+    """Every event, once the closing one is there: the trainer writes it just after the status it reports."""
+    deadline = time.monotonic() + 10
+    while True:
+        events = await _events(client, job_id)
+        if any(e.message == "The job has successfully completed" for e in events) or time.monotonic() > deadline:
+            return events
+        await asyncio.sleep(0.1)
+
+
 # ---- end to end ------------------------------------------------------------------
 
 
@@ -124,7 +134,7 @@ async def test_a_lora_job_learns_and_its_model_is_served_by_name(stack):
     assert figures["after"]["eval_loss"] < figures["before"]["eval_loss"]
     assert figures["after"]["accuracy"] > figures["before"]["accuracy"] + 0.2, figures  # learned, not chance
 
-    events = await _events(alice, created.id)
+    events = await _events_once_closed(alice, created.id)
     messages = [e.message for e in events]
     assert any("Training started" in m for m in messages) and any("(attempt 1)" in m for m in messages) and "The job has successfully completed" in messages
     assert any(e.data and "train_loss" in (e.data or {}) for e in events), messages  # step events with losses
@@ -223,7 +233,7 @@ async def test_a_trainer_killed_mid_job_is_resumed_by_another_from_its_checkpoin
             assert job.status == "succeeded", job
             record = await store.get(created.id)
             assert int(record["attempts"]) == 2
-            messages = [e.message for e in await _events(client, created.id)]
+            messages = [e.message for e in await _events_once_closed(client, created.id)]
             assert any("(attempt 2)" in m for m in messages), messages
             assert "Training resumed" in messages, "\n".join(messages)  # from its checkpoint, not from step 0
             assert messages.count("The job has successfully completed") == 1
@@ -265,7 +275,7 @@ async def test_training_goes_on_while_redis_restarts_and_its_progress_catches_up
             job = await _wait_job(client, created.id, timeout=240)
             assert job.status == "succeeded", job
             assert job.model_extra["progress"]["step"] > step_before
-            messages = [e.message for e in await _events(client, created.id)]
+            messages = [e.message for e in await _events_once_closed(client, created.id)]
             # Events from while Redis was away were kept and written once it was back.
             steps = [m for m in messages if m.startswith("Step ")]
             numbers = [int(m.split()[1].split("/")[0]) for m in steps]
