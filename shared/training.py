@@ -33,6 +33,8 @@ MESSAGE_VERSION = 1
 # "tiny-llama:ft-finsent-0a1b2c3d". The part after the colon is also its adapter's
 # name (workers' adapter-name rule: no colon, no slash).
 FINE_TUNED_MARK = ":ft-"
+# An optimization job's output (shared/optimization.py): "tiny-llama:ft-x-0a1b2c3d:opt-int8-9f8e7d6c".
+OPTIMIZED_MARK = ":opt-"
 Suffix = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")]
 
 
@@ -288,11 +290,14 @@ def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
 
 
 def split_fine_tuned(name: str) -> tuple[str, str] | None:
-    """(base model, output name) of a fine-tuned model's served name, or None: not one."""
-    base, mark, rest = name.rpartition(FINE_TUNED_MARK)
-    if not mark or not base or not rest:
+    """(source model, output name) of a fine-tuned or optimized model's served name, or
+    None: not one. The source may itself be derived ("base:ft-x-1:opt-int8-2" ->
+    ("base:ft-x-1", "opt-int8-2")); the output is its folder's name in the registry."""
+    cut = max(name.rfind(FINE_TUNED_MARK), name.rfind(OPTIMIZED_MARK))
+    output = name[cut + 1:]
+    if cut <= 0 or output in (FINE_TUNED_MARK[1:], OPTIMIZED_MARK[1:]):
         return None
-    return base, f"ft-{rest}"
+    return name[:cut], output
 
 
 # ---- the registry: published outputs on disk ------------------------------------
