@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.optimization import Recovery
 from workers.training.data import Tokenized
 
 
@@ -27,11 +28,40 @@ class Optimized:
     figures: dict = field(default_factory=dict)
 
 
-# (model, tokenizer, train examples, recovery settings) -> the model, fine-tuned; see tune.py.
-Tune = Callable[..., Any]
+# (model, training settings) -> trains the model in place on the job's training examples
+# (tune.fine_tune, bound to the job's tokenizer, data, learning rate, seed and hooks);
+# False: the run was stopped (cancel, lost lease) before the end.
+Tune = Callable[[Any, Recovery], bool]
+
+
+class StrategyError(ValueError):
+    """A strategy that can't run on this model or machine; `code` is the job's error code
+    (e.g. "not_available_here" for a kernel this hardware lacks)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 def apply(strategy, model: Any, tokenizer: Any, *, data: Data | None, tune: Tune | None) -> Optimized:
     """The strategy applied to `model` (which it may change in place). `data` and `tune` are
-    given when the job has a training file; strategies that train need them."""
-    raise NotImplementedError
+    given when the job has a training file (strategies that train need them); for
+    merge_lora, `model` is the peft model of the LoRA fine-tune."""
+    from workers.optimize import pruning, quantization, weights
+
+    match strategy.type:
+        case "int8_dynamic":
+            return quantization.int8_dynamic(model)
+        case "weight_only":
+            return quantization.weight_only(model, strategy)
+        case "qat":
+            return quantization.qat(model, strategy, tune)
+        case "prune_l1":
+            return pruning.prune_l1(model, strategy, tune)
+        case "prune_structured":
+            return pruning.prune_structured(model, strategy, data, tune)
+        case "precision":
+            return weights.precision(model, strategy)
+        case "merge_lora":
+            return weights.merge_lora(model)
+    raise StrategyError("invalid_strategy", f"unknown strategy {strategy.type!r}")
