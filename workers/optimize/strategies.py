@@ -29,9 +29,9 @@ class Optimized:
 
 
 # (model, training settings) -> trains the model in place on the job's training examples
-# (tune.fine_tune, bound to the job's tokenizer, data, learning rate, seed and hooks);
-# False: the run was stopped (cancel, lost lease) before the end.
-Tune = Callable[[Any, Recovery], bool]
+# (tune.fine_tune, bound to the job's tokenizer, data, learning rate, seed and hooks).
+# A run stopped before the end (cancel, lost lease) raises out of it: the caller's concern.
+Tune = Callable[[Any, Recovery], None]
 
 
 class StrategyError(ValueError):
