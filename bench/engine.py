@@ -212,25 +212,29 @@ class RssSampler:
         self._sample()
 
 
-async def bench_llmq(engine, work: Workload, concurrency: int, total: int, label: str) -> Line:
+async def bench_llmq(engine, work: Workload, concurrency: int, total: int, label: str,
+                     adapter: str | None = None) -> Line:
     """`total` requests, at most `concurrency` at once: each finished request's
-    slot goes to the next (as vLLM's benchmark_serving --max-concurrency does)."""
+    slot goes to the next (as vLLM's benchmark_serving --max-concurrency does);
+    `adapter`: every request names it."""
     with RssSampler() as rss:
-        line = await _bench_llmq(engine, work, concurrency, total, label)
+        line = await _bench_llmq(engine, work, concurrency, total, label, adapter)
     line.peak_rss_mib = rss.peak / 2**20
     if rss.children_peak:
         line.note = f"of it child processes {rss.children_peak / 2**20:,.0f} MiB"
     return line
 
 
-async def _bench_llmq(engine, work: Workload, concurrency: int, total: int, label: str) -> Line:
+async def _bench_llmq(engine, work: Workload, concurrency: int, total: int, label: str,
+                      adapter: str | None) -> Line:
     ttfts, tpots, tokens = [], [], 0
     slots = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
         nonlocal tokens
         request = GenerationRequest(f"r{i}", Params(max_tokens=work.max_tokens[i % len(work.max_tokens)],
-                                                    temperature=0), prompt=work.texts[i % len(work.texts)])
+                                                    temperature=0), prompt=work.texts[i % len(work.texts)],
+                                    adapter=adapter)
         submitted = time.perf_counter()
         first = None
         async for output in engine.generate(request):
@@ -311,17 +315,36 @@ def greedy_agreement(fp32, int8, work: Workload, n_prompts: int = 16, n_tokens: 
     share of positions where int8's next-token choice equals fp32's (teacher-
     forced, so one early difference doesn't make every later position differ),
     and how many of the continuations int8 reproduces whole."""
+    prompts = work.prompts[:n_prompts]
+    return agreement(int8, greedy_continuations(fp32, prompts, n_tokens), [len(ids) for ids in prompts])
+
+
+@torch.inference_mode()
+def greedy_continuations(model, prompts: list[list[int]], n_tokens: int) -> list[list[int]]:
+    """Each prompt followed by the model's greedy continuation of n_tokens (EOS never chosen)."""
+    sequences = []
+    for ids in prompts:
+        x = torch.tensor([ids], device=model.device)
+        seq = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n_tokens,
+                             min_new_tokens=n_tokens, do_sample=False, pad_token_id=0)
+        sequences.append(seq[0].tolist())
+    return sequences
+
+
+@torch.inference_mode()
+def agreement(model, sequences: list[list[int]], prompt_lens: list[int]) -> tuple[float, int]:
+    """Over each reference sequence (greedy_continuations of another model), the share of
+    the continuation's positions where `model`'s next-token choice is the reference's
+    token, teacher-forced; and how many continuations it reproduces whole."""
     same = total = whole = 0
-    for ids in work.prompts[:n_prompts]:
-        x = torch.tensor([ids])
-        seq = fp32.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n_tokens,
-                            min_new_tokens=n_tokens, do_sample=False, pad_token_id=0)
-        a = fp32(seq).logits[0, len(ids) - 1:-1].argmax(-1)
-        b = int8(seq).logits[0, len(ids) - 1:-1].argmax(-1)
-        same += int((a == b).sum())
-        total += len(a)
-        whole += bool((a == b).all())
-    return same / total, whole
+    for seq, n in zip(sequences, prompt_lens):
+        x = torch.tensor([seq], device=model.device)
+        picked = model(x).logits[0, n - 1:-1].argmax(-1)
+        hits = picked == x[0, n:]
+        same += int(hits.sum())
+        total += len(hits)
+        whole += bool(hits.all())
+    return same / max(total, 1), whole
 
 
 def table(lines: list[Line], base: Line, static: Line) -> str:
