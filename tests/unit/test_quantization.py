@@ -17,6 +17,7 @@ from shared.schema import Params
 from shared.training import REGISTRY_METADATA, parse_example
 from workers.engines.base import EngineError, GenerationRequest, collect
 from workers.engines.torch.engine import TorchEngine
+from workers.engines.torch.model_runner import ModelRunner
 from workers.optimize import artifact, quantization
 from workers.optimize.strategies import Optimized, StrategyError
 from workers.optimize.tune import fine_tune
@@ -168,3 +169,20 @@ async def test_quantized_models_refuse_adapters_and_other_dtypes(model, tokenize
 
 def test_a_plain_folder_has_no_serving_format(tiny_model_dir):
     assert artifact.serving_of(tiny_model_dir) is None
+
+
+@pytest.mark.parametrize(("device", "serving", "dtype"), [
+    ("cpu", None, torch.float32),
+    ("cuda", None, torch.bfloat16),
+    ("cpu", {"format": "hf", "dtype": "bfloat16"}, torch.bfloat16),
+    ("cuda", {"format": "hf", "dtype": "float16"}, torch.float16),
+    # A plain fp32 folder (pruned on a CPU trainer) runs on a GPU as its base model does ...
+    ("cuda", {"format": "hf", "dtype": "float32"}, torch.bfloat16),
+    # ... but quantized weights only in the dtype they were quantized from.
+    ("cuda", {"format": "torchao", "dtype": "float32"}, torch.float32),
+])
+def test_auto_dtype_of_an_optimized_folder(device, serving, dtype):
+    # The dtype choice alone (no GPU here to load on): LLMQ_DTYPE=auto with the folder's "serving".
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.settings = WorkerSettings(engine="torch", model="unused", dtype="auto")
+    assert runner._dtype(torch.device(device), serving) == dtype

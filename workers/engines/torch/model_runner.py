@@ -132,11 +132,17 @@ class ModelRunner:
 
     def _dtype(self, device: torch.device, serving: dict | None) -> torch.dtype:
         if self.settings.dtype == "auto":
-            if serving and serving.get("dtype"):
-                # An optimized model is served in the dtype its job made it in (a bf16 variant stays bf16).
-                return getattr(torch, serving["dtype"])
             # CPUs run bfloat16 matmuls slowly (or emulated); fp32 is the safe default there.
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            default = torch.bfloat16 if device.type == "cuda" else torch.float32
+            if serving and serving.get("dtype"):
+                saved = getattr(torch, serving["dtype"])
+                # An optimized model is served in the dtype its job made it in (a bf16 variant stays
+                # bf16 on the CPU; quantized weights load only in theirs), except that a plain fp32
+                # folder (pruned on a CPU trainer, say) runs on a GPU as its base model does.
+                if serving.get("format", "hf") == "hf" and saved == torch.float32:
+                    return default
+                return saved
+            return default
         return getattr(torch, self.settings.dtype)
 
     def _check_quantized(self, serving: dict, device: torch.device) -> None:
