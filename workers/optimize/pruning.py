@@ -165,8 +165,10 @@ class _Importance:
         def hook(module, args):
             x = args[0].detach().float().flatten(0, -2).view(-1, heads, dim)  # [tokens, heads, head_dim]
             w = module.weight.detach().float().view(-1, heads, dim)  # [hidden, heads, head_dim]
-            out = torch.einsum("thd,ohd->tho", x, w)  # each head's share of o_proj's output
-            self.heads[i] += out.norm(dim=-1).sum(0).double().cpu()
+            # Each head's share of o_proj's output, one head at a time ([tokens, hidden] each,
+            # not [tokens, heads, hidden] at once: that is large for a real model).
+            norms = [(x[:, h] @ w[:, h].T).norm(dim=-1).sum() for h in range(heads)]
+            self.heads[i] += torch.stack(norms).double().cpu()
         return hook
 
     def _layer_hook(self, i: int):

@@ -25,7 +25,8 @@ def quantize_int8_dynamic(model: Any) -> Any:
         # quantize_dynamic is still what runs int8 matmuls on this CPU.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        # In place: a copy would hold the float weights twice at the peak.
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def int8_dynamic(model: Any) -> Optimized:

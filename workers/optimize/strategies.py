@@ -59,7 +59,7 @@ def apply(strategy, model: Any, tokenizer: Any, *, data: Data | None, tune: Tune
         case "prune_l1":
             return pruning.prune_l1(model, strategy, tune)
         case "prune_structured":
-            return pruning.prune_structured(model, strategy, data, tune)
+            return pruning.prune_structured(model, strategy, data, tune, tokenizer=tokenizer)
         case "precision":
             return weights.precision(model, strategy)
         case "merge_lora":

@@ -31,10 +31,15 @@ def precision(model: Any, strategy) -> Optimized:
         raise StrategyError("not_available_here",
                             f"float16 is for CUDA: this model runs on {device.type}; use bfloat16 here")
     before = dtype_name(model)
-    # Module.to(dtype) casts floating-point parameters and buffers only (rotary
-    # inv_freq is recomputed in float32 by the Llama rotary module anyway); the
-    # config's dtype is what save_pretrained records and from_pretrained(dtype="auto") reads.
-    model.to(DTYPES[strategy.dtype])
+    # Buffers that aren't saved (rotary inv_freq) keep their dtype: from_pretrained builds
+    # them in float32 whatever the weights' dtype, so the model evaluated here is the one served.
+    saved = model.state_dict().keys()
+    unsaved = {name: buffer for name, buffer in model.named_buffers() if name not in saved}
+    model.to(DTYPES[strategy.dtype])  # floating-point parameters and buffers only
+    for name, buffer in unsaved.items():
+        module, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module), leaf, buffer)
+    # What save_pretrained records and from_pretrained(dtype="auto") reads.
     model.config.dtype = DTYPES[strategy.dtype]
     return Optimized(model, serving={"format": "hf", "dtype": strategy.dtype},
                      figures={"dtype_before": before, "dtype_after": strategy.dtype,
