@@ -23,7 +23,7 @@ endif
 endif
 BIN    := $(VENV)/bin
 
-.PHONY: up test test-vllm install install-vllm redis-server bench bench-pipeline bench-engine bench-engine-vllm bench-openai schema clean
+.PHONY: up test test-vllm install install-vllm redis-server bench bench-pipeline bench-engine bench-engine-vllm bench-openai bench-strategies schema clean
 
 up: install redis-server
 	$(BIN)/llmq up
@@ -75,6 +75,11 @@ bench-engine-vllm:
 
 bench-openai: install redis-server
 	$(BIN)/python -m bench.openai
+
+# Every optimization strategy's variant of a fine-tuned tiny model against the original
+# (speed, memory, size, quality): bench/results/strategies.{md,json,png}. About 10 minutes.
+bench-strategies: install
+	$(BIN)/python -m bench.strategies
 
 schema: install
 	$(BIN)/llmq schema

@@ -16,8 +16,8 @@ the original. On the tiny local model and the shipped financial-sentiment task
                  worker starts it (WorkerSettings(model=<folder>)):
                  - tok/s at 1 and 32 concurrent (--requests-1 / --requests-32 requests,
                    bench/engine.py's workload: corpus prompts of --prompt-tokens tokens,
-                   max_tokens drawn from 16-256, EOS masked so every variant generates
-                   the same tokens), TTFT and TPOT p50/p99 at 32
+                   --max-tokens each, EOS masked so every variant generates the same
+                   tokens), TTFT and TPOT p50/p99 at 32
                  - peak memory: the process's peak RSS (VmHWM) while the engine loads and
                    serves (the accuracy requests and both throughput lines), minus its
                    RSS before the model was loaded (torch and transformers imported)
@@ -35,8 +35,8 @@ Writes a Markdown table (printed, and --md), the rows as JSON (--json) and a cha
 (--png: speed against accuracy, one point per variant; size and peak memory bars).
 --short: every row on a tiny workload (a few requests and training steps), for the test.
 
-    python -m bench.strategies [--short] [--train 300] [--heldout 90] [--epochs 6] [--lora-epochs 6]
-                               [--recovery-epochs 2] [--requests-1 8] [--requests-32 64]
+    python -m bench.strategies [--short] [--train 300] [--heldout 90] [--epochs 2] [--lora-epochs 2]
+                               [--recovery-epochs 1] [--requests-1 4] [--requests-32 64] [--max-tokens 64]
                                [--md bench/results/strategies.md] [--json ...] [--png ...]
 
 A benchmark, never part of the tests. Targets (CPU, tiny model): one variant >= 1.3x the
@@ -76,8 +76,8 @@ class Variant:
     adapter: bool = False  # served as a LoRA adapter of the base model, by `adapter=`
 
 
-def variants(recovery_epochs: int) -> list[Variant]:
-    recovery = {"n_epochs": recovery_epochs}
+def variants(recovery_epochs: int, recovery_batch: int | str = "auto") -> list[Variant]:
+    recovery = {"n_epochs": recovery_epochs, "batch_size": recovery_batch}
     return [
         Variant("original", "original (full fine-tune, fp32)", None),
         Variant("int8", "int8 dynamic", {"type": "int8_dynamic"}),
@@ -180,10 +180,15 @@ def _proc_kib(field: str) -> int:
 def measure_child(job: dict) -> dict:
     """One variant served and measured; job: folder, adapter (name) and adapters_dir, base,
     files, work (bench.engine.Workload), requests, agreement settings, references."""
-    import torch  # noqa: F401 - imported before the baseline RSS: it is not the model's memory
+    # Every library any variant loads, imported before the baseline RSS: their code is not
+    # the model's memory (nor a quantized variant's cost).
+    import peft  # noqa: F401
+    import torchao.quantization  # noqa: F401
+    from torch.ao.quantization import quantize_dynamic  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
 
-    import transformers  # noqa: F401
     from workers.engines.torch.engine import TorchEngine  # noqa: F401
+    from workers.optimize import artifact, quantization  # noqa: F401
 
     before = _proc_kib("VmRSS")
     # Resets the peak RSS (VmHWM) to the current RSS (Linux's clear_refs, value 5).
@@ -221,7 +226,8 @@ async def _measure(job: dict, rss_before_kib: int) -> dict:
                                 if getattr(line, k) is not None}}
         row["peak_mib"] = round((_proc_kib("VmHWM") - rss_before_kib) / 1024, 1)
         model, tokenizer = engine.model, engine.tokenizer
-        row["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        served = getattr(model, "base", model)  # with adapters_dir set, the base under the adapters
+        row["dtype"] = str(next(served.parameters()).dtype).removeprefix("torch.")
     finally:
         await engine.close()
     hook.remove()
@@ -405,29 +411,34 @@ def chart(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r.get("status") == "ok" and "vs_original" in r]
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1.1, 1]})
-    for r in ok:
-        x, y = r["vs_original"]["tok_s_32"], 100 * r["accuracy"]
-        speed.scatter(x, y, s=40, color="black" if r["key"] == "original" else "tab:blue")
-        speed.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(15, 7), gridspec_kw={"width_ratios": [1.1, 1]})
+    points = [(r["vs_original"]["tok_s_32"], 100 * r["accuracy"]) for r in ok]
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    near_x, near_y = 0.03 * (max(xs) - min(xs) or 1), 0.03 * (max(ys) - min(ys) or 1)
+    for n, (r, (x, y)) in enumerate(zip(ok, points), start=1):
+        speed.scatter(x, y, s=40, color="black" if r["key"] == "original" else "tab:blue",
+                      label=f"{n}  {r['variant']}")
+        # Points that (nearly) coincide get their numbers stacked instead of printed over each other.
+        stacked = sum(abs(x - px) < near_x and abs(y - py) < near_y for px, py in points[:n - 1])
+        speed.annotate(str(n), (x, y), textcoords="offset points", xytext=(5, 3 + 10 * stacked), fontsize=9)
     speed.axvline(1.0, color="grey", lw=0.8, ls=":")
     speed.axvline(1.3, color="tab:green", lw=0.8, ls="--", label="1.3x target")
     speed.set_xlabel("tok/s at 32 concurrent, x the original")
     speed.set_ylabel("held-out accuracy, %")
     speed.set_title("speed against quality")
-    speed.legend(loc="lower left", fontsize=8)
-    labels = [r["variant"] for r in ok]
-    ys = range(len(ok))
-    memory.barh([y - 0.2 for y in ys], [r["vs_original"]["size"] for r in ok], height=0.4, label="size on disk")
-    memory.barh([y + 0.2 for y in ys], [r["vs_original"]["peak_memory"] for r in ok], height=0.4,
+    speed.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
+    labels = [f"{r['variant']}  {n}" for n, r in enumerate(ok, start=1)]
+    at = range(len(ok))
+    memory.barh([y - 0.2 for y in at], [r["vs_original"]["size"] for r in ok], height=0.4, label="size on disk")
+    memory.barh([y + 0.2 for y in at], [r["vs_original"]["peak_memory"] for r in ok], height=0.4,
                 label="peak memory serving")
-    memory.set_yticks(list(ys), labels, fontsize=8)
+    memory.set_yticks(list(at), labels, fontsize=8)
     memory.invert_yaxis()
     memory.axvline(1.0, color="grey", lw=0.8, ls=":")
     memory.axvline(0.5, color="tab:green", lw=0.8, ls="--", label="0.5x target")
     memory.set_xlabel("x the original")
     memory.set_title("size on disk and peak memory")
-    memory.legend(loc="lower right", fontsize=8)
+    memory.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8, frameon=False)
     unavailable = [f"{r['variant']}: {r['status']}" for r in rows if r.get("status") != "ok"]
     if unavailable:
         fig.text(0.01, 0.01, "no figures: " + "; ".join(unavailable), fontsize=8)
@@ -445,12 +456,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--short", action="store_true", help="every row on a tiny workload (for the test)")
     parser.add_argument("--train", type=int, default=300, help="training examples")
     parser.add_argument("--heldout", type=int, default=90, help="held-out examples (accuracy, perplexity)")
-    parser.add_argument("--epochs", type=int, default=6, help="the original's full fine-tune")
-    parser.add_argument("--lora-epochs", type=int, default=6, help="the LoRA fine-tune")
-    parser.add_argument("--recovery-epochs", type=int, default=2, help="QAT's and each recovery's fine-tune")
-    parser.add_argument("--requests-1", type=int, default=8, help="requests of the line at 1 concurrent")
+    parser.add_argument("--epochs", type=int, default=2, help="the original's full fine-tune")
+    parser.add_argument("--lora-epochs", type=int, default=2, help="the LoRA fine-tune")
+    parser.add_argument("--recovery-epochs", type=int, default=1, help="QAT's and each recovery's fine-tune")
+    parser.add_argument("--requests-1", type=int, default=4, help="requests of the line at 1 concurrent")
     parser.add_argument("--requests-32", type=int, default=64, help="requests of the line at 32 concurrent")
     parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64,
+                        help="tokens each request generates (0: bench/engine.py's draw from 16-256)")
     parser.add_argument("--agreement-prompts", type=int, default=16)
     parser.add_argument("--agreement-tokens", type=int, default=32)
     parser.add_argument("--md", type=Path, default=RESULTS / "strategies.md")
@@ -458,9 +471,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--png", type=Path, default=RESULTS / "strategies.png")
     args = parser.parse_args(argv)
     args.gate = "eval_loss"  # bench.finetune.train's: the original must beat the base to be published
-    args.max_tokens = None  # the workload's own draw (16-256)
-    if args.short:
-        args.train, args.heldout, args.epochs, args.lora_epochs, args.recovery_epochs = 48, 9, 1, 1, 1
+    args.recovery_batch = "auto"  # a job's default
+    if args.short:  # a few optimizer steps each: the full fine-tunes at batch 1, QAT and recoveries at 16
+        args.train, args.heldout, args.epochs, args.lora_epochs, args.recovery_epochs = 32, 9, 1, 1, 1
+        args.recovery_batch = 16
         args.requests_1, args.requests_32, args.agreement_prompts, args.agreement_tokens = 1, 4, 2, 8
         args.max_tokens = 8
     return args
@@ -474,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     base = build_tiny_model(DEFAULT_PATH)
-    plan = variants(args.recovery_epochs)
+    plan = variants(args.recovery_epochs, args.recovery_batch)
     result: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="llmq-bench-strategies-") as tmp:
         root = Path(tmp)
