@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -284,8 +285,11 @@ async def sweep_batch(folder: Path, limits: list[int], requests_per_limit: int, 
     """(a row per limit, the device in words): each batch limit on llmq's torch engine, started as a worker starts it (LLMQ_* settings
     from the environment, LLMQ_BATCH_MAX_SIZE the limit), with `limit x requests_per_limit`
     requests of `max_tokens` tokens each, at most `limit` at once."""
+    from transformers.utils.logging import disable_progress_bar
+
     from workers.engines.torch.engine import TorchEngine
 
+    disable_progress_bar()  # a bar per limit's model load would bury the table
     rows, prompts, device = [], None, ""
     for limit in limits:
         engine = TorchEngine(WorkerSettings(engine="torch", model=str(folder), batch_max_size=limit))
@@ -379,10 +383,10 @@ def _step_clock():
 
 
 def recommend_training(training_file: Path, method: str = "lora", *, model: str | None = None,
-                       validation_file: Path | None = None, measure_steps: int = 3) -> dict:
+                       validation_file: Path | None = None, measure_steps: int = 5) -> dict:
     """The hyperparameters the trainer would use for this file (its "auto" rules, with why),
     the optimizer steps and tokens they make, and the time they take at a step time measured
-    on this machine over `measure_steps` real steps (after one warm-up step)."""
+    on this machine (the median of `measure_steps` real steps after a warm-up one)."""
     if measure_steps < 1:
         raise RecommendError("--measure-steps must be at least 1")
     for kind, path in (("training", training_file), ("validation", validation_file)):
@@ -434,8 +438,8 @@ def recommend_training(training_file: Path, method: str = "lora", *, model: str 
 
 
 def _measure_steps(model, tokenizer, train, heldout, hp, settings, device: str, n: int) -> tuple[float, float]:
-    """(seconds per optimizer step, training tokens per second) over n real optimizer steps of the
-    trainer's own Trainer on this data, after one warm-up step; no checkpoint or evaluation."""
+    """(seconds per optimizer step, training tokens per second) of the trainer's own Trainer on this
+    data: the median of n real optimizer steps after a warm-up one; no checkpoint or evaluation."""
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
     from workers.training.checkpoints import Hooks
@@ -453,9 +457,10 @@ def _measure_steps(model, tokenizer, train, heldout, hp, settings, device: str, 
         trainer.add_callback(clock)
         trainer.train()
         seen = int(trainer.state.num_input_tokens_seen)
-    seconds = (clock.ends[-1] - clock.ends[0]) / (len(clock.ends) - 1) if len(clock.ends) > 1 else float("nan")
-    # Tokens of the steps after the warm-up: the run's average per step.
-    return seconds, (seen / len(clock.ends)) / seconds if seconds > 0 else float("nan")
+    # The median step: on a machine shared with other work one step can take many times the
+    # others (seen here: 0.3 s steps with 5 s ones between), which a mean would carry into the estimate.
+    seconds = statistics.median(b - a for a, b in zip(clock.ends, clock.ends[1:]))
+    return seconds, (seen / len(clock.ends)) / seconds
 
 
 def training_text(report: dict) -> str:
@@ -475,7 +480,7 @@ def training_text(report: dict) -> str:
               f"{hp['gradient_accumulation_steps']}) x {hp['n_epochs']} epochs = {report['steps']:,} optimizer steps, "
               f"{report['tokens']:,} training tokens",
               f"measured on {report['device']}: {m['seconds_per_step'] * 1000:,.1f} ms per optimizer step "
-              f"({m['tokens_per_s']:,.0f} tok/s) over {m['steps']} real steps after a warm-up one",
+              f"({m['tokens_per_s']:,.0f} tok/s) (median of {m['steps']} real steps after a warm-up one)",
               f"estimated training time: {_duration(report['estimated_seconds'])} "
               f"(without the evaluations before and after, and checkpoints)"]
     return "\n".join(lines)
