@@ -126,7 +126,9 @@ def test_training_recommendation_is_what_the_trainer_would_use(tiny_model_dir, t
     hp = report["hyperparameters"]
     assert (hp["n_epochs"], hp["batch_size"], hp["rank"]) == (20, 2, 8)
     assert report["steps"] == math.ceil(90 / 2) * 20
-    assert report["estimated_seconds"] == pytest.approx(report["measured"]["seconds_per_step"] * report["steps"])
+    estimate, step = report["estimate_seconds"], report["measured"]["seconds_per_step"]
+    assert estimate["steps"] == pytest.approx(step * report["steps"])
+    assert report["estimated_seconds"] == pytest.approx(sum(estimate.values()))
     text = recommend.training_text(report)
     assert "ceil(5400 / 90)" in text and "one per 32 training examples (90 // 32 = 2)" in text
     assert "900 optimizer steps" in text and "estimated training time" in text

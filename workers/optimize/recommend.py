@@ -422,7 +422,13 @@ def recommend_training(training_file: Path, method: str = "lora", *, model: str 
     steps = max(1, math.ceil(batches / hp["gradient_accumulation_steps"])) * hp["n_epochs"]
     tokens_per_epoch = sum(len(x.input_ids) for x in train)
     model_to_train = trainable(base, job_method)
-    step_s, tok_s = _measure_steps(model_to_train, tokenizer, train, heldout, hp, settings, device, measure_steps)
+    measured = _measure_run(model_to_train, tokenizer, train, heldout, hp, settings, device, measure_steps)
+    # A run: its steps; an evaluation and a checkpoint every LLMQ_CHECKPOINT_STEPS steps; the figures
+    # before and after training.
+    periodic = steps // settings.checkpoint_steps
+    estimate = {"steps": measured["seconds_per_step"] * steps,
+                "evaluations_and_checkpoints": periodic * (measured["eval_seconds"] + measured["checkpoint_seconds"]),
+                "figures_before_and_after": 2 * measured["figures_seconds"]}
     lengths = sorted(len(x.input_ids) for x in train)
     return {"model": name, "path": str(folder), "device": _device_name(device), "method": method,
             "training_file": str(training_file), "lines": len(items) if validation_file is None else len(train),
@@ -433,15 +439,17 @@ def recommend_training(training_file: Path, method: str = "lora", *, model: str 
             "hyperparameters": hp, "reasoning": why,
             "trainable_parameters": sum(p.numel() for p in model_to_train.parameters() if p.requires_grad),
             "steps": steps, "tokens": tokens_per_epoch * hp["n_epochs"],
-            "measured": {"steps": measure_steps, "seconds_per_step": step_s, "tokens_per_s": tok_s},
-            "estimated_seconds": step_s * steps}
+            "checkpoint_steps": settings.checkpoint_steps, "measured": measured, "estimate_seconds": estimate,
+            "estimated_seconds": sum(estimate.values())}
 
 
-def _measure_steps(model, tokenizer, train, heldout, hp, settings, device: str, n: int) -> tuple[float, float]:
-    """(seconds per optimizer step, training tokens per second) of the trainer's own Trainer on this
-    data: the median of n real optimizer steps after a warm-up one; no checkpoint or evaluation."""
+def _measure_run(model, tokenizer, train, heldout, hp, settings, device: str, n: int) -> dict:
+    """The parts of a job's run, timed on this machine with the trainer's own code: an optimizer
+    step (the median of n real ones after a warm-up one) and its tokens/s, the Trainer's periodic
+    evaluation and checkpoint (each once), and the held-out figures taken before and after training."""
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
+    from workers.training import evaluate
     from workers.training.checkpoints import Hooks
     from workers.training.run import build_trainer
 
@@ -453,14 +461,24 @@ def _measure_steps(model, tokenizer, train, heldout, hp, settings, device: str, 
         trainer, _ = build_trainer(model, tokenizer, train, heldout, hp, settings=settings, work_dir=Path(work_dir),
                                    seed=0, device=device, hooks=hooks)
         trainer.args.max_steps = n + 1
+        # Checkpoints and evaluations are timed on their own below, not inside the steps.
         trainer.args.save_strategy, trainer.args.eval_strategy = SaveStrategy.NO, IntervalStrategy.NO
         trainer.add_callback(clock)
         trainer.train()
         seen = int(trainer.state.num_input_tokens_seen)
+        started = time.perf_counter()
+        trainer.evaluate()
+        evaluated = time.perf_counter()
+        trainer._save_checkpoint(trainer.model, trial=None)  # what the Trainer runs at each save step
+        saved = time.perf_counter()
+        evaluate.figures(trainer.model, tokenizer, heldout)
+        figured = time.perf_counter()
     # The median step: on a machine shared with other work one step can take many times the
     # others (seen here: 0.3 s steps with 5 s ones between), which a mean would carry into the estimate.
-    seconds = statistics.median(b - a for a, b in zip(clock.ends, clock.ends[1:]))
-    return seconds, (seen / len(clock.ends)) / seconds
+    step = statistics.median(b - a for a, b in zip(clock.ends, clock.ends[1:]))
+    return {"steps": n, "seconds_per_step": step, "tokens_per_s": (seen / len(clock.ends)) / step,
+            "eval_seconds": evaluated - started, "checkpoint_seconds": saved - evaluated,
+            "figures_seconds": figured - saved}
 
 
 def training_text(report: dict) -> str:
@@ -474,15 +492,19 @@ def training_text(report: dict) -> str:
         reason = "the job's default (no auto rule)" if why[name] == "given" else why[name]
         shown = f"{value:g}" if isinstance(value, float) else str(value)
         lines.append(f"  {name:<28} {shown:<10}  {reason}")
-    m = report["measured"]
+    m, e = report["measured"], report["estimate_seconds"]
     lines += [f"  {'trainable parameters':<28} {report['trainable_parameters']:,}", "",
               f"steps: ceil({report['train_examples']} / batch {hp['batch_size']} / accumulation "
               f"{hp['gradient_accumulation_steps']}) x {hp['n_epochs']} epochs = {report['steps']:,} optimizer steps, "
               f"{report['tokens']:,} training tokens",
-              f"measured on {report['device']}: {m['seconds_per_step'] * 1000:,.1f} ms per optimizer step "
-              f"({m['tokens_per_s']:,.0f} tok/s) (median of {m['steps']} real steps after a warm-up one)",
-              f"estimated training time: {_duration(report['estimated_seconds'])} "
-              f"(without the evaluations before and after, and checkpoints)"]
+              f"measured on {report['device']} with the trainer's own code: {m['seconds_per_step'] * 1000:,.1f} ms "
+              f"per optimizer step ({m['tokens_per_s']:,.0f} tok/s; the median of {m['steps']} real steps after a "
+              f"warm-up one), an evaluation {m['eval_seconds']:.2f} s and a checkpoint {m['checkpoint_seconds']:.2f} s "
+              f"(each every {report['checkpoint_steps']} steps: LLMQ_CHECKPOINT_STEPS), the held-out figures "
+              f"{m['figures_seconds']:.2f} s (before and after training)",
+              f"estimated training time: {_duration(report['estimated_seconds'])} = steps "
+              f"{_duration(e['steps'])} + evaluations and checkpoints {_duration(e['evaluations_and_checkpoints'])} "
+              f"+ figures {_duration(e['figures_before_and_after'])} (loading the model and publishing not included)"]
     return "\n".join(lines)
 
 
