@@ -46,7 +46,7 @@ def resolve_model(model: str | None) -> tuple[Path, str]:
     path = Path(settings.model_path)
     if not path.is_dir():
         if settings.fine_tuned_output:
-            raise RecommendError(f"unknown model {model!r}: no folder {str(path)!r} in the registry "
+            raise RecommendError(f"unknown model {settings.model!r}: no folder {str(path)!r} in the registry "
                                  f"(LLMQ_REGISTRY_DIR={str(settings.registry_dir)!r})")
         hint = f" (to build the tiny local model there: `llmq build-model {settings.model}`)" \
             if settings.model.startswith((".", "/")) else ""
@@ -82,9 +82,13 @@ def model_shape(folder: Path) -> Shape:
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as exc:
+        raise RecommendError(f"cannot build the model of {str(folder)!r} from its config: "
+                             f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     # A head tied to the embedding is the embedding's table: quantization leaves it as it is.
     linears = {id(m.weight): m.weight for m in model.modules()
@@ -110,7 +114,7 @@ class Variant:
     parameters: int
     need_bytes: int = 0  # weights + KV for the context x concurrency asked about
     fits: bool = False
-    max_concurrency: int = 0  # most requests of the full context whose KV fits beside the weights
+    max_concurrency: int = 0  # most requests of the context asked about whose KV fits beside the weights
 
 
 def dtype_variants(shape: Shape) -> list[Variant]:
