@@ -335,7 +335,8 @@ def _recommend_parser(commands) -> None:
     k.add_argument("--training-file", required=True, help="the JSONL training file")
     k.add_argument("--validation-file", help="a JSONL validation file (default: part of the training file)")
     k.add_argument("--method", choices=["lora", "adapter", "full"], default="lora")
-    k.add_argument("--measure-steps", type=int, default=5, help="real optimizer steps timed, after a warm-up one (5)")
+    k.add_argument("--measure-steps", type=int, default=10,
+                   help="real optimizer steps timed, after as many warm-up ones (10)")
     p.set_defaults(run=recommend)
 
 

@@ -115,7 +115,7 @@ def test_training_recommendation_is_what_the_trainer_would_use(tiny_model_dir, t
     path = tmp_path / "train.jsonl"
     finsent.write_jsonl(path, train)
 
-    report = recommend.recommend_training(path, "lora", model=str(tiny_model_dir), measure_steps=1)
+    report = recommend.recommend_training(path, "lora", model=str(tiny_model_dir), measure_steps=2)
 
     # The trainer holds out 10% of a file given alone and trains on the rest.
     assert (report["lines"], report["train_examples"], report["heldout_examples"]) == (100, 90, 10)

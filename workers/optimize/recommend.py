@@ -351,7 +351,8 @@ def _device_name(device: str, threads: int | None = None) -> str:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({threads or torch.get_num_threads()} threads)"
+    threads = threads or torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def batch_text(report: dict) -> str:
@@ -374,11 +375,15 @@ def batch_text(report: dict) -> str:
 
 
 def _step_clock():
+    """A TrainerCallback noting when training begins and when each optimizer step ends."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
-            self.ends: list[float] = []
+            self.begin, self.ends = 0.0, []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(time.perf_counter())
@@ -387,10 +392,10 @@ def _step_clock():
 
 
 def recommend_training(training_file: Path, method: str = "lora", *, model: str | None = None,
-                       validation_file: Path | None = None, measure_steps: int = 5) -> dict:
+                       validation_file: Path | None = None, measure_steps: int = 10) -> dict:
     """The hyperparameters the trainer would use for this file (its "auto" rules, with why),
     the optimizer steps and tokens they make, and the time they take at a step time measured
-    on this machine (the median of `measure_steps` real steps after a warm-up one)."""
+    on this machine (the median of `measure_steps` real steps after as many warm-up ones)."""
     if measure_steps < 1:
         raise RecommendError("--measure-steps must be at least 1")
     for kind, path in (("training", training_file), ("validation", validation_file)):
@@ -430,7 +435,7 @@ def recommend_training(training_file: Path, method: str = "lora", *, model: str 
     # A run: its steps; an evaluation and a checkpoint every LLMQ_CHECKPOINT_STEPS steps; the figures
     # before and after training.
     periodic = steps // settings.checkpoint_steps
-    estimate = {"steps": measured["seconds_per_step"] * steps,
+    estimate = {"warm_up": measured["warm_up_seconds"], "steps": measured["seconds_per_step"] * steps,
                 "evaluations_and_checkpoints": periodic * (measured["eval_seconds"] + measured["checkpoint_seconds"]),
                 "figures_before_and_after": 2 * measured["figures_seconds"]}
     lengths = sorted(len(x.input_ids) for x in train)
@@ -448,9 +453,10 @@ def recommend_training(training_file: Path, method: str = "lora", *, model: str 
 
 
 def _measure_run(model, tokenizer, train, heldout, hp, settings, device: str, n: int) -> dict:
-    """The parts of a job's run, timed on this machine with the trainer's own code: an optimizer
-    step (the median of n real ones after a warm-up one) and its tokens/s, the Trainer's periodic
-    evaluation and checkpoint (each once), and the held-out figures taken before and after training."""
+    """The parts of a job's run, timed on this machine with the trainer's own code: 2n real optimizer
+    steps, the first n a warm-up (their time beyond n steady ones is the run's one-off warm-up) and the
+    median of the last n the steady step, with its tokens/s; the Trainer's periodic evaluation and
+    checkpoint (each once); and the held-out figures taken before and after training."""
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
     from workers.training import evaluate
@@ -464,7 +470,7 @@ def _measure_run(model, tokenizer, train, heldout, hp, settings, device: str, n:
                       should_stop=lambda: False)
         trainer, _ = build_trainer(model, tokenizer, train, heldout, hp, settings=settings, work_dir=Path(work_dir),
                                    seed=0, device=device, hooks=hooks)
-        trainer.args.max_steps = n + 1
+        trainer.args.max_steps = 2 * n
         # Checkpoints and evaluations are timed on their own below, not inside the steps.
         trainer.args.save_strategy, trainer.args.eval_strategy = SaveStrategy.NO, IntervalStrategy.NO
         trainer.add_callback(clock)
@@ -477,10 +483,13 @@ def _measure_run(model, tokenizer, train, heldout, hp, settings, device: str, n:
         saved = time.perf_counter()
         evaluate.figures(trainer.model, tokenizer, heldout)
         figured = time.perf_counter()
-    # The median step: on a machine shared with other work one step can take many times the
-    # others (seen here: 0.3 s steps with 5 s ones between), which a mean would carry into the estimate.
-    step = statistics.median(b - a for a, b in zip(clock.ends, clock.ends[1:]))
+    # The first steps of a run are slow (seen here on CPU: five of about 3 s before 0.1 s ones, in a
+    # job's own run too): they are the run's warm-up, counted once. Of the steady ones the median: on
+    # a machine shared with other work one step can take many times the others.
+    step = statistics.median(b - a for a, b in zip(clock.ends[n - 1:], clock.ends[n:]))
+    warm_up = max(0.0, clock.ends[n - 1] - clock.begin - n * step)
     return {"steps": n, "seconds_per_step": step, "tokens_per_s": (seen / len(clock.ends)) / step,
+            "warm_up_seconds": warm_up,
             "eval_seconds": evaluated - started, "checkpoint_seconds": saved - evaluated,
             "figures_seconds": figured - saved}
 
@@ -502,13 +511,15 @@ def training_text(report: dict) -> str:
               f"{hp['gradient_accumulation_steps']}) x {hp['n_epochs']} epochs = {report['steps']:,} optimizer steps, "
               f"{report['tokens']:,} training tokens",
               f"measured on {report['device']} with the trainer's own code: {m['seconds_per_step'] * 1000:,.1f} ms "
-              f"per optimizer step ({m['tokens_per_s']:,.0f} tok/s; the median of {m['steps']} real steps after a "
-              f"warm-up one), an evaluation {m['eval_seconds']:.2f} s and a checkpoint {m['checkpoint_seconds']:.2f} s "
-              f"(each every {report['checkpoint_steps']} steps: LLMQ_CHECKPOINT_STEPS), the held-out figures "
+              f"per optimizer step ({m['tokens_per_s']:,.0f} tok/s; the median of {m['steps']} real steps after "
+              f"{m['steps']} warm-up ones, which took {m['warm_up_seconds']:.1f} s more than steady ones), an "
+              f"evaluation {m['eval_seconds']:.2f} s and a checkpoint {m['checkpoint_seconds']:.2f} s (each every "
+              f"{report['checkpoint_steps']} steps: LLMQ_CHECKPOINT_STEPS), the held-out figures "
               f"{m['figures_seconds']:.2f} s (before and after training)",
-              f"estimated training time: {_duration(report['estimated_seconds'])} = steps "
-              f"{_duration(e['steps'])} + evaluations and checkpoints {_duration(e['evaluations_and_checkpoints'])} "
-              f"+ figures {_duration(e['figures_before_and_after'])} (loading the model and publishing not included)"]
+              f"estimated training time: {_duration(report['estimated_seconds'])} = warm-up "
+              f"{_duration(e['warm_up'])} + steps {_duration(e['steps'])} + evaluations and checkpoints "
+              f"{_duration(e['evaluations_and_checkpoints'])} + figures {_duration(e['figures_before_and_after'])} "
+              f"(loading the model and publishing not included)"]
     return "\n".join(lines)
 
 
