@@ -150,7 +150,10 @@ def registry_variants(registry: Path, base: str) -> list[Variant]:
         if root_model(str(meta.get("base_model") or name)) != base and root_model(name) != base:
             continue
         folder = meta_path.parent
-        shape = model_shape(folder)
+        try:
+            shape = model_shape(folder)
+        except RecommendError:
+            continue  # a folder whose config transformers can't build: no figures to give for it
         dtype = (meta.get("serving") or {}).get("dtype", "float32")
         dtype = dtype if dtype in FLOAT_BYTES else "float32"
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix in WEIGHT_FILES)
@@ -169,8 +172,8 @@ def recommend_memory(model: str | None, memory_gib: float, *, context: int | Non
         raise RecommendError("--headroom is a share of the memory: from 0 to below 1")
     folder, name = resolve_model(model)
     shape = model_shape(folder)
-    context = context or shape.context
-    concurrency = concurrency or WorkerSettings(engine="torch").batch_max_size
+    context = shape.context if context is None else context
+    concurrency = WorkerSettings(engine="torch").batch_max_size if concurrency is None else concurrency
     if context < 1 or concurrency < 1:
         raise RecommendError("--context and --concurrency must be at least 1")
     usable = memory_gib * 2**30 * (1 - headroom)
