@@ -7,6 +7,7 @@
   llmq schema        rewrite the request message's JSON Schema file
   llmq keys create NAME | list | revoke NAME    API keys, in the Redis at LLMQ_REDIS_URL
   llmq keys webhook-secret NAME                 the secret that signs NAME's webhooks
+  llmq recommend batch | memory | training      settings from measurements on this machine
 """
 
 from __future__ import annotations
@@ -284,6 +285,61 @@ def schema(_args: argparse.Namespace) -> int:
     return 0
 
 
+def recommend(args: argparse.Namespace) -> int:
+    from workers.optimize import recommend as rec
+
+    try:
+        if args.what == "batch":
+            report = rec.recommend_batch(args.model, args.tpot_p99_ms, limits=args.limits,
+                                         requests_per_limit=args.requests_per_limit, max_tokens=args.max_tokens,
+                                         prompt_tokens=args.prompt_tokens)
+            text = rec.batch_text
+        elif args.what == "memory":
+            report = rec.recommend_memory(args.model, args.memory_gib, context=args.context,
+                                          concurrency=args.concurrency, headroom=args.headroom)
+            text = rec.memory_text
+        else:
+            report = rec.recommend_training(Path(args.training_file), args.method, model=args.model,
+                                            validation_file=Path(args.validation_file) if args.validation_file
+                                            else None, measure_steps=args.measure_steps)
+            text = rec.training_text
+    except rec.RecommendError as exc:
+        print(f"llmq recommend {args.what}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else text(report))
+    return 0
+
+
+def _recommend_parser(commands) -> None:
+    p = commands.add_parser("recommend", help="settings from measurements on this machine: batch limit, memory, "
+                                              "fine-tuning hyperparameters")
+    kinds = p.add_subparsers(dest="what", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help="a model folder or a registry model's served name (default: LLMQ_MODEL)")
+    common.add_argument("--json", action="store_true", help="print the report as JSON")
+    k = kinds.add_parser("batch", parents=[common], help="the batch limit with the highest throughput within a "
+                                                         "p99 TPOT bound, from a sweep of the torch engine")
+    k.add_argument("--tpot-p99-ms", type=float, required=True, help="the bound on p99 time per output token, ms")
+    k.add_argument("--limits", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
+                   help="the LLMQ_BATCH_MAX_SIZE values to measure (1 2 4 8 16 32 64)")
+    k.add_argument("--requests-per-limit", type=int, default=4, help="requests per limit = this x limit (4)")
+    k.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (32)")
+    k.add_argument("--prompt-tokens", type=int, default=32, help="prompt tokens per request (32)")
+    k = kinds.add_parser("memory", parents=[common], help="which variants of the model fit in a memory size")
+    k.add_argument("--memory-gib", type=float, required=True, help="the GPU's or machine's memory, GiB")
+    k.add_argument("--context", type=int, help="tokens per request (default: the model's context)")
+    k.add_argument("--concurrency", type=int, help="requests at once (default: LLMQ_BATCH_MAX_SIZE)")
+    k.add_argument("--headroom", type=float, default=0.1,
+                   help="share of the memory kept free for activations and the runtime (0.1)")
+    k = kinds.add_parser("training", parents=[common], help="fine-tuning hyperparameters and time for a file")
+    k.add_argument("--training-file", required=True, help="the JSONL training file")
+    k.add_argument("--validation-file", help="a JSONL validation file (default: part of the training file)")
+    k.add_argument("--method", choices=["lora", "adapter", "full"], default="lora")
+    k.add_argument("--measure-steps", type=int, default=10,
+                   help="real optimizer steps timed, after as many warm-up ones (10)")
+    p.set_defaults(run=recommend)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="llmq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -317,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("action", choices=["create", "list", "revoke", "webhook-secret"])
     p.add_argument("name", nargs="?")
     p.set_defaults(run=keys)
+    _recommend_parser(commands)
     args = parser.parse_args(argv)
     try:
         sys.exit(args.run(args))

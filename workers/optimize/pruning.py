@@ -16,8 +16,14 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from workers.optimize.strategies import Data, Optimized, StrategyError, Tune
-from workers.optimize.weights import dtype_name, parameter_count
+from workers.optimize.strategies import (
+    Data,
+    Optimized,
+    StrategyError,
+    Tune,
+    dtype_name,
+    parameter_count,
+)
 
 CORPUS = Path(__file__).parent.parent / "data" / "corpus.txt"
 CORPUS_CHARS = 16_000  # the fixed slice of the shipped corpus calibrated on without a training file

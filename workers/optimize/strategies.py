@@ -34,6 +34,16 @@ class Optimized:
 Tune = Callable[[Any, Recovery], None]
 
 
+def dtype_name(model: Any) -> str:
+    """The name ("float32", ...) of the model's floating-point weights' dtype."""
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return str(dtype).removeprefix("torch.")
+
+
+def parameter_count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 class StrategyError(ValueError):
     """A strategy that can't run on this model or machine; `code` is the job's error code
     (e.g. "not_available_here" for a kernel this hardware lacks)."""

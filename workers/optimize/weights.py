@@ -8,19 +8,14 @@ from typing import Any
 
 import torch
 
-from workers.optimize.strategies import Optimized, StrategyError
+from workers.optimize.strategies import (
+    Optimized,
+    StrategyError,
+    dtype_name,
+    parameter_count,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_name(model: Any) -> str:
-    """The name ("float32", ...) of the model's floating-point weights' dtype."""
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    return str(dtype).removeprefix("torch.")
-
-
-def parameter_count(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def precision(model: Any, strategy) -> Optimized:

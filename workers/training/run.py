@@ -15,7 +15,7 @@ from typing import Literal
 from safetensors import SafetensorError
 from transformers import PrinterCallback, Trainer, set_seed
 
-from shared.training import TrainingMessage
+from shared.training import Method, TrainingMessage
 from workers.training import evaluate
 from workers.training.checkpoints import Hooks, Reporter, drop_incomplete, latest_complete
 from workers.training.data import TrainingFileError, load_file, split_heldout
@@ -23,7 +23,7 @@ from workers.training.model import load_base, resolve_device, target_error, trai
 from workers.training.publish import metadata, output_path, publish
 from workers.training.settings import TrainerSettings
 
-__all__ = ["Hooks", "JobResult", "remove_work_dir", "run_job"]
+__all__ = ["Hooks", "JobResult", "build_trainer", "explain_hyperparameters", "remove_work_dir", "run_job"]
 
 
 @dataclass
@@ -81,15 +81,58 @@ def remove_work_dir(settings: TrainerSettings, job_id: str) -> None:
 
 def resolve_hyperparameters(message: TrainingMessage, settings: TrainerSettings, n_train: int) -> dict:
     """The job's hyperparameters with every "auto" replaced by what this run uses."""
-    hp = message.method.hyperparameters.model_dump()
+    return explain_hyperparameters(message.method, settings, n_train)[0]
+
+
+def explain_hyperparameters(method: Method, settings: TrainerSettings, n_train: int) -> tuple[dict, dict[str, str]]:
+    """(the method's hyperparameters with every "auto" resolved, why each has its value):
+    the trainer's own rules, which `llmq recommend training` shows as they are."""
+    hp = method.hyperparameters.model_dump()
+    why = {name: "given" for name in hp}
     if hp["batch_size"] == "auto":
         hp["batch_size"] = max(1, min(settings.auto_batch_size_max, n_train // 32))
+        why["batch_size"] = (f"auto: one per 32 training examples ({n_train} // 32 = {n_train // 32}), "
+                             f"between 1 and {settings.auto_batch_size_max} (LLMQ_AUTO_BATCH_SIZE_MAX)")
     if hp["n_epochs"] == "auto":
         hp["n_epochs"] = max(1, min(20, math.ceil(settings.auto_examples_seen / n_train)))
+        why["n_epochs"] = (f"auto: enough passes to see about {settings.auto_examples_seen} examples "
+                           f"(LLMQ_AUTO_EXAMPLES_SEEN): ceil({settings.auto_examples_seen} / {n_train}), between 1 and 20")
     if hp["learning_rate_multiplier"] == "auto":
         hp["learning_rate_multiplier"] = 1.0
-    hp["learning_rate"] = settings.learning_rate(message.method.type) * hp["learning_rate_multiplier"]
-    return hp
+        why["learning_rate_multiplier"] = "auto: 1.0"
+    base = settings.learning_rate(method.type)
+    hp["learning_rate"] = base * hp["learning_rate_multiplier"]
+    why["learning_rate"] = (f"the {method.type} method's base rate {base:g} (LLMQ_{method.type.upper()}_LEARNING_RATE) "
+                            f"x multiplier {hp['learning_rate_multiplier']:g}")
+    return hp, why
+
+
+def build_trainer(model, tokenizer, train: list, heldout: list, hp: dict, *, settings: TrainerSettings,
+                  work_dir: Path, seed: int, device: str, hooks: Hooks) -> tuple[Trainer, Reporter]:
+    """The Trainer a job runs with (its arguments from the resolved hyperparameters and the
+    trainer's settings), and the callback that reports its progress and stops it."""
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(work_dir), seed=seed, report_to="none", disable_tqdm=True,
+        num_train_epochs=hp["n_epochs"], per_device_train_batch_size=hp["batch_size"],
+        per_device_eval_batch_size=16, gradient_accumulation_steps=hp["gradient_accumulation_steps"],
+        learning_rate=hp["learning_rate"], use_cpu=device == "cpu",
+        # bf16 autocast on CUDA only: on CPU (even one with AMX) it measured no faster here.
+        bf16=device.startswith("cuda"),
+        logging_steps=settings.logging_steps, logging_first_step=True,
+        eval_strategy="steps", eval_steps=settings.checkpoint_steps,
+        save_strategy="steps", save_steps=settings.checkpoint_steps,
+        save_total_limit=settings.checkpoints_kept,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0)
+    reporter = Reporter(hooks, work_dir)
+    trainer = CheckpointingTrainer(model=model, args=args, processing_class=tokenizer, callbacks=[reporter],
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                      train_dataset=[x.features() for x in train], eval_dataset=[x.features() for x in heldout])
+    # The Trainer prints every log dict to stdout when its progress bar is off; the
+    # Reporter hands them to the service instead.
+    trainer.remove_callback(PrinterCallback)
+    return trainer, reporter
 
 
 class _Run:
@@ -149,28 +192,8 @@ class _Run:
         return train, load_file(files, self.message.validation_file, tokenizer, max_tokens, "invalid_validation_file")
 
     def _trainer(self, model, tokenizer, train, heldout, hp):
-        from transformers import DataCollatorForSeq2Seq, TrainingArguments
-
-        args = TrainingArguments(
-            output_dir=str(self.work_dir), seed=self.message.seed, report_to="none", disable_tqdm=True,
-            num_train_epochs=hp["n_epochs"], per_device_train_batch_size=hp["batch_size"],
-            per_device_eval_batch_size=16, gradient_accumulation_steps=hp["gradient_accumulation_steps"],
-            learning_rate=hp["learning_rate"], use_cpu=self.device == "cpu",
-            # bf16 autocast on CUDA only: on CPU (even one with AMX) it measured no faster here.
-            bf16=self.device.startswith("cuda"),
-            logging_steps=self.settings.logging_steps, logging_first_step=True,
-            eval_strategy="steps", eval_steps=self.settings.checkpoint_steps,
-            save_strategy="steps", save_steps=self.settings.checkpoint_steps,
-            save_total_limit=self.settings.checkpoints_kept,
-            include_num_input_tokens_seen="non_padding", dataloader_num_workers=0)
-        reporter = Reporter(self.hooks, self.work_dir)
-        trainer = CheckpointingTrainer(model=model, args=args, processing_class=tokenizer, callbacks=[reporter],
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                          train_dataset=[x.features() for x in train], eval_dataset=[x.features() for x in heldout])
-        # The Trainer prints every log dict to stdout when its progress bar is off; the
-        # Reporter hands them to the service instead.
-        trainer.remove_callback(PrinterCallback)
-        return trainer, reporter
+        return build_trainer(model, tokenizer, train, heldout, hp, settings=self.settings, work_dir=self.work_dir,
+                             seed=self.message.seed, device=self.device, hooks=self.hooks)
 
     def _train(self, trainer) -> None:
         dropped = drop_incomplete(self.work_dir)
