@@ -37,8 +37,8 @@ Writes a Markdown table (printed, and --md), the rows as JSON (--json) and a cha
 (--png: speed against accuracy, one point per variant; size and peak memory bars).
 --short: every row on a tiny workload (a few requests and training steps), for the test.
 
-    python -m bench.strategies [--short] [--train 300] [--heldout 90] [--epochs 4] [--lora-epochs 1]
-                               [--recovery-epochs 1] [--requests-1 4] [--requests-32 64] [--max-tokens 64]
+    python -m bench.strategies [--short] [--train 300] [--heldout 90] [--epochs 6] [--lora-epochs 6]
+                               [--recovery-epochs 2] [--requests-1 4] [--requests-32 64] [--max-tokens 64]
                                [--md bench/results/strategies.md] [--json ...] [--png ...]
 
 A benchmark, never part of the tests. Targets (CPU, tiny model): one variant >= 1.3x the
@@ -95,8 +95,11 @@ def variants(recovery_epochs: int, recovery_batch: int | str = "auto") -> list[V
         Variant("fp16", "fp16", {"type": "precision", "dtype": "float16"}),
         Variant("lora-adapter", "LoRA, served as adapter", None, source="lora", adapter=True),
         Variant("lora-merged", "LoRA merged", {"type": "merge_lora"}, source="lora"),
+        # Chained (a variant's source is an earlier variant): aimed at half the size and memory.
         Variant("layers-half-bf16", "layers 4→2 + recovery, then bf16", {"type": "precision", "dtype": "bfloat16"},
                 source="layers-half"),
+        Variant("layers-half-mlp-half", "layers 4→2 + recovery, then MLP ½ + recovery",
+                {"type": "prune_structured", "mlp_kept": 0.5, "recovery": recovery}, source="layers-half"),
     ]
 
 
@@ -461,9 +464,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--short", action="store_true", help="every row on a tiny workload (for the test)")
     parser.add_argument("--train", type=int, default=300, help="training examples")
     parser.add_argument("--heldout", type=int, default=90, help="held-out examples (accuracy, perplexity)")
-    parser.add_argument("--epochs", type=int, default=4, help="the original's full fine-tune")
-    parser.add_argument("--lora-epochs", type=int, default=1, help="the LoRA fine-tune")
-    parser.add_argument("--recovery-epochs", type=int, default=1, help="QAT's and each recovery's fine-tune")
+    parser.add_argument("--epochs", type=int, default=6, help="the original's full fine-tune")
+    parser.add_argument("--lora-epochs", type=int, default=6, help="the LoRA fine-tune")
+    parser.add_argument("--recovery-epochs", type=int, default=2, help="QAT's and each recovery's fine-tune")
     parser.add_argument("--requests-1", type=int, default=4, help="requests of the line at 1 concurrent")
     parser.add_argument("--requests-32", type=int, default=64, help="requests of the line at 32 concurrent")
     parser.add_argument("--prompt-tokens", type=int, default=64)
