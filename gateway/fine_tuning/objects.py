@@ -19,11 +19,11 @@ OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
 def _job_hex(job_id: str) -> str:
-    return job_id.removeprefix("ftjob-")
+    return job_id.partition("-")[2]  # ftjob-<hex>, optjob-<hex>
 
 
-def event_id(job_id: str, index: int) -> str:
-    return f"ftevent-{_job_hex(job_id)}-{index}"
+def event_id(job_id: str, index: int, prefix: str = "ftevent") -> str:
+    return f"{prefix}-{_job_hex(job_id)}-{index}"
 
 
 def checkpoint_id(job_id: str, index: int) -> str:
@@ -80,9 +80,10 @@ def job_object(job: dict[str, object]) -> dict:
     }
 
 
-def event_object(job_id: str, event: dict) -> dict:
-    """One of TrainingStore.events() (with its index `n`) as OpenAI's `fine_tuning.job.event`."""
-    return {"id": event_id(job_id, event["n"]), "object": "fine_tuning.job.event",
+def event_object(job_id: str, event: dict, prefix: str = "ftevent", object_name: str = "fine_tuning.job.event") -> dict:
+    """One of TrainingStore.events() (with its index `n`) as OpenAI's `fine_tuning.job.event`
+    (or another kind of job's event, named by `prefix` and `object_name`)."""
+    return {"id": event_id(job_id, event["n"], prefix), "object": object_name,
             "created_at": int(event["created_at"]), "level": event.get("level", "info"),
             "message": event["message"], "type": event.get("type", "message"), "data": event.get("data") or {}}
 

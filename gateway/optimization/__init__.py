@@ -1,0 +1,1 @@
+"""`/v1/optimization/jobs`: optimization jobs (quantization, pruning, precision, merged LoRA) on the fine-tuning job machinery."""
