@@ -10,7 +10,7 @@ import asyncio
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -79,9 +79,10 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
     return int(raw)
 
 
-def _param(error: dict, top_level: tuple[str, ...]) -> str | None:
+def _param(error: dict, top_level: tuple[str, ...], tags: Collection[str] = ()) -> str | None:
     """The body parameter a validation error is about, dotted (`method.lora.hyperparameters.rank`)."""
-    parts = [str(p) for p in error["loc"] if isinstance(p, str) and _FIELD.match(p) and p not in _TYPE_TAGS]
+    parts = [str(p) for p in error["loc"]
+             if isinstance(p, str) and _FIELD.match(p) and p not in _TYPE_TAGS and p not in tags]
     if parts:
         return ".".join(parts)
     # A check across fields (the body's own): the parameter its message names first.
@@ -89,15 +90,17 @@ def _param(error: dict, top_level: tuple[str, ...]) -> str | None:
     return min(named)[1] if named else None
 
 
-def parse_job_body(raw: bytes, body: type[Body] = JobCreate) -> Body:
-    """A job's body (by default POST /v1/fine_tuning/jobs's); OpenAIError (400, with `param`) if refused."""
+def parse_job_body(raw: bytes, body: type[Body] = JobCreate, tags: Collection[str] = ()) -> Body:
+    """A job's body (by default POST /v1/fine_tuning/jobs's); OpenAIError (400, with `param`) if refused.
+    `tags`: the body's discriminated unions' tags, which pydantic puts in an error's location
+    though no parameter has their name."""
     try:
         return body.model_validate_json(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
         if error["type"] == "json_invalid":
             raise OpenAIError(400, "the body is not valid JSON", None, "invalid_json") from None
-        param = _param(error, tuple(body.model_fields))
+        param = _param(error, tuple(body.model_fields), tags)
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "missing":
             raise OpenAIError(400, f"Missing required parameter: '{param}'.", param,

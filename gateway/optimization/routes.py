@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import get_args
 
 import structlog
 from aiohttp import web
@@ -22,6 +23,7 @@ from shared.optimization import (
     JOB_ID,
     OptimizationJobCreate,
     OptimizationMessage,
+    StrategyType,
     optimized_name,
     root_model,
 )
@@ -32,9 +34,16 @@ log = structlog.get_logger(__name__)
 PATHS = ("/v1/optimization/jobs", "/v1/optimization/jobs/{id}", "/v1/optimization/jobs/{id}/cancel",
          "/v1/optimization/jobs/{id}/events")
 OPTIMIZATION = JobKind("optimization job", JOB_ID, job_object, EVENT_PREFIX, EVENT_OBJECT, EVENT_ID, "optimization")
+# The strategies' `type`s: the tags of the `strategy` union in pydantic's error locations.
+STRATEGY_TAGS = frozenset(get_args(StrategyType))
 # Strategies whose output holds quantized weights: no strategy runs on those again (they
 # would quantize or prune what is no longer a float weight); their source is named instead.
 QUANTIZED = frozenset({"int8_dynamic", "weight_only", "qat"})
+
+
+def parse_body(raw: bytes) -> OptimizationJobCreate:
+    """The body of POST /v1/optimization/jobs; OpenAIError (400, with `param`) if refused."""
+    return parse_job_body(raw, OptimizationJobCreate, STRATEGY_TAGS)
 
 
 def _bad_model(message: str, code: str = "invalid_value") -> OpenAIError:
@@ -53,7 +62,7 @@ class OptimizationRoutes(FineTuningRoutes):
         gw = self.gateway
         # 1) who, and what: the body, the source model, the files (the caller's, for fine-tuning)
         tenant = await gw.authenticate(request)
-        body = parse_job_body(await gw.read_body(request), OptimizationJobCreate)
+        body = parse_body(await gw.read_body(request))
         base_model = await self._check_source(body, tenant)
         training = await self._own_file(body.training_file, tenant, "training_file") \
             if body.training_file is not None else None
