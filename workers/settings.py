@@ -27,7 +27,8 @@ class WorkerSettings(ServiceSettings):
     model_name: str | None = None
     # torch engine: "auto" picks cuda when available, else cpu.
     device: str = "auto"
-    # "auto" is bfloat16 on cuda, float32 on cpu (torch engine); on vLLM float32 on cpu, vLLM's own choice on cuda.
+    # "auto" is bfloat16 on cuda, float32 on cpu (torch engine; an optimized model: its own dtype, llmq-model.json);
+    # on vLLM float32 on cpu, vLLM's own choice on cuda.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Continuous batching: most requests decoded together (the engine's running batch) ...
     batch_max_size: int = Field(default=32, ge=1, json_schema_extra=cli("--batch-max-size"))

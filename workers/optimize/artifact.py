@@ -6,6 +6,7 @@ state dict, stored quantized), and `llmq-model.json` (the job's metadata + "serv
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,12 @@ def _load_quantized(folder: Path, serving: dict, dtype: torch.dtype, device: tor
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     model = quantization.requantize(model.eval(), serving)
-    state = torch.load(folder / QUANTIZED_WEIGHTS, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        # torch's own rebuild of quantized tensors still goes through TypedStorage, and says so.
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        # weights_only: torch's quantized tensors and torchao's tensor subclasses (which torchao
+        # registers as safe globals) load without unpickling arbitrary objects.
+        state = torch.load(folder / QUANTIZED_WEIGHTS, map_location="cpu", weights_only=True)
     # assign: torchao's weights are tensor subclasses that replace the freshly quantized ones
     # rather than being copied into them.
     model.load_state_dict(state, assign=serving["format"] == "torchao")

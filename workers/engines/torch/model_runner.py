@@ -1,6 +1,7 @@
 """The model on its device: loading it (tokenizer, device, dtype, int8
-quantization, LoRA and (IA)^3 adapters) and running its steps: one forward pass over
-every running row's last token and the prompts of the rows joining the batch."""
+quantization, an optimized model's stored format, LoRA and (IA)^3 adapters) and running
+its steps: one forward pass over every running row's last token and the prompts of the
+rows joining the batch."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from workers.engines.torch import attention
 from workers.engines.torch.adapters import BASE_ADAPTER, Adapters
 from workers.engines.torch.batch import Batch
 from workers.engines.torch.row import Row
+from workers.optimize import artifact, quantization
 from workers.settings import WorkerSettings
 
 
@@ -34,14 +36,23 @@ class ModelRunner:
         if missing := missing_model(settings):
             raise EngineError(missing)
         device = self._device()
-        dtype = self._dtype(device)
+        # An optimized model's folder says how it is stored (artifact.py); None: a plain model.
+        serving = artifact.serving_of(source) if Path(source).is_dir() else None
+        dtype = self._dtype(device, serving)
+        quantized = serving is not None and serving.get("format", "hf") != "hf"
+        if quantized:
+            self._check_quantized(serving, device)
         if device.type == "cpu":
             self._use_cpu_threads()
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             # Steps mix running rows and new prompts, one token per batch row (attention.py).
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention.NAME)
-            model.to(device).eval()
+            if quantized:
+                model = artifact.load_model(source, device, dtype, attn_implementation=attention.NAME)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
+                                                             attn_implementation=attention.NAME)
+                model.to(device).eval()
         except Exception as exc:
             hint = "" if Path(source).is_dir() else f" (not a local directory; {build_hint(source)})"
             raise EngineError(f"cannot load model {source!r}: {exc}{hint}") from exc
@@ -119,11 +130,31 @@ class ModelRunner:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores - 1))
 
-    def _dtype(self, device: torch.device) -> torch.dtype:
+    def _dtype(self, device: torch.device, serving: dict | None) -> torch.dtype:
         if self.settings.dtype == "auto":
             # CPUs run bfloat16 matmuls slowly (or emulated); fp32 is the safe default there.
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            default = torch.bfloat16 if device.type == "cuda" else torch.float32
+            if serving and serving.get("dtype"):
+                saved = getattr(torch, serving["dtype"])
+                # An optimized model is served in the dtype its job made it in (a bf16 variant stays
+                # bf16 on the CPU; quantized weights load only in theirs), except that a plain fp32
+                # folder (pruned on a CPU trainer, say) runs on a GPU as its base model does.
+                if serving.get("format", "hf") == "hf" and saved == torch.float32:
+                    return default
+                return saved
+            return default
         return getattr(torch, self.settings.dtype)
+
+    def _check_quantized(self, serving: dict, device: torch.device) -> None:
+        """Refuse what a model stored quantized can't be served with, before loading it."""
+        name = f"model {self.settings.model_path!r} is stored quantized ({serving['format']})"
+        if self.settings.quantize != "none":
+            raise EngineError(f"{name}: it cannot be quantized again (unset LLMQ_QUANTIZE)")
+        if self.settings.adapters_dir:
+            raise EngineError(f"{name}: it cannot serve adapters (LLMQ_ADAPTERS_DIR); peft does not wrap "
+                              "quantized linear layers")
+        if serving["format"] == "int8_dynamic" and device.type != "cpu":
+            raise EngineError(f"{name}: PyTorch dynamic INT8 runs on the CPU only (LLMQ_DEVICE=cpu)")
 
     def _quantize_int8(self, model, device: torch.device):
         if device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
@@ -132,11 +163,7 @@ class ModelRunner:
         if self.settings.adapters_dir:
             raise EngineError("LLMQ_QUANTIZE=int8 cannot serve adapters (LLMQ_ADAPTERS_DIR): peft does not "
                               "wrap dynamically quantized linear layers")
-        # Weights stored as int8, activations quantized per batch on the fly:
-        # the linear layers are most of a decode step's time and memory.
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return quantization.quantize_int8_dynamic(model)
 
     def step(self, batch: Batch, joining: list[Row]):
         """One forward pass: each running row's last token, then every token of each joining
