@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import time
 
-from shared.training import JOB_ID, JobStatus
+from shared.training import JobStatus
 
 # `ftevent-{the job's 24 hex}-{index in its events list}`: a cursor (`after`) that is
 # also an id, so a page of events is one LRANGE and another job's event id is refused.
@@ -97,7 +97,3 @@ def checkpoint_object(job: dict[str, object], index: int, checkpoint: dict) -> d
             "created_at": _int(checkpoint.get("created_at")) or _int(job["created_at"]),
             "fine_tuned_model_checkpoint": f"{job.get('fine_tuned_model')}:ckpt-step-{step}",
             "step_number": step, "metrics": metrics, "fine_tuning_job_id": job["id"]}
-
-
-def is_job_id(value: str) -> bool:
-    return JOB_ID.match(value) is not None
