@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shared.optimization import STRATEGY, Recovery
+from shared.optimization import STRATEGY
 from shared.schema import Params
 from shared.training import parse_example
 from workers.engines.base import GenerationRequest, collect
@@ -126,16 +126,23 @@ async def test_a_structurally_pruned_model_saves_loads_and_is_served_by_the_torc
     assert (served.completion_tokens, served.finish_reason, served.text) == (16, "length", expected)
 
 
-def test_structured_pruning_calibrates_on_the_training_examples_and_recovers(tiny_model_dir, finsent_train):
-    calls = []
-    result = pruning.prune_structured(
-        load(tiny_model_dir), strategy(type="prune_structured", mlp_kept=0.25, recovery={"n_epochs": 1}),
-        Data(train=finsent_train, heldout=[]), lambda model, recovery: calls.append((model, recovery)))
-    assert calls == [(result.model, Recovery(n_epochs=1))]  # the recovery trains the pruned model
-    assert result.figures["recovered"] is True
+def test_structured_pruning_calibrates_on_the_training_examples_and_recovers(tiny_model_dir, tokenizer,
+                                                                            finsent_train, tmp_path):
+    def tune(model, recovery):
+        fine_tune(model, tokenizer, finsent_train, recovery, learning_rate=1e-3, seed=0, work_dir=str(tmp_path))
+
+    data = Data(train=finsent_train, heldout=[])
+    plain = pruning.prune_structured(load(tiny_model_dir), strategy(type="prune_structured", mlp_kept=0.25),
+                                     data, None)
+    result = pruning.prune_structured(load(tiny_model_dir), strategy(
+        type="prune_structured", mlp_kept=0.25, recovery={"batch_size": 8}), data, tune)
+    assert result.figures["recovered"] is True and plain.figures["recovered"] is False
     assert result.figures["calibration_tokens"] == sum(len(x.input_ids) for x in finsent_train) // 256 * 256
-    assert result.figures["shape_after"]["intermediate_size"] == 192
-    assert result.figures["shape_after"]["layers"] == 4
+    assert result.figures["shape_after"] == plain.figures["shape_after"] == {
+        "layers": 4, "attention_heads": 4, "kv_heads": 2, "head_dim": 64, "intermediate_size": 192}
+    # The recovery trained the pruned model (same cut, then different weights).
+    up = [r.model.model.layers[0].mlp.up_proj.weight for r in (result, plain)]
+    assert up[0].shape == up[1].shape and not torch.equal(*up)
 
 
 def test_structured_pruning_refuses_what_it_cannot_do(tiny_model_dir):
@@ -204,6 +211,9 @@ def test_l1_pruning_with_a_recovery_needs_a_training_file(tiny_model_dir):
 def test_bf16_precision_saves_bf16_weights_and_float16_is_refused_on_cpu(tiny_model_dir, tmp_path):
     result = weights.precision(load(tiny_model_dir), strategy(type="precision", dtype="bfloat16"))
     assert result.serving == {"format": "hf", "dtype": "bfloat16"}
+    assert result.model.model.rotary_emb.inv_freq.dtype == torch.float32  # as from_pretrained builds it
+    torch.testing.assert_close(logits(result.model),  # the model evaluated is the one served
+                               logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)))
     result.model.save_pretrained(tmp_path / "bf16")
     saved = load_file(tmp_path / "bf16" / "model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}

@@ -16,8 +16,14 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from workers.optimize.strategies import Data, Optimized, StrategyError, Tune
-from workers.optimize.weights import dtype_name, parameter_count
+from workers.optimize.strategies import (
+    Data,
+    Optimized,
+    StrategyError,
+    Tune,
+    dtype_name,
+    parameter_count,
+)
 
 CORPUS = Path(__file__).parent.parent / "data" / "corpus.txt"
 CORPUS_CHARS = 16_000  # the fixed slice of the shipped corpus calibrated on without a training file
@@ -165,8 +171,10 @@ class _Importance:
         def hook(module, args):
             x = args[0].detach().float().flatten(0, -2).view(-1, heads, dim)  # [tokens, heads, head_dim]
             w = module.weight.detach().float().view(-1, heads, dim)  # [hidden, heads, head_dim]
-            out = torch.einsum("thd,ohd->tho", x, w)  # each head's share of o_proj's output
-            self.heads[i] += out.norm(dim=-1).sum(0).double().cpu()
+            # Each head's share of o_proj's output, one head at a time ([tokens, hidden] each,
+            # not [tokens, heads, hidden] at once: that is large for a real model).
+            norms = [(x[:, h] @ w[:, h].T).norm(dim=-1).sum() for h in range(heads)]
+            self.heads[i] += torch.stack(norms).double().cpu()
         return hook
 
     def _layer_hook(self, i: int):

@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 
-from workers.optimize.strategies import Optimized, StrategyError, Tune
+from workers.optimize.strategies import (
+    Optimized,
+    StrategyError,
+    Tune,
+    dtype_name,
+    parameter_count,
+)
 
 
 def quantize_int8_dynamic(model: Any) -> Any:
@@ -25,11 +31,12 @@ def quantize_int8_dynamic(model: Any) -> Any:
         # quantize_dynamic is still what runs int8 matmuls on this CPU.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        # In place: a copy would hold the float weights twice at the peak.
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def int8_dynamic(model: Any) -> Optimized:
-    parameters = _parameters(model)
+    parameters = parameter_count(model)
     linears = _linears(model)
     # Dynamic quantization has float32 CPU kernels only; a bf16 or GPU source is brought there.
     model = quantize_int8_dynamic(model.to("cpu", torch.float32).eval())
@@ -40,8 +47,8 @@ def int8_dynamic(model: Any) -> Optimized:
 def weight_only(model: Any, strategy) -> Optimized:
     """torchao weight-only quantization of every linear layer: INT8 per output channel or
     INT4 in groups of `strategy.group_size` input channels (activations stay in float)."""
-    serving = _torchao_serving(strategy.bits, strategy.group_size, _dtype_name(model))
-    parameters, linears = _parameters(model), _linears(model)
+    serving = _torchao_serving(strategy.bits, strategy.group_size, dtype_name(model))
+    parameters, linears = parameter_count(model), _linears(model)
     _quantize_here(model, _torchao_config(serving))
     return Optimized(model, serving=serving, figures=_torchao_figures(parameters, linears, serving))
 
@@ -60,9 +67,9 @@ def qat(model: Any, strategy, tune: Tune | None) -> Optimized:
     from torchao.quantization import quantize_
     from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
 
-    serving = _torchao_serving(strategy.bits, strategy.group_size, _dtype_name(model))
+    serving = _torchao_serving(strategy.bits, strategy.group_size, dtype_name(model))
     base = _torchao_config(serving)
-    parameters, linears = _parameters(model), _linears(model)
+    parameters, linears = parameter_count(model), _linears(model)
     if strategy.bits == 4:
         prepare = QATConfig(base, step="prepare")  # fake quantization inferred from IntxWeightOnlyConfig
     else:
@@ -147,13 +154,5 @@ def _torchao_figures(parameters: int, linears: int, serving: dict) -> dict:
 # ---- figures -----------------------------------------------------------------------
 
 
-def _parameters(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _linears(model: Any) -> int:
     return sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-
-
-def _dtype_name(model: Any) -> str:
-    return str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -34,6 +34,16 @@ class Optimized:
 Tune = Callable[[Any, Recovery], None]
 
 
+def dtype_name(model: Any) -> str:
+    """The name ("float32", ...) of the model's floating-point weights' dtype."""
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return str(dtype).removeprefix("torch.")
+
+
+def parameter_count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 class StrategyError(ValueError):
     """A strategy that can't run on this model or machine; `code` is the job's error code
     (e.g. "not_available_here" for a kernel this hardware lacks)."""
@@ -59,7 +69,7 @@ def apply(strategy, model: Any, tokenizer: Any, *, data: Data | None, tune: Tune
         case "prune_l1":
             return pruning.prune_l1(model, strategy, tune)
         case "prune_structured":
-            return pruning.prune_structured(model, strategy, data, tune)
+            return pruning.prune_structured(model, strategy, data, tune, tokenizer=tokenizer)
         case "precision":
             return weights.precision(model, strategy)
         case "merge_lora":

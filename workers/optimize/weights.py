@@ -8,19 +8,14 @@ from typing import Any
 
 import torch
 
-from workers.optimize.strategies import Optimized, StrategyError
+from workers.optimize.strategies import (
+    Optimized,
+    StrategyError,
+    dtype_name,
+    parameter_count,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_name(model: Any) -> str:
-    """The name ("float32", ...) of the model's floating-point weights' dtype."""
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    return str(dtype).removeprefix("torch.")
-
-
-def parameter_count(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def precision(model: Any, strategy) -> Optimized:
@@ -31,10 +26,15 @@ def precision(model: Any, strategy) -> Optimized:
         raise StrategyError("not_available_here",
                             f"float16 is for CUDA: this model runs on {device.type}; use bfloat16 here")
     before = dtype_name(model)
-    # Module.to(dtype) casts floating-point parameters and buffers only (rotary
-    # inv_freq is recomputed in float32 by the Llama rotary module anyway); the
-    # config's dtype is what save_pretrained records and from_pretrained(dtype="auto") reads.
-    model.to(DTYPES[strategy.dtype])
+    # Buffers that aren't saved (rotary inv_freq) keep their dtype: from_pretrained builds
+    # them in float32 whatever the weights' dtype, so the model evaluated here is the one served.
+    saved = model.state_dict().keys()
+    unsaved = {name: buffer for name, buffer in model.named_buffers() if name not in saved}
+    model.to(DTYPES[strategy.dtype])  # floating-point parameters and buffers only
+    for name, buffer in unsaved.items():
+        module, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module), leaf, buffer)
+    # What save_pretrained records and from_pretrained(dtype="auto") reads.
     model.config.dtype = DTYPES[strategy.dtype]
     return Optimized(model, serving={"format": "hf", "dtype": strategy.dtype},
                      figures={"dtype_before": before, "dtype_after": strategy.dtype,
