@@ -130,12 +130,17 @@ def needs_training_file(strategy) -> bool:
     return strategy.type == "qat" or getattr(strategy, "recovery", None) is not None
 
 
+# A source's name leaves room for what its output's name adds (":opt-", a suffix of at most
+# 40, "-" and 8 hex), so the output is still a name a request's `model` (256) can carry.
+MAX_SOURCE_NAME = 256 - len(OPTIMIZED_MARK) - 40 - 9
+
+
 class OptimizationJobCreate(_Strict):
     """The body of POST /v1/optimization/jobs."""
 
     # The source: a base model, a fine-tuned or optimized model of the caller's key
     # (for merge_lora: a LoRA fine-tune).
-    model: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    model: Annotated[str, StringConstraints(min_length=1, max_length=MAX_SOURCE_NAME)]
     strategy: Strategy
     # What QAT and a recovery fine-tune train on (required for them), as fine-tuning's files.
     training_file: str | None = None

@@ -48,6 +48,8 @@ def _refusal(body: dict | bytes) -> OpenAIError:
     ({"model": "m", "strategy": {"type": "prune_structured", "mlp_kept": 1.0}}, "strategy", "invalid_combination"),
     ({"model": "m", "strategy": {"type": "int8_dynamic"}, "suffix": "Not OK"}, "suffix", "invalid_value"),
     ({"model": "m", "strategy": {"type": "int8_dynamic"}, "method": {}}, "method", "unknown_parameter"),
+    # its output's name (source + ":opt-…") would be longer than a request's `model` may be
+    ({"model": "m" * 203, "strategy": {"type": "int8_dynamic"}}, "model", "invalid_value"),
 ])
 def test_a_refused_body_names_its_parameter(body, param, code):
     error = _refusal(body)
