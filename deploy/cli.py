@@ -3,6 +3,8 @@
   llmq up            broker, Redis, gateway and the scaler with its workers (what `make up` runs)
   llmq submit TEXT   submit a prompt to a running gateway and wait for the answer
   llmq get ID        a request's record (--wait N: until it finishes); llmq cancel ID
+  llmq optimize MODEL --strategy TYPE [--set KEY=VALUE ...] [--wait]   an optimization job
+  llmq optimize --get JOB_ID [--wait] | --list | --cancel JOB_ID
   llmq build-model   build the tiny local model `make up` serves
   llmq schema        rewrite the request message's JSON Schema file
   llmq keys create NAME | list | revoke NAME    API keys, in the Redis at LLMQ_REDIS_URL
@@ -219,6 +221,99 @@ def cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+OPTIMIZE_POLL_SECONDS = 2.0
+FINAL_JOB = ("succeeded", "failed", "cancelled")
+
+
+class UsageError(ValueError):
+    """A command line that can't be sent: exit 2 with this one line."""
+
+
+def strategy_settings(pairs: list[str]) -> dict:
+    """`--set` KEY=VALUE pairs as the strategy's settings: VALUE is read as JSON where it is
+    JSON (4, 0.5, true, {"n_epochs": 2}), else as text; a dotted KEY nests (recovery.n_epochs=2)."""
+    settings: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set {pair!r}: give KEY=VALUE (e.g. --set sparsity=0.5)")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        *parents, last = key.split(".")
+        node = settings
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {pair!r}: {name!r} is already set to a value, not settings")
+        node[last] = value
+    return settings
+
+
+def _follow(client: Client, job: dict) -> dict:
+    """The job once it ended, its status changes on stderr meanwhile."""
+    shown = None
+    while job["status"] not in FINAL_JOB:
+        if job["status"] != shown:
+            shown = job["status"]
+            print(f"{job['id']}: {shown}", file=sys.stderr, flush=True)
+        time.sleep(OPTIMIZE_POLL_SECONDS)
+        job = client.optimization(job["id"])
+    return job
+
+
+def _ended(job: dict) -> int:
+    """0 for a succeeded job (its served name on stderr); 1 for any other end, with its reason."""
+    if job["status"] == "succeeded":
+        print(f"{job['id']}: succeeded: serve it with LLMQ_MODEL={job['optimized_model']!r}", file=sys.stderr)
+        return 0
+    error = job.get("error") or {}
+    reason = f": {error.get('code')}: {error.get('message')}" if error else ""
+    print(f"llmq optimize: {job['id']} {job['status']}{reason}", file=sys.stderr)
+    return 1
+
+
+def optimize(args: argparse.Namespace) -> int:
+    try:
+        body = _optimize_body(args)
+    except UsageError as exc:
+        print(f"llmq optimize: {exc}", file=sys.stderr)
+        return 2
+    client = _client(args)
+    if args.list:
+        for job in client.optimizations(args.limit):
+            print("\t".join(str(job.get(k) or "-") for k in ("id", "status", "model", "optimized_model"))
+                  + f"\t{job['strategy']['type']}")
+        return 0
+    if args.cancel:
+        print(json.dumps(client.cancel_optimization(args.cancel), indent=2))
+        return 0
+    job = client.optimization(args.get) if args.get else client.create_optimization(body)
+    if args.wait:
+        job = _follow(client, job)
+    print(json.dumps(job, indent=2))
+    return _ended(job) if args.wait or job["status"] in FINAL_JOB else 0
+
+
+def _optimize_body(args: argparse.Namespace) -> dict | None:
+    """The job's body for `llmq optimize MODEL ...`, or None for --get / --list / --cancel."""
+    named = [flag for flag, given in (("--get", args.get), ("--list", args.list), ("--cancel", args.cancel)) if given]
+    if len(named) > 1:
+        raise UsageError(f"give one of {' / '.join(named)}")
+    if named:
+        if args.model or args.strategy:
+            raise UsageError(f"{named[0]} takes no MODEL or --strategy")
+        return None
+    if not args.model or not args.strategy:
+        raise UsageError("give the source MODEL and --strategy TYPE (or --get JOB_ID, --list, --cancel JOB_ID)")
+    body: dict = {"model": args.model, "strategy": {**strategy_settings(args.set), "type": args.strategy}}
+    for name in ("training_file", "validation_file", "suffix", "seed"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    return body
+
+
 def build_model(args: argparse.Namespace) -> int:
     from workers.tinymodel import build_tiny_model
 
@@ -364,6 +459,24 @@ def main(argv: list[str] | None = None) -> None:
     p = commands.add_parser("cancel", parents=[client], help="cancel a queued or running request")
     p.add_argument("id", help="the request's id")
     p.set_defaults(run=cancel)
+    p = commands.add_parser("optimize", parents=[client],
+                            help="create an optimization job (quantize, prune, cast, merge a LoRA), or read jobs")
+    p.add_argument("model", nargs="?", help="the source model: a base model, or a fine-tuned or optimized one")
+    p.add_argument("--strategy", help="int8_dynamic, weight_only, qat, prune_l1, prune_structured, precision, "
+                                      "merge_lora")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a strategy setting (repeatable): bits=4, sparsity=0.5, dtype=bfloat16, recovery.n_epochs=1")
+    p.add_argument("--training-file", help="what QAT and a recovery fine-tune train on (a fine-tune file's id)")
+    p.add_argument("--validation-file", help="held-out examples, evaluated before and after (a file's id)")
+    p.add_argument("--suffix", help="in the output's name instead of the strategy's tag")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--wait", action="store_true", help="follow the job to its end; exit 0 only if it succeeded")
+    p.add_argument("--get", metavar="JOB_ID", help="show a job (with --wait: once it ended)")
+    p.add_argument("--list", action="store_true", help="this key's jobs, newest first: id, status, source, output, "
+                                                       "strategy")
+    p.add_argument("--limit", type=int, default=20, help="most jobs --list shows (20)")
+    p.add_argument("--cancel", metavar="JOB_ID", help="cancel a job")
+    p.set_defaults(run=optimize)
     p = commands.add_parser("build-model", help="build the tiny local model")
     p.add_argument("path", nargs="?", default=StackSettings.model_fields["model"].default)
     p.add_argument("--force", action="store_true")

@@ -1,4 +1,4 @@
-"""The `llmq submit | get | cancel` client: a running gateway's API from a shell.
+"""The `llmq submit | get | cancel | optimize` client: a running gateway's API from a shell.
 
 Errors are one line on stderr and a non-zero exit: what failed and where, never
 a traceback.
@@ -68,6 +68,20 @@ class Client:
 
     def cancel(self, request_id: str) -> dict:
         return self._call("DELETE", f"/v1/requests/{urllib.parse.quote(request_id, safe='')}")
+
+    # ---- optimization jobs --------------------------------------------------------
+
+    def create_optimization(self, body: dict) -> dict:
+        return self._call("POST", "/v1/optimization/jobs", body)
+
+    def optimization(self, job_id: str) -> dict:
+        return self._call("GET", f"/v1/optimization/jobs/{urllib.parse.quote(job_id, safe='')}")
+
+    def optimizations(self, limit: int = 20) -> list[dict]:
+        return self._call("GET", f"/v1/optimization/jobs?limit={limit}")["data"]
+
+    def cancel_optimization(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/optimization/jobs/{urllib.parse.quote(job_id, safe='')}/cancel")
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         url = self.base_url + path

@@ -46,6 +46,8 @@ from gateway.errors import HTTP_ERROR_TYPES, ApiError, redis_down
 from gateway.fine_tuning.routes import PATHS as FINE_TUNING_PATHS
 from gateway.fine_tuning.routes import FineTuningRoutes
 from gateway.fine_tuning.serving import AdapterConflict, FineTunedModels, NotYours
+from gateway.optimization.routes import PATHS as OPTIMIZATION_PATHS
+from gateway.optimization.routes import OptimizationRoutes
 from gateway.metrics import GatewayMetrics
 from gateway.openai_compat import OpenAIError
 from gateway.openai_routes import PATHS as OPENAI_PATHS
@@ -144,6 +146,7 @@ class Gateway:
             *OpenAIRoutes(self).routes(),
             *BulkRoutes(self).routes(),
             *FineTuningRoutes(self).routes(),
+            *OptimizationRoutes(self).routes(),
         ])
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._close)
@@ -261,7 +264,7 @@ class Gateway:
             refused = ApiError(500, "internal_error", "internal error")
         endpoint = _endpoint(request)
         if isinstance(refused, ApiError) and (endpoint in OPENAI_PATHS or endpoint in BULK_PATHS
-                                             or endpoint in FINE_TUNING_PATHS):
+                                             or endpoint in FINE_TUNING_PATHS or endpoint in OPTIMIZATION_PATHS):
             refused = openai_error(refused)  # OpenAI's clients read OpenAI's error shape
         if refused is not None:
             if isinstance(refused, OpenAIError):

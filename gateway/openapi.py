@@ -9,6 +9,7 @@ from pydantic.json_schema import models_json_schema
 
 from gateway.batches.openapi import bulk_paths
 from gateway.fine_tuning.openapi import fine_tuning_defs, fine_tuning_paths
+from gateway.optimization.openapi import optimization_defs, optimization_paths
 from gateway.openai_compat import body_schema
 from shared.schema import Accepted, ErrorBody, ModelList, RequestView, SubmitRequest
 
@@ -240,6 +241,7 @@ def openapi_document(auth: bool = True) -> dict:
             },
             **bulk_paths(_KEY if auth else []),
             **fine_tuning_paths(_KEY if auth else []),
+            **optimization_paths(_KEY if auth else []),
             "/v1/webhooks/secret": {
                 "get": {
                     "summary": "The secret that signs this key's webhook deliveries (Standard Webhooks)",
@@ -265,7 +267,7 @@ def openapi_document(auth: bool = True) -> dict:
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         },
         "components": {
-            "schemas": {**top["$defs"], **_openai_defs(), **fine_tuning_defs()},
+            "schemas": {**top["$defs"], **_openai_defs(), **fine_tuning_defs(), **optimization_defs()},
             **({"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
                                                "description": "An llmq API key (`llmq keys create NAME`)."}}}
                if auth else {}),

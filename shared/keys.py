@@ -58,6 +58,9 @@
   last status change; `{prefix}:ftjob-events:{id}` (a list of its events, oldest
   first) and `{prefix}:ftjob-checkpoints:{id}` (a list of its checkpoints) live as
   long. `{prefix}:ftjobs-of:{name}`: sorted set of a key's job ids by creation time.
+  Optimization jobs (`optjob-...` ids) are held the same way, in the same hashes
+  and lists (`{prefix}:ftjob:optjob-...`: the trainers' claim, lease and end scripts
+  work on both), listed apart in `{prefix}:optjobs-of:{name}`.
 - `{prefix}:finetuned`: hash of published fine-tuned models (served name -> owner
   key, base model, method, job); no expiry (a model outlives its job's record).
 - `{prefix}:trainable`: hash of the base models trainers train (name -> when first
@@ -154,6 +157,9 @@ class Keys:
 
     def training_jobs_of(self, tenant: str) -> str:
         return f"{self.prefix}:ftjobs-of:{tenant}"
+
+    def optimization_jobs_of(self, tenant: str) -> str:
+        return f"{self.prefix}:optjobs-of:{tenant}"
 
     @property
     def fine_tuned_models(self) -> str:

@@ -25,11 +25,13 @@ Pruning takes an optional `recovery`: a short full fine-tune on the job's traini
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, model_validator
 
+from shared import training
 from shared.schema import MAX_METADATA_ITEMS
 from shared.training import FINE_TUNED_MARK, OPTIMIZED_MARK, Auto, Suffix
 
@@ -128,12 +130,17 @@ def needs_training_file(strategy) -> bool:
     return strategy.type == "qat" or getattr(strategy, "recovery", None) is not None
 
 
+# A source's name leaves room for what its output's name adds (":opt-", a suffix of at most
+# 40, "-" and 8 hex), so the output is still a name a request's `model` (256) can carry.
+MAX_SOURCE_NAME = 256 - len(OPTIMIZED_MARK) - 40 - 9
+
+
 class OptimizationJobCreate(_Strict):
     """The body of POST /v1/optimization/jobs."""
 
     # The source: a base model, a fine-tuned or optimized model of the caller's key
     # (for merge_lora: a LoRA fine-tune).
-    model: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    model: Annotated[str, StringConstraints(min_length=1, max_length=MAX_SOURCE_NAME)]
     strategy: Strategy
     # What QAT and a recovery fine-tune train on (required for them), as fine-tuning's files.
     training_file: str | None = None
@@ -170,7 +177,7 @@ class OptimizationMessage(_Strict):
     optimized_model: str  # the name its output is published under
 
 
-class MessageError(ValueError):
+class MessageError(training.MessageError):
     """An optimization message that doesn't parse or fit the schema."""
 
 
@@ -179,6 +186,19 @@ def parse_message(value: bytes | None) -> OptimizationMessage:
         return OptimizationMessage.model_validate_json(value or b"")
     except ValidationError as exc:
         raise MessageError(str(exc).splitlines()[0]) from exc
+
+
+def parse_job_message(value: bytes | None):
+    """A message of the fine-tuning topic: an OptimizationMessage when its `kind` says so,
+    else a fine-tuning job's TrainingMessage (which has no `kind`), parsed exactly as before.
+    shared.training.MessageError or this module's MessageError when it is neither."""
+    try:
+        kind = json.loads(value or b"").get("kind")
+    except (ValueError, AttributeError):
+        kind = None  # not a JSON object: the fine-tuning parser says what is wrong with it
+    if kind == "optimization":
+        return parse_message(value)
+    return training.parse_message(value)
 
 
 # ---- names -----------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import time
 
-from shared.training import JOB_ID, JobStatus
+from shared.training import JobStatus
 
 # `ftevent-{the job's 24 hex}-{index in its events list}`: a cursor (`after`) that is
 # also an id, so a page of events is one LRANGE and another job's event id is refused.
@@ -19,11 +19,11 @@ OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
 def _job_hex(job_id: str) -> str:
-    return job_id.removeprefix("ftjob-")
+    return job_id.partition("-")[2]  # ftjob-<hex>, optjob-<hex>
 
 
-def event_id(job_id: str, index: int) -> str:
-    return f"ftevent-{_job_hex(job_id)}-{index}"
+def event_id(job_id: str, index: int, prefix: str = "ftevent") -> str:
+    return f"{prefix}-{_job_hex(job_id)}-{index}"
 
 
 def checkpoint_id(job_id: str, index: int) -> str:
@@ -80,9 +80,10 @@ def job_object(job: dict[str, object]) -> dict:
     }
 
 
-def event_object(job_id: str, event: dict) -> dict:
-    """One of TrainingStore.events() (with its index `n`) as OpenAI's `fine_tuning.job.event`."""
-    return {"id": event_id(job_id, event["n"]), "object": "fine_tuning.job.event",
+def event_object(job_id: str, event: dict, prefix: str = "ftevent", object_name: str = "fine_tuning.job.event") -> dict:
+    """One of TrainingStore.events() (with its index `n`) as OpenAI's `fine_tuning.job.event`
+    (or another kind of job's event, named by `prefix` and `object_name`)."""
+    return {"id": event_id(job_id, event["n"], prefix), "object": object_name,
             "created_at": int(event["created_at"]), "level": event.get("level", "info"),
             "message": event["message"], "type": event.get("type", "message"), "data": event.get("data") or {}}
 
@@ -96,7 +97,3 @@ def checkpoint_object(job: dict[str, object], index: int, checkpoint: dict) -> d
             "created_at": _int(checkpoint.get("created_at")) or _int(job["created_at"]),
             "fine_tuned_model_checkpoint": f"{job.get('fine_tuned_model')}:ckpt-step-{step}",
             "step_number": step, "metrics": metrics, "fine_tuning_job_id": job["id"]}
-
-
-def is_job_id(value: str) -> bool:
-    return JOB_ID.match(value) is not None

@@ -10,11 +10,13 @@ import asyncio
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
 from gateway.errors import redis_down
@@ -24,12 +26,11 @@ from gateway.fine_tuning.objects import (
     checkpoint_object,
     cursor_index,
     event_object,
-    is_job_id,
     job_object,
 )
 from gateway.fine_tuning.validation import ContentError, check_file
 from gateway.openai_compat import OpenAIError
-from shared.training import JobCreate, JobStatus, TrainingMessage, fine_tuned_name, split_fine_tuned
+from shared.training import JOB_ID, JobCreate, JobStatus, TrainingMessage, fine_tuned_name, split_fine_tuned
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -45,12 +46,30 @@ EVENT_PAGE = (20, 100)
 CHECKPOINT_PAGE = (10, 100)
 # Parts of a pydantic error's location that name a union's member, not a field.
 _FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
+Body = TypeVar("Body", bound=BaseModel)
 _TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "none"}
-_TOP_LEVEL = tuple(JobCreate.model_fields)
 
 
-def _not_found(job_id: str) -> OpenAIError:
-    return OpenAIError(404, f"No such fine-tuning job: '{job_id}'", "id", "not_found")
+@dataclass(frozen=True)
+class JobKind:
+    """What tells the jobs the trainers run apart on the gateway's side: fine-tuning jobs
+    (OpenAI's) and optimization jobs share the store, the checks and the flow, not their
+    ids, objects or per-key lists."""
+
+    noun: str  # "fine-tuning job", in errors and logs
+    job_id: re.Pattern
+    job_object: Callable[[dict], dict]
+    event_prefix: str
+    event_object: str
+    event_id: re.Pattern
+    index: str  # TrainingStore's per-key list
+
+    def not_found(self, job_id: str) -> OpenAIError:
+        return OpenAIError(404, f"No such {self.noun}: '{job_id}'", "id", "not_found")
+
+
+FINE_TUNING = JobKind("fine-tuning job", JOB_ID, job_object, "ftevent", "fine_tuning.job.event", EVENT_ID,
+                      "fine_tuning")
 
 
 def _limit(request: web.Request, default: int, maximum: int) -> int:
@@ -60,25 +79,28 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
     return int(raw)
 
 
-def _param(error: dict) -> str | None:
+def _param(error: dict, top_level: tuple[str, ...], tags: Collection[str] = ()) -> str | None:
     """The body parameter a validation error is about, dotted (`method.lora.hyperparameters.rank`)."""
-    parts = [str(p) for p in error["loc"] if isinstance(p, str) and _FIELD.match(p) and p not in _TYPE_TAGS]
+    parts = [str(p) for p in error["loc"]
+             if isinstance(p, str) and _FIELD.match(p) and p not in _TYPE_TAGS and p not in tags]
     if parts:
         return ".".join(parts)
-    # A check across fields (JobCreate's own): the parameter its message names first.
-    named = [(error["msg"].find(name), name) for name in _TOP_LEVEL if name in error["msg"]]
+    # A check across fields (the body's own): the parameter its message names first.
+    named = [(error["msg"].find(name), name) for name in top_level if name in error["msg"]]
     return min(named)[1] if named else None
 
 
-def parse_job_body(raw: bytes) -> JobCreate:
-    """The body of POST /v1/fine_tuning/jobs; OpenAIError (400, with `param`) if refused."""
+def parse_job_body(raw: bytes, body: type[Body] = JobCreate, tags: Collection[str] = ()) -> Body:
+    """A job's body (by default POST /v1/fine_tuning/jobs's); OpenAIError (400, with `param`) if refused.
+    `tags`: the body's discriminated unions' tags, which pydantic puts in an error's location
+    though no parameter has their name."""
     try:
-        return JobCreate.model_validate_json(raw)
+        return body.model_validate_json(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
         if error["type"] == "json_invalid":
             raise OpenAIError(400, "the body is not valid JSON", None, "invalid_json") from None
-        param = _param(error)
+        param = _param(error, tuple(body.model_fields), tags)
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "missing":
             raise OpenAIError(400, f"Missing required parameter: '{param}'.", param,
@@ -94,6 +116,8 @@ def parse_job_body(raw: bytes) -> JobCreate:
 
 
 class FineTuningRoutes:
+    kind = FINE_TUNING
+
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
@@ -187,9 +211,9 @@ class FineTuningRoutes:
             await self.gateway.training.add_event(job_id, f"Job failed: {message}", level="error")
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc
-        log.info("fine_tuning_job_failed_validation", code=error["code"])
+        log.info("training_job_failed_validation", kind=self.kind.index, code=error["code"])
 
-    async def _enqueue(self, job_id: str, message: TrainingMessage) -> None:
+    async def _enqueue(self, job_id: str, message: BaseModel) -> None:
         """`queued`, then on the topic: queued first, as a trainer may claim the job as soon
         as it reads it. A broker that doesn't ack fails the job (a late delivery finds it
         final and is skipped) and answers 503: nothing is left to run that the client was
@@ -213,7 +237,7 @@ class FineTuningRoutes:
                 log.warning("job_cleanup_failed")
             raise OpenAIError(503, "the queue is unreachable; the job was not queued", None, "broker_unavailable",
                               "server_error", {"Retry-After": "1"}) from exc
-        log.info("fine_tuning_job_queued")
+        log.info("training_job_queued", kind=self.kind.index)
 
     # ---- read, list, cancel --------------------------------------------------------
 
@@ -223,32 +247,32 @@ class FineTuningRoutes:
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc
         if job is None:  # expired in between
-            raise _not_found(job_id)
+            raise self.kind.not_found(job_id)
         return job
 
     async def _owned_job(self, request: web.Request) -> dict:
         gw = self.gateway
         tenant = await gw.authenticate(request)
         job_id = request.match_info["id"]
-        if not is_job_id(job_id):
-            raise _not_found(job_id)
+        if not self.kind.job_id.match(job_id):
+            raise self.kind.not_found(job_id)
         job = await self._get(job_id)
         if gw.settings.auth and job.get("tenant") != tenant:
-            raise _not_found(job_id)
+            raise self.kind.not_found(job_id)
         return job
 
     async def get_job(self, request: web.Request) -> web.Response:
-        return web.json_response(job_object(await self._owned_job(request)))
+        return web.json_response(self.kind.job_object(await self._owned_job(request)))
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         gw = self.gateway
         tenant = await gw.authenticate(request)
         limit = _limit(request, *JOB_PAGE)
         try:
-            jobs, more = await gw.training.page(tenant, request.query.get("after"), limit)
+            jobs, more = await gw.training.page(tenant, request.query.get("after"), limit, self.kind.index)
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc
-        return web.json_response(_page([job_object(j) for j in jobs], more))
+        return web.json_response(_page([self.kind.job_object(j) for j in jobs], more))
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         """A job not started yet is cancelled at once; a running one is asked to stop (its
@@ -259,7 +283,7 @@ class FineTuningRoutes:
         try:
             status = await training.cancel(job_id)
             if status is None:
-                raise _not_found(job_id)
+                raise self.kind.not_found(job_id)
             if status == JobStatus.cancelled.value and job["status"] != status:
                 await training.add_event(job_id, "Job cancelled before it started")
             elif status == JobStatus.running.value and not job.get("cancel_requested"):
@@ -269,8 +293,8 @@ class FineTuningRoutes:
         if status in (JobStatus.succeeded.value, JobStatus.failed.value):
             raise OpenAIError(409, f"The job already ended {status}; it can't be cancelled", None,
                               "job_not_cancellable")
-        log.info("fine_tuning_job_cancel", status=status)
-        return web.json_response(job_object(await self._get(job_id)))
+        log.info("training_job_cancel", kind=self.kind.index, status=status)
+        return web.json_response(self.kind.job_object(await self._get(job_id)))
 
     async def list_events(self, request: web.Request) -> web.Response:
         job = await self._owned_job(request)
@@ -279,7 +303,7 @@ class FineTuningRoutes:
         after = request.query.get("after")
         before = None
         if after is not None:
-            before = cursor_index(EVENT_ID, job_id, after)
+            before = cursor_index(self.kind.event_id, job_id, after)
             if before is None:
                 raise OpenAIError(400, f"Invalid 'after': {after!r} is not an event of this job", "after",
                                   "invalid_value")
@@ -287,7 +311,8 @@ class FineTuningRoutes:
             events, more = await self.gateway.training.events(job_id, before, limit)
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc
-        return web.json_response(_page([event_object(job_id, e) for e in events], more))
+        return web.json_response(_page([event_object(job_id, e, self.kind.event_prefix, self.kind.event_object)
+                                        for e in events], more))
 
     async def list_checkpoints(self, request: web.Request) -> web.Response:
         """Newest first, as OpenAI lists them."""

@@ -16,6 +16,11 @@ from shared.store.fine_tuning import TrainingStore
 from shared.training import split_fine_tuned
 
 
+# Outputs that are adapters, run by the base model's workers; every other method's output
+# (a full fine-tune, an optimized model) is a whole model, served under its own name.
+ADAPTER_METHODS = frozenset({"lora", "adapter"})
+
+
 class NotYours(Exception):
     """A fine-tuned model's name that is not published for this key (or at all)."""
 
@@ -90,7 +95,7 @@ class FineTunedModels:
             raise NotYours(name)
         if adapter is not None:
             raise AdapterConflict(name)
-        if model.method == "full":
+        if model.method not in ADAPTER_METHODS:  # a whole model (full fine-tune, optimized): its own workers
             return name, None
         return model.base, model.output
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
+from typing import Literal
 
 import redis.asyncio as aioredis
 
@@ -25,7 +26,9 @@ from shared.store.scripts import CANCEL_TRAINING, CLAIM_TRAINING, END_TRAINING, 
 from shared.training import JobStatus
 
 # Fields of a job's hash that hold JSON.
-JSON_FIELDS = ("method", "metadata", "error", "progress", "eval", "hyperparameters")
+JSON_FIELDS = ("method", "metadata", "error", "progress", "eval", "hyperparameters", "strategy", "figures")
+# The per-key lists jobs are in: fine-tuning jobs (OpenAI's list) and optimization jobs, apart.
+JobIndex = Literal["fine_tuning", "optimization"]
 
 
 def decode(found: Mapping[str, str]) -> dict[str, object]:
@@ -57,10 +60,15 @@ class TrainingStore:
 
     # ---- the job (gateway) ----------------------------------------------------------
 
-    async def create(self, job_id: str, tenant: str | None, fields: Mapping[str, object], created_at: float) -> None:
-        """A new job, listed for its key, in one transaction."""
+    def _index(self, tenant: str | None, index: JobIndex) -> str:
+        of = self.keys.optimization_jobs_of if index == "optimization" else self.keys.training_jobs_of
+        return of(tenant or "")
+
+    async def create(self, job_id: str, tenant: str | None, fields: Mapping[str, object], created_at: float,
+                     index: JobIndex = "fine_tuning") -> None:
+        """A new job, listed for its key (in `index`), in one transaction."""
         key = self.keys.training_job(job_id)
-        by_tenant = self.keys.training_jobs_of(tenant or "")
+        by_tenant = self._index(tenant, index)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=encode({**fields, "id": job_id, "tenant": tenant, "created_at": int(created_at),
                                            "attempts": 0}))
@@ -76,9 +84,10 @@ class TrainingStore:
     async def set(self, job_id: str, fields: Mapping[str, object]) -> None:
         await self.redis.hset(self.keys.training_job(job_id), mapping=encode(fields))
 
-    async def page(self, tenant: str | None, after: str | None, limit: int) -> tuple[list[dict[str, object]], bool]:
-        """A key's jobs, newest first, after the job `after`: (jobs, more follow)."""
-        ids, more = await newest_first(self.redis, self.keys.training_jobs_of(tenant or ""), after, limit)
+    async def page(self, tenant: str | None, after: str | None, limit: int,
+                   index: JobIndex = "fine_tuning") -> tuple[list[dict[str, object]], bool]:
+        """A key's jobs in `index`, newest first, after the job `after`: (jobs, more follow)."""
+        ids, more = await newest_first(self.redis, self._index(tenant, index), after, limit)
         return [job for job in await self._many(ids) if job is not None], more
 
     async def _many(self, ids: Iterable[str]) -> list[dict[str, object] | None]:

@@ -1,4 +1,4 @@
-"""`trainer`: run one llmq trainer (fine-tuning jobs, one at a time) until
+"""`trainer`: run one llmq trainer (fine-tuning and optimization jobs, one at a time) until
 SIGTERM/SIGINT, then stop the job in hand at a checkpoint and leave the group."""
 
 from __future__ import annotations

@@ -19,7 +19,16 @@ def resolve_device(device: str) -> str:
 def load_base(source: str, device: str) -> tuple[Any, Any]:
     """(model, tokenizer) of the base model, float32 (the trainer's bf16 autocast runs on CUDA)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+    return model, tokenizer
+
+
+def load_tokenizer(source: str) -> Any:
+    """The model's tokenizer, set up for training and evaluation."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token_id is None:
@@ -27,8 +36,7 @@ def load_base(source: str, device: str) -> tuple[Any, Any]:
     # Training pads on the right: with left padding the positions of a short example would
     # shift by its padding, and training and serving would see different positions.
     tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
-    return model, tokenizer
+    return tokenizer
 
 
 def trainable(base: Any, method: Method) -> Any:

@@ -37,6 +37,8 @@ class JobResult:
     # {"before": {...}, "after": {...}}: eval_loss, perplexity, n_eval, accuracy (short answers).
     eval: dict = field(default_factory=dict)
     output_path: str | None = None  # the published registry folder, when succeeded
+    # An optimization job's: what its strategy did, measured (parameters, shapes, size on disk).
+    figures: dict = field(default_factory=dict)
 
 
 class CheckpointFailed(Exception):

@@ -1,5 +1,6 @@
 """The trainer: one member of the Kafka consumer group `llmq-trainers`, running
-fine-tuning jobs from the fine-tuning topic one at a time.
+fine-tuning and optimization jobs from the fine-tuning topic one at a time (a message's
+`kind` tells them apart; both go through the same flow, below).
 
 For each job message it claims the job in Redis (a lease it renews while it
 trains, so only one trainer trains a job at a time), runs the training in a
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -30,7 +32,9 @@ from shared.keys import Keys
 from shared.store import connect_redis
 from shared.store.fine_tuning import Claim, TrainingStore
 from shared.telemetry import NO_TRACING, Tracing
-from shared.training import JobStatus, MessageError, TrainingMessage, parse_message, split_fine_tuned
+from shared.optimization import OptimizationMessage, parse_job_message, root_model
+from shared.training import JobStatus, MessageError, TrainingMessage, split_fine_tuned
+from workers.optimize.run import run_optimization
 from workers.retry import retry
 from workers.training.metrics import TrainerMetrics
 from workers.training.run import Hooks, JobResult, remove_work_dir, run_job
@@ -44,12 +48,51 @@ MAX_POLL_INTERVAL_MS = 7 * 86_400 * 1000
 # Most events kept while Redis is away (the oldest are dropped past it; progress keeps only its latest).
 MAX_PENDING_EVENTS = 1_000
 
+JobMessage = TrainingMessage | OptimizationMessage
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """What differs between the two kinds of job a trainer runs in the same flow (claim,
+    lease, progress, cancel, end, publish): the run, the job field naming the output, and
+    how the output is published."""
+
+    run: Callable[[JobMessage, TrainerSettings, Hooks], JobResult]
+    output_field: str  # the job's field (and the message's) holding the output's served name
+    noun: str  # "fine-tuned", "optimized": in the job's events
+
+    def output(self, message: JobMessage) -> str:
+        return getattr(message, self.output_field)
+
+
+FINE_TUNING = JobKind(run_job, "fine_tuned_model", "fine-tuned")
+OPTIMIZATION = JobKind(run_optimization, "optimized_model", "optimized")
+
+
+def kind_of(message: JobMessage) -> JobKind:
+    return OPTIMIZATION if isinstance(message, OptimizationMessage) else FINE_TUNING
+
+
+def base_of(message: JobMessage) -> str:
+    """The base model a job needs its trainer to have."""
+    return message.base_model if isinstance(message, OptimizationMessage) else message.model
+
+
+def published_entry(message: JobMessage) -> dict:
+    """The published model's entry (gateway/fine_tuning/serving.py routes requests by it)."""
+    output = split_fine_tuned(kind_of(message).output(message))[1]
+    if isinstance(message, OptimizationMessage):
+        return {"tenant": message.tenant, "base": message.base_model, "source": message.model,
+                "method": "optimization", "strategy": message.strategy.type, "output": output, "job": message.id}
+    return {"tenant": message.tenant, "base": message.model, "method": message.method.type, "output": output,
+            "job": message.id}
+
 
 @dataclass
 class RunningJob:
     """What the training thread and the event loop share about the job in hand."""
 
-    message: TrainingMessage
+    message: JobMessage
     stop: threading.Event = field(default_factory=threading.Event)
     cancel_asked: bool = False
     lease_lost: bool = False
@@ -162,12 +205,12 @@ class TrainingWorker:
     async def _handle(self, record) -> bool:
         """Run the job a message carries. True: done with it (commit); False: hand it back."""
         try:
-            message = parse_message(record.value)
+            message = parse_job_message(record.value)
         except MessageError as exc:  # not a job: nothing to run or fail; passed over with the reason
             log.error("training_message_invalid", partition=record.partition, offset=record.offset, error=str(exc))
             return True
         bound = log.bind(job_id=message.id)
-        if message.model not in self.trainable:
+        if base_of(message) not in self.trainable or root_model(message.model) != base_of(message):
             await self._end(message, None, JobStatus.failed, error=(
                 "model_not_trainable", f"model {message.model!r} is not trained here "
                                        f"(this trainer trains {self.settings.base_model_name!r})"))
@@ -187,7 +230,7 @@ class TrainingWorker:
         with self.tracing.start_span("llmq.train", context=self.tracing.message_context(record.headers)):
             return await self._train(message, attempt)
 
-    async def _claim(self, message: TrainingMessage) -> int | None:
+    async def _claim(self, message: JobMessage) -> int | None:
         """The attempt number, or Claim.ENDED; while another trainer's lease on the job is live
         (it was redelivered here after a rebalance), wait for it to end or lapse. None: stopping."""
         while not self._stopping.is_set():
@@ -201,7 +244,7 @@ class TrainingWorker:
                 pass
         return None
 
-    async def _train(self, message: TrainingMessage, attempt: int) -> bool:
+    async def _train(self, message: JobMessage, attempt: int) -> bool:
         job = self.job = RunningJob(message)
         if self._stopping.is_set():
             job.stop.set()
@@ -210,7 +253,7 @@ class TrainingWorker:
         self.metrics.started()
         keeper = asyncio.create_task(self._keep(job), name="llmq-training-keeper")
         try:
-            result = await asyncio.to_thread(run_job, message, self.settings, job.hooks(self.metrics))
+            result = await asyncio.to_thread(kind_of(message).run, message, self.settings, job.hooks(self.metrics))
         except Exception as exc:  # a fault of the run itself, not of the job's data: fail the job, say why
             log.exception("training_crashed", job_id=message.id)
             result = JobResult("failed", "training_error", f"{type(exc).__name__}: {exc}")
@@ -242,13 +285,16 @@ class TrainingWorker:
         log.info("training_job_handed_back", job_id=message.id)
         return False
 
-    async def _end(self, message: TrainingMessage, trainer: str | None, status: JobStatus,
+    async def _end(self, message: JobMessage, trainer: str | None, status: JobStatus,
                    result: JobResult | None = None, error: tuple[str, str] | None = None) -> bool:
+        kind = kind_of(message)
         fields: dict[str, object] = {}
         if result is not None:
             fields.update(trained_tokens=result.trained_tokens, eval=result.eval or None)
+            if result.figures:
+                fields["figures"] = result.figures
         if status is JobStatus.succeeded:
-            fields["fine_tuned_model"] = message.fine_tuned_model
+            fields[kind.output_field] = kind.output(message)
         if error is not None:
             fields["error"] = {"code": error[0], "message": error[1], "param": None}
         ended = await retry("end_training", lambda: self.store.end(message.id, trainer, status, fields),
@@ -269,18 +315,18 @@ class TrainingWorker:
                  error=error[0] if error else None)
         return True
 
-    async def _publish_if_succeeded(self, message: TrainingMessage) -> None:
+    async def _publish_if_succeeded(self, message: JobMessage) -> None:
         """Make a succeeded job's output routable by name (again, after a crash in between: idempotent)."""
         job = await retry("read_job", lambda: self.store.get(message.id), self._stopping)
         if job is None or job.get("status") != JobStatus.succeeded.value:
             return
-        entry = {"tenant": message.tenant, "base": message.model, "method": message.method.type,
-                 "output": split_fine_tuned(message.fine_tuned_model)[1], "job": message.id,
-                 "created_at": int(float(job.get("finished_at") or time.time()))}
-        if await self.store.published(message.fine_tuned_model) is None:
-            await retry("publish_model", lambda: self.store.publish(message.fine_tuned_model, entry), self._stopping)
-            await self.store.add_event(message.id, f"New fine-tuned model created: {message.fine_tuned_model}",
-                                       data={"fine_tuned_model": message.fine_tuned_model})
+        kind = kind_of(message)
+        name = kind.output(message)
+        entry = {**published_entry(message), "created_at": int(float(job.get("finished_at") or time.time()))}
+        if await self.store.published(name) is None:
+            await retry("publish_model", lambda: self.store.publish(name, entry), self._stopping)
+            await self.store.add_event(message.id, f"New {kind.noun} model created: {name}",
+                                       data={kind.output_field: name})
 
     # ---- while it trains ------------------------------------------------------------
 
