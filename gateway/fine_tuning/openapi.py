@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from gateway.fine_tuning.objects import CHECKPOINT_ID, EVENT_ID, OPENAI_HYPERPARAMETERS
 from gateway.fine_tuning.routes import CHECKPOINT_PAGE, EVENT_PAGE, JOB_PAGE
-from gateway.openapi_shapes import NULLABLE_INT as _NULLABLE_INT, NULLABLE_STR as _NULLABLE_STR
-from gateway.openapi_shapes import error_response as _error, list_of as _list, ok_response as _ok
+from gateway.openapi_shapes import NULLABLE_INT as _NULLABLE_INT
+from gateway.openapi_shapes import NULLABLE_STR as _NULLABLE_STR
+from gateway.openapi_shapes import error_response as _error
+from gateway.openapi_shapes import list_of as _list
+from gateway.openapi_shapes import ok_response as _ok
 from gateway.openapi_shapes import query_param as _query
 from shared.training import JOB_ID, JobCreate, JobStatus
 
@@ -54,11 +57,9 @@ CHECKPOINT = {"type": "object", "required": [
         "created_at": {"type": "integer"}, "fine_tuned_model_checkpoint": {"type": "string"},
         "step_number": {"type": "integer"}, "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
         "fine_tuning_job_id": {"type": "string"}}}
-_JOB_ID_PARAM = {"name": "id", "in": "path", "required": True,
-                 "schema": {"type": "string", "pattern": JOB_ID.pattern}}
 
 
-def _page(bounds: tuple[int, int], after: str) -> list[dict]:
+def page_params(bounds: tuple[int, int], after: str) -> list[dict]:
     default, most = bounds
     return [_query("after", {"type": "string"}, after),
             _query("limit", {"type": "integer", "minimum": 1, "maximum": most}, f"Page size (default {default}).")]
@@ -78,65 +79,74 @@ def job_body_schema() -> tuple[dict, dict]:
     return schema, defs
 
 
-def fine_tuning_paths(key: list) -> dict:
-    """The operations, each asking for `key` (the Bearer key's security requirement, or none)."""
+def job_operator(key: list):
+    """op(summary, operationId, responses, **more): an operation asking for `key` (the Bearer
+    key's security requirement, or none), answering 401 and 503 as every job operation does."""
     unauthorized = _error("No API key, or an unknown or revoked one (when auth is on).")
     unavailable = _error("Redis or the broker is unreachable.")
-    no_job = _error("No such job, or another API key's.")
-    body, _ = job_body_schema()
 
     def op(summary: str, operation_id: str, responses: dict, **more) -> dict:
         return {"summary": summary, "operationId": operation_id, "security": key,
                 "responses": {**responses, "401": unauthorized, "503": unavailable}, **more}
 
+    return op
+
+
+def job_paths(op, prefix: str, noun: str, stem: str, job: dict, event: dict, job_id_pattern: str,
+              read: str, openai: bool = False) -> dict:
+    """The operations every kind of trainer job has: list, read, cancel, events. `noun`
+    ("fine-tuning"), `stem` of the operation ids ("FineTuning"), `read`: what reading returns."""
+    no_job = _error("No such job, or another API key's.")
+    job_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": job_id_pattern}}
+    whose = " (OpenAI)" if openai else ""
     return {
-        "/v1/fine_tuning/jobs": {
-            "post": op("Create a fine-tuning job (OpenAI)", "createFineTuningJob", {
-                "200": _ok("The job: `queued` (on the fine-tuning topic for a trainer), or `failed` at once with "
-                           "`error.code` `invalid_training_file` / `invalid_validation_file` naming the line a "
-                           "trainer would refuse.", JOB),
-                "400": _error("Not valid JSON; a parameter missing, unknown or out of range (`param` names it); "
-                              "settings that don't go together (`invalid_combination`); `integrations` "
-                              "(`unsupported_parameter`); a file that is not the caller's or not uploaded with "
-                              "purpose `fine-tune` (`param`: training_file or validation_file); a `model` trainers "
-                              "don't train (`model_not_found`) or a fine-tuned one."),
-                "413": _error("The body is over LLMQ_MAX_BODY_BYTES."),
-                "415": _error("Content-Type is not application/json."),
-            }, requestBody={"required": True, "content": {"application/json": {"schema": body}}}),
-            "get": op("List this key's fine-tuning jobs, newest first (OpenAI)", "listFineTuningJobs", {
-                "200": _ok("A page of jobs.", _list(JOB)),
-                "400": _error("`limit` out of range."),
-            }, parameters=_page(JOB_PAGE, "The id of the last job of the previous page.")),
-        },
-        "/v1/fine_tuning/jobs/{id}": {
-            "get": op("Read a fine-tuning job (OpenAI)", "retrieveFineTuningJob",
-                      {"200": _ok("The job, with llmq's `progress` and `eval`.", JOB), "404": no_job},
-                      parameters=[_JOB_ID_PARAM]),
-        },
-        "/v1/fine_tuning/jobs/{id}/cancel": {
-            "post": op("Cancel a fine-tuning job (OpenAI)", "cancelFineTuningJob", {
-                "200": _ok("`cancelled` (it had not started, or was cancelled before), or `running` with the "
-                           "cancel asked of its trainer, which ends it `cancelled` within a step.", JOB),
-                "404": no_job,
-                "409": _error("The job already ended `succeeded` or `failed`."),
-            }, parameters=[_JOB_ID_PARAM]),
-        },
-        "/v1/fine_tuning/jobs/{id}/events": {
-            "get": op("List a fine-tuning job's events, newest first (OpenAI)", "listFineTuningEvents", {
-                "200": _ok("A page of events.", _list(EVENT)),
-                "400": _error("`limit` out of range, or `after` is not an event of this job."),
-                "404": no_job,
-            }, parameters=[_JOB_ID_PARAM, *_page(EVENT_PAGE, "The id of the last event of the previous page.")]),
-        },
-        "/v1/fine_tuning/jobs/{id}/checkpoints": {
-            "get": op("List a fine-tuning job's checkpoints, newest first (OpenAI)", "listFineTuningJobCheckpoints", {
-                "200": _ok("A page of checkpoints.", _list(CHECKPOINT)),
-                "400": _error("`limit` out of range, or `after` is not a checkpoint of this job."),
-                "404": no_job,
-            }, parameters=[_JOB_ID_PARAM, *_page(CHECKPOINT_PAGE, "The id of the last checkpoint of the previous "
-                                                                  "page.")]),
-        },
+        prefix: {"get": op(f"List this key's {noun} jobs, newest first{whose}", f"list{stem}Jobs", {
+            "200": _ok("A page of jobs.", _list(job)),
+            "400": _error("`limit` out of range."),
+        }, parameters=page_params(JOB_PAGE, "The id of the last job of the previous page."))},
+        f"{prefix}/{{id}}": {"get": op(f"Read a {noun} job{whose}", f"retrieve{stem}Job",
+                                       {"200": _ok(read, job), "404": no_job}, parameters=[job_id])},
+        f"{prefix}/{{id}}/cancel": {"post": op(f"Cancel a {noun} job{whose}", f"cancel{stem}Job", {
+            "200": _ok("`cancelled` (it had not started, or was cancelled before), or `running` with the "
+                       "cancel asked of its trainer, which ends it `cancelled` within a step.", job),
+            "404": no_job,
+            "409": _error("The job already ended `succeeded` or `failed`."),
+        }, parameters=[job_id])},
+        f"{prefix}/{{id}}/events": {"get": op(f"List a {noun} job's events, newest first{whose}",
+                                              f"list{stem}Events", {
+            "200": _ok("A page of events.", _list(event)),
+            "400": _error("`limit` out of range, or `after` is not an event of this job."),
+            "404": no_job,
+        }, parameters=[job_id, *page_params(EVENT_PAGE, "The id of the last event of the previous page.")])},
     }
+
+
+def fine_tuning_paths(key: list) -> dict:
+    """The operations, each asking for `key` (the Bearer key's security requirement, or none)."""
+    op = job_operator(key)
+    body, _ = job_body_schema()
+    paths = job_paths(op, "/v1/fine_tuning/jobs", "fine-tuning", "FineTuning", JOB, EVENT, JOB_ID.pattern,
+                      "The job, with llmq's `progress` and `eval`.", openai=True)
+    paths["/v1/fine_tuning/jobs"]["post"] = op("Create a fine-tuning job (OpenAI)", "createFineTuningJob", {
+        "200": _ok("The job: `queued` (on the fine-tuning topic for a trainer), or `failed` at once with "
+                   "`error.code` `invalid_training_file` / `invalid_validation_file` naming the line a "
+                   "trainer would refuse.", JOB),
+        "400": _error("Not valid JSON; a parameter missing, unknown or out of range (`param` names it); "
+                      "settings that don't go together (`invalid_combination`); `integrations` "
+                      "(`unsupported_parameter`); a file that is not the caller's or not uploaded with "
+                      "purpose `fine-tune` (`param`: training_file or validation_file); a `model` trainers "
+                      "don't train (`model_not_found`) or a fine-tuned one."),
+        "413": _error("The body is over LLMQ_MAX_BODY_BYTES."),
+        "415": _error("Content-Type is not application/json."),
+    }, requestBody={"required": True, "content": {"application/json": {"schema": body}}})
+    job_id = paths["/v1/fine_tuning/jobs/{id}"]["get"]["parameters"][0]
+    paths["/v1/fine_tuning/jobs/{id}/checkpoints"] = {"get": op(
+        "List a fine-tuning job's checkpoints, newest first (OpenAI)", "listFineTuningJobCheckpoints", {
+            "200": _ok("A page of checkpoints.", _list(CHECKPOINT)),
+            "400": _error("`limit` out of range, or `after` is not a checkpoint of this job."),
+            "404": _error("No such job, or another API key's."),
+        }, parameters=[job_id, *page_params(CHECKPOINT_PAGE, "The id of the last checkpoint of the previous page.")])}
+    return paths
 
 
 def fine_tuning_defs() -> dict:

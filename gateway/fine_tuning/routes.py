@@ -158,13 +158,18 @@ class FineTuningRoutes:
                 f" and validation file: {body.validation_file}" if body.validation_file else ""))
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc
-        # 3) its content, off the event loop; 4) queued and produced, or failed naming the line
+        return await self._queue_checked(job_id, message, training, validation)
+
+    async def _queue_checked(self, job_id: str, message, training: dict | None,
+                             validation: dict | None) -> web.Response:
+        """The recorded job's files checked line by line (off the event loop), then the job
+        queued and produced, or failed naming the line; answered with the job as it then is."""
         problem = await self._check_content(training, validation)
         if problem is not None:
             await self._fail(job_id, problem.as_error(), problem.message)
         else:
             await self._enqueue(job_id, message)
-        return web.json_response(job_object(await self._get(job_id)))
+        return web.json_response(self.kind.job_object(await self._get(job_id)))
 
     async def _check_model(self, model: str) -> None:
         """400 for a model trainers don't train (when they registered what they do) or a

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import time
 
-from shared.optimization import JOB_ID
 from shared.training import JobStatus
 
 # `optevent-{the job's 24 hex}-{index in its events list}`, as fine-tuning's event ids.

@@ -4,10 +4,11 @@ body from the same pydantic model that checks it (each strategy and its settings
 
 from __future__ import annotations
 
-from gateway.fine_tuning.routes import EVENT_PAGE, JOB_PAGE
-from gateway.openapi_shapes import NULLABLE_INT as _NULLABLE_INT, NULLABLE_STR as _NULLABLE_STR
-from gateway.openapi_shapes import error_response as _error, list_of as _list, ok_response as _ok
-from gateway.openapi_shapes import query_param as _query
+from gateway.fine_tuning.openapi import job_operator, job_paths
+from gateway.openapi_shapes import NULLABLE_INT as _NULLABLE_INT
+from gateway.openapi_shapes import NULLABLE_STR as _NULLABLE_STR
+from gateway.openapi_shapes import error_response as _error
+from gateway.openapi_shapes import ok_response as _ok
 from gateway.optimization.objects import EVENT_ID
 from shared.optimization import JOB_ID, OptimizationJobCreate
 from shared.training import JobStatus
@@ -41,16 +42,6 @@ EVENT = {"type": "object", "required": ["id", "object", "created_at", "level", "
     "id": {"type": "string", "pattern": EVENT_ID.pattern}, "object": {"const": "optimization.job.event"},
     "created_at": {"type": "integer"}, "level": {"enum": ["info", "warn", "error"]}, "message": {"type": "string"},
     "type": {"enum": ["message", "metrics"]}, "data": {"type": "object"}}}
-_JOB_ID_PARAM = {"name": "id", "in": "path", "required": True,
-                 "schema": {"type": "string", "pattern": JOB_ID.pattern}}
-
-
-def _page(bounds: tuple[int, int], after: str) -> list[dict]:
-    default, most = bounds
-    return [_query("after", {"type": "string"}, after),
-            _query("limit", {"type": "integer", "minimum": 1, "maximum": most}, f"Page size (default {default}).")]
-
-
 def job_body_schema() -> tuple[dict, dict]:
     """(the body's schema, the schemas it refers to)."""
     schema = OptimizationJobCreate.model_json_schema(ref_template=_REF)
@@ -65,54 +56,22 @@ def job_body_schema() -> tuple[dict, dict]:
 
 def optimization_paths(key: list) -> dict:
     """The operations, each asking for `key` (the Bearer key's security requirement, or none)."""
-    unauthorized = _error("No API key, or an unknown or revoked one (when auth is on).")
-    unavailable = _error("Redis or the broker is unreachable.")
-    no_job = _error("No such job, or another API key's.")
+    op = job_operator(key)
     body, _ = job_body_schema()
-
-    def op(summary: str, operation_id: str, responses: dict, **more) -> dict:
-        return {"summary": summary, "operationId": operation_id, "security": key,
-                "responses": {**responses, "401": unauthorized, "503": unavailable}, **more}
-
-    return {
-        "/v1/optimization/jobs": {
-            "post": op("Create an optimization job", "createOptimizationJob", {
-                "200": _ok("The job: `queued` (on the fine-tuning topic for a trainer), or `failed` at once with "
-                           "`error.code` `invalid_training_file` / `invalid_validation_file` naming the line a "
-                           "trainer would refuse.", JOB),
-                "400": _error("Not valid JSON; a parameter missing, unknown or out of range, or an unknown "
-                              "strategy (`param` names it); a file that is not the caller's or not uploaded with "
-                              "purpose `fine-tune`; a source `model` this key can't optimize (`model_not_found`) "
-                              "or the strategy can't take."),
-                "413": _error("The body is over LLMQ_MAX_BODY_BYTES."),
-                "415": _error("Content-Type is not application/json."),
-            }, requestBody={"required": True, "content": {"application/json": {"schema": body}}}),
-            "get": op("List this key's optimization jobs, newest first", "listOptimizationJobs", {
-                "200": _ok("A page of jobs.", _list(JOB)),
-                "400": _error("`limit` out of range."),
-            }, parameters=_page(JOB_PAGE, "The id of the last job of the previous page.")),
-        },
-        "/v1/optimization/jobs/{id}": {
-            "get": op("Read an optimization job", "retrieveOptimizationJob",
-                      {"200": _ok("The job, with its `eval` and `figures` once it ran.", JOB), "404": no_job},
-                      parameters=[_JOB_ID_PARAM]),
-        },
-        "/v1/optimization/jobs/{id}/cancel": {
-            "post": op("Cancel an optimization job", "cancelOptimizationJob", {
-                "200": _ok("`cancelled` (it had not started, or was cancelled before), or `running` with the "
-                           "cancel asked of its trainer.", JOB),
-                "404": no_job,
-                "409": _error("The job already ended `succeeded` or `failed`."),
-            }, parameters=[_JOB_ID_PARAM]),
-        },
-        "/v1/optimization/jobs/{id}/events": {
-            "get": op("List an optimization job's events, newest first", "listOptimizationEvents", {
-                "200": _ok("A page of events.", _list(EVENT)),
-                "400": _error("`limit` out of range, or `after` is not an event of this job."),
-                "404": no_job,
-            }, parameters=[_JOB_ID_PARAM, *_page(EVENT_PAGE, "The id of the last event of the previous page.")]),
-        },
-    }
+    paths = job_paths(op, "/v1/optimization/jobs", "optimization", "Optimization", JOB, EVENT, JOB_ID.pattern,
+                      "The job, with its `eval` and `figures` once it ran.")
+    paths["/v1/optimization/jobs"]["post"] = op("Create an optimization job", "createOptimizationJob", {
+        "200": _ok("The job: `queued` (on the fine-tuning topic for a trainer), or `failed` at once with "
+                   "`error.code` `invalid_training_file` / `invalid_validation_file` naming the line a "
+                   "trainer would refuse.", JOB),
+        "400": _error("Not valid JSON; a parameter missing, unknown or out of range, or an unknown "
+                      "strategy (`param` names it); a file that is not the caller's or not uploaded with "
+                      "purpose `fine-tune`; a source `model` this key can't optimize (`model_not_found`) "
+                      "or the strategy can't take."),
+        "413": _error("The body is over LLMQ_MAX_BODY_BYTES."),
+        "415": _error("Content-Type is not application/json."),
+    }, requestBody={"required": True, "content": {"application/json": {"schema": body}}})
+    return paths
 
 
 def optimization_defs() -> dict:

@@ -89,13 +89,7 @@ class OptimizationRoutes(FineTuningRoutes):
                 await gw.training.add_event(job_id, f"Validating files: {', '.join(files)}")
         except (RedisError, OSError) as exc:
             raise redis_down(exc) from exc
-        # 3) its files' content, off the event loop; 4) queued and produced, or failed naming the line
-        problem = await self._check_content(training, validation)
-        if problem is not None:
-            await self._fail(job_id, problem.as_error(), problem.message)
-        else:
-            await self._enqueue(job_id, message)
-        return web.json_response(job_object(await self._get(job_id)))
+        return await self._queue_checked(job_id, message, training, validation)
 
     async def _check_source(self, body: OptimizationJobCreate, tenant: str | None) -> str:
         """The base model the source derives from; 400 (`param` model) for a source this key

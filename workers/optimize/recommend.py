@@ -190,7 +190,7 @@ def recommend_memory(model: str | None, memory_gib: float, *, context: int | Non
 
 def memory_text(report: dict) -> str:
     s = report["shape"]
-    mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
+    mib = lambda b: f"{b / 2**20:,.1f}"
     lines = [f"model {report['model']} ({report['path']}): {s['parameters']:,} parameters, {s['layers']} layers, "
              f"{s['kv_heads']} KV heads x {s['head_dim']} head dim, context {s['context']}",
              f"memory {report['memory_gib']:g} GiB, {report['headroom']:.0%} kept free for activations and the "
@@ -282,7 +282,7 @@ async def _measure(engine, limit: int, prompts: list[str], total: int, max_token
     started = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(total)))
     seconds = time.perf_counter() - started
-    ms = lambda v: None if v is None else v * 1000  # noqa: E731
+    ms = lambda v: None if v is None else v * 1000
     return BatchRow(limit, total, tokens, seconds, tokens / seconds, ms(percentile(ttfts, 0.5)),
                     ms(percentile(ttfts, 0.99)), ms(percentile(tpots, 0.5)), ms(percentile(tpots, 0.99)))
 
@@ -359,7 +359,7 @@ def _device_name(device: str, threads: int | None = None) -> str:
 
 
 def batch_text(report: dict) -> str:
-    f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+    f = lambda v: "" if v is None else f"{v:.2f}"
     lines = [f"model {report['model']} on {report['device']}, llmq's torch engine; per limit: limit x "
              f"{report['requests_per_limit']} requests, at most limit at once, prompts of {report['prompt_tokens']} "
              f"tokens, {report['max_tokens']} output tokens each", "",
