@@ -57,6 +57,8 @@ from shared.schema import Params
 from workers import tinymodel
 from workers.engines.base import GenerationRequest
 from workers.engines.torch.engine import TorchEngine
+from workers.optimize.recommend import never_eos
+from workers.optimize.recommend import percentile as pct
 from workers.settings import WorkerSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,13 +119,6 @@ def make_workload(tokenizer, n: int, prompt_tokens: int, seed: int = 0) -> Workl
         prompts.append(ids)
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     return Workload(prompts, texts, [rng.randint(16, 256) for _ in range(n)])
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # ---- transformers baselines -------------------------------------------------------
@@ -258,14 +253,6 @@ async def _bench_llmq(engine, work: Workload, concurrency: int, total: int, labe
     await asyncio.gather(*(client(i) for i in range(total)))
     return Line(label, total, tokens, time.perf_counter() - started, pct(ttfts, 0.5), pct(ttfts, 0.99),
                 pct(tpots, 0.5), pct(tpots, 0.99))
-
-
-def never_eos(model, eos: int):
-    """Mask EOS in the lm_head's output, so every line generates exactly what it asks for."""
-    def hook(_module, _inputs, output):
-        output[..., eos] = float("-inf")
-        return output
-    return model.get_output_embeddings().register_forward_hook(hook)
 
 
 def vllm_engine_class():

@@ -245,9 +245,9 @@ def workload_prompts(tokenizer, n: int, prompt_tokens: int, seed: int = 0) -> li
     return prompts
 
 
-def _never_eos(model, eos: int | None):
+def never_eos(model, eos: int | None):
     """Masks EOS in the head's output, so every request generates exactly max_tokens and each
-    limit's line measures the same work."""
+    line measures the same work (here, and in the benchmarks)."""
     def hook(_module, _inputs, output):
         if eos is not None:
             output[..., eos] = float("-inf")
@@ -302,7 +302,7 @@ async def sweep_batch(folder: Path, limits: list[int], requests_per_limit: int, 
         engine = TorchEngine(WorkerSettings(engine="torch", model=str(folder), batch_max_size=limit))
         await engine.start()
         try:
-            _never_eos(engine.model, engine.tokenizer.eos_token_id)
+            never_eos(engine.model, engine.tokenizer.eos_token_id)
             if prompts is None:
                 prompts = workload_prompts(engine.tokenizer, max(limits) * requests_per_limit, prompt_tokens)
             await _measure(engine, min(limit, 2), prompts, min(limit, 2), max_tokens)  # warm-up
