@@ -41,7 +41,7 @@ from pydantic import (
 
 from shared import training
 from shared.schema import MAX_METADATA_ITEMS
-from shared.training import FINE_TUNED_MARK, OPTIMIZED_MARK, Auto, Suffix
+from shared.training import FINE_TUNED_MARK, OPTIMIZED_MARK, Auto, Suffix, integral_seed
 
 JOB_ID = re.compile(r"^optjob-[0-9a-f]{24}$")
 # The marks a derived model's served name carries after its source's name; the part
@@ -160,6 +160,11 @@ class OptimizationJobCreate(_Strict):
     metadata: dict[Annotated[str, StringConstraints(max_length=64)],
                    Annotated[str, StringConstraints(max_length=512)]] | None = Field(
         default=None, max_length=MAX_METADATA_ITEMS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_from_json(cls, data):
+        return integral_seed(data)
 
     @model_validator(mode="after")
     def _files_for_training(self):

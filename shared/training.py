@@ -178,6 +178,14 @@ class Method(_Strict):
         return self.settings.hyperparameters
 
 
+def integral_seed(data):
+    """A body's `seed` as an int where JSON gave it as an integral float (841667.0 is an
+    integer to JSON Schema and to every JSON client, but not to pydantic's strict mode)."""
+    if isinstance(data, dict) and isinstance(data.get("seed"), float) and data["seed"].is_integer():
+        data = {**data, "seed": int(data["seed"])}
+    return data
+
+
 class JobCreate(_Strict):
     """The body of POST /v1/fine_tuning/jobs."""
 
@@ -194,6 +202,11 @@ class JobCreate(_Strict):
         default=None, max_length=MAX_METADATA_ITEMS)
     # OpenAI's Weights & Biases integration: refused when given (not offered), never ignored.
     integrations: list | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_from_json(cls, data):
+        return integral_seed(data)
 
     @model_validator(mode="after")
     def _one_form(self):

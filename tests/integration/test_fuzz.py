@@ -152,8 +152,9 @@ def accepts_what_it_documents(ctx, response, case):
     depends on what came before, as the document says), a `model` no worker serves
     (what is served is the deployment's, as the document says), a `webhook` whose host
     doesn't resolve or resolves to a non-public address (what DNS says, as the document
-    says), and of a fine-tuning job: a file that isn't there (what is uploaded is the
-    deployment's), a `model` that is a fine-tuned one, and settings that don't go together
+    says), and of a fine-tuning or optimization job: a file that isn't there (what is uploaded
+    is the deployment's), a `model` that is a fine-tuned one (or, to optimize, not the caller's
+    or not trained here), and settings that don't go together
     (`invalid_combination`, `unsupported_parameter`: the document states those rules in
     words). A request the document calls valid may be refused for those, with their own
     typed errors, and for nothing else."""
@@ -166,7 +167,7 @@ def accepts_what_it_documents(ctx, response, case):
         if (error.get("field") or error.get("param")) == "webhook" and any(
                 words in error.get("message", "") for words in where_it_points):
             return None
-        if response.status_code == 400 and case.path == "/v1/fine_tuning/jobs" and (
+        if response.status_code == 400 and case.path in ("/v1/fine_tuning/jobs", "/v1/optimization/jobs") and (
                 error.get("param") in ("training_file", "validation_file", "model")
                 or error.get("code") in ("invalid_combination", "unsupported_parameter")):
             return None
@@ -225,6 +226,11 @@ TAKES_INPUT = [
     "POST /v1/fine_tuning/jobs/{id}/cancel",
     "GET /v1/fine_tuning/jobs/{id}/events",
     "GET /v1/fine_tuning/jobs/{id}/checkpoints",
+    "POST /v1/optimization/jobs",
+    "GET /v1/optimization/jobs",
+    "GET /v1/optimization/jobs/{id}",
+    "POST /v1/optimization/jobs/{id}/cancel",
+    "GET /v1/optimization/jobs/{id}/events",
 ]
 OPERATIONS = [*TAKES_INPUT, "GET /v1/models", "GET /v1/webhooks/secret", "GET /healthz", "GET /readyz",
               "GET /metrics"]

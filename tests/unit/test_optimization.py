@@ -110,3 +110,9 @@ def test_llmq_optimize_reads_strategy_settings_from_the_command_line():
     for bad in (["sparsity"], ["=1"], ["bits=4", "bits.x=1"]):
         with pytest.raises(UsageError):
             strategy_settings(bad)
+
+
+def test_an_integral_float_seed_is_the_integer_json_means():
+    # 7.0 is an integer to JSON Schema and JSON clients (the fuzzer sends such); 7.5 is not.
+    assert parse_body(json.dumps({"model": "m", "strategy": {"type": "int8_dynamic"}, "seed": 7.0}).encode()).seed == 7
+    assert _refusal({"model": "m", "strategy": {"type": "int8_dynamic"}, "seed": 7.5}).param == "seed"
