@@ -41,7 +41,7 @@ from pydantic import (
 
 from shared import training
 from shared.schema import MAX_METADATA_ITEMS
-from shared.training import FINE_TUNED_MARK, OPTIMIZED_MARK, Auto, Suffix, integral_seed
+from shared.training import FINE_TUNED_MARK, OPTIMIZED_MARK, Auto, Suffix, json_numbers
 
 JOB_ID = re.compile(r"^optjob-[0-9a-f]{24}$")
 # The marks a derived model's served name carries after its source's name; the part
@@ -64,16 +64,7 @@ class Recovery(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _numbers_from_json(cls, data):
-        # JSON has one number type: 2.0 epochs is 2, and an integer multiplier is a float.
-        if isinstance(data, dict):
-            data = dict(data)
-            for name in ("n_epochs", "batch_size"):
-                if isinstance(data.get(name), float) and data[name].is_integer():
-                    data[name] = int(data[name])
-            rate = data.get("learning_rate_multiplier")
-            if isinstance(rate, int) and not isinstance(rate, bool):
-                data["learning_rate_multiplier"] = float(rate)
-        return data
+        return json_numbers(data, ("n_epochs", "batch_size"), ("learning_rate_multiplier",))
 
 
 class Int8Dynamic(_Strict):
@@ -164,7 +155,7 @@ class OptimizationJobCreate(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _seed_from_json(cls, data):
-        return integral_seed(data)
+        return json_numbers(data, ("seed",), ())
 
     @model_validator(mode="after")
     def _files_for_training(self):

@@ -51,6 +51,21 @@ class JobStatus(str, Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+def json_numbers(data, ints: tuple[str, ...], floats: tuple[str, ...]):
+    """JSON has one number type, strict pydantic two: `ints` given as integral floats (3.0
+    epochs) become ints, `floats` given as ints (a multiplier of 2) become floats."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for name in ints:
+        if isinstance(data.get(name), float) and data[name].is_integer():
+            data[name] = int(data[name])
+    for name in floats:
+        if isinstance(data.get(name), int) and not isinstance(data[name], bool):
+            data[name] = float(data[name])
+    return data
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -72,16 +87,8 @@ class Hyperparameters(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _numbers_from_json(cls, data):
-        # JSON has one number type: 3.0 epochs is 3, and an integer multiplier is a float.
-        if isinstance(data, dict):
-            data = dict(data)
-            for name in ("n_epochs", "batch_size", "gradient_accumulation_steps"):
-                if isinstance(data.get(name), float) and data[name].is_integer():
-                    data[name] = int(data[name])
-            if isinstance(data.get("learning_rate_multiplier"), int) and not isinstance(
-                    data.get("learning_rate_multiplier"), bool):
-                data["learning_rate_multiplier"] = float(data["learning_rate_multiplier"])
-        return data
+        return json_numbers(data, ("n_epochs", "batch_size", "gradient_accumulation_steps"),
+                            ("learning_rate_multiplier",))
 
 
 ModuleNames = Annotated[list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.]{1,64}$")]],
@@ -98,9 +105,7 @@ class LoraHyperparameters(Hyperparameters):
     @model_validator(mode="before")
     @classmethod
     def _alpha_from_json(cls, data):
-        if isinstance(data, dict) and isinstance(data.get("alpha"), int) and not isinstance(data["alpha"], bool):
-            data = {**data, "alpha": float(data["alpha"])}
-        return data
+        return json_numbers(data, (), ("alpha",))
 
 
 class AdapterHyperparameters(Hyperparameters):
@@ -178,14 +183,6 @@ class Method(_Strict):
         return self.settings.hyperparameters
 
 
-def integral_seed(data):
-    """A body's `seed` as an int where JSON gave it as an integral float (841667.0 is an
-    integer to JSON Schema and to every JSON client, but not to pydantic's strict mode)."""
-    if isinstance(data, dict) and isinstance(data.get("seed"), float) and data["seed"].is_integer():
-        data = {**data, "seed": int(data["seed"])}
-    return data
-
-
 class JobCreate(_Strict):
     """The body of POST /v1/fine_tuning/jobs."""
 
@@ -206,7 +203,8 @@ class JobCreate(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _seed_from_json(cls, data):
-        return integral_seed(data)
+        # 841667.0 is an integer to JSON Schema and JSON clients (fuzzers send such), not to strict pydantic.
+        return json_numbers(data, ("seed",), ())
 
     @model_validator(mode="after")
     def _one_form(self):
