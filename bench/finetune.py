@@ -46,6 +46,7 @@ from bench.pipeline import Children, console_script, llmq_env, machine
 from deploy.devstack import ServiceError, free_port, start_broker, start_redis, wait_for_port
 from shared.schema import ChatMessage, Params
 from shared.training import Method, TrainingMessage, fine_tuned_name, split_fine_tuned
+from workers.folders import folder_bytes
 from workers.tinymodel import DEFAULT_PATH, build_tiny_model
 from workers.training import finsent
 
@@ -87,8 +88,7 @@ def train_child(method: str, root: str, model: str, epochs: int | None, gate: st
     result = run_job(message, settings, hooks)
     wall = time.perf_counter() - started
     train_seconds = (figures_calls[1] - marks["train_start"]) if len(figures_calls) > 1 and marks else None
-    size = sum(p.stat().st_size for p in Path(result.output_path).rglob("*") if p.is_file()) \
-        if result.output_path else None
+    size = folder_bytes(result.output_path) if result.output_path else None
     return {"method": method, "status": result.status, "error": result.error_message,
             "model": message.fine_tuned_model, "seconds": round(wall, 1), "steps": last.get("total_steps"),
             "train_seconds": round(train_seconds, 1) if train_seconds else None,
@@ -96,6 +96,16 @@ def train_child(method: str, root: str, model: str, epochs: int | None, gate: st
             "train_tokens_per_s": round(result.trained_tokens / train_seconds, 1) if train_seconds else None,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "artifact_bytes": size, **result.eval}
+
+
+def write_task_files(root: Path, n_train: int, n_heldout: int) -> tuple[list[dict], list[dict]]:
+    """The shipped task's training and held-out files, as the trainer reads them from
+    `{root}/files` (file-train, file-heldout); returns their examples."""
+    (root / "files").mkdir()
+    train_lines, heldout = finsent.generate(n_train, n_heldout)
+    finsent.write_jsonl(root / "files" / "file-train.jsonl", train_lines)
+    finsent.write_jsonl(root / "files" / "file-heldout.jsonl", heldout)
+    return train_lines, heldout
 
 
 def train(method: str, root: Path, model: Path, args) -> dict:
@@ -305,10 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "training": []}
     with tempfile.TemporaryDirectory(prefix="llmq-bench-finetune-") as tmp:
         root = Path(tmp)
-        (root / "files").mkdir()
-        train_lines, heldout = finsent.generate(args.train, args.heldout)
-        finsent.write_jsonl(root / "files" / "file-train.jsonl", train_lines)
-        finsent.write_jsonl(root / "files" / "file-heldout.jsonl", heldout)
+        _, heldout = write_task_files(root, args.train, args.heldout)
         for method in args.methods.split(","):
             result["training"].append(row := train(method, root, model, args))
             print(json.dumps(row), flush=True)

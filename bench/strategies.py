@@ -57,14 +57,14 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.finetune import train
+from bench.finetune import train, write_task_files
 from bench.pipeline import machine
 from shared.training import registry_path, split_fine_tuned
+from workers.folders import folder_bytes
 from workers.tinymodel import DEFAULT_PATH, build_tiny_model
-from workers.training import finsent
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -107,10 +107,6 @@ def in_child(function, *args):
     """`function(*args)` in a fresh spawned process: its memory, imports and threads its own."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
-
-
-def folder_bytes(*folders: str) -> int:
-    return sum(p.stat().st_size for folder in folders for p in Path(folder).rglob("*") if p.is_file())
 
 
 # ---- making the variants (one child process) ----------------------------------------
@@ -500,10 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="llmq-bench-strategies-") as tmp:
         root = Path(tmp)
-        (root / "files").mkdir()
-        train_lines, heldout = finsent.generate(args.train, args.heldout)
-        finsent.write_jsonl(root / "files" / "file-train.jsonl", train_lines)
-        finsent.write_jsonl(root / "files" / "file-heldout.jsonl", heldout)
+        _, heldout = write_task_files(root, args.train, args.heldout)
         sources = {"base": str(base)}
         result["fine_tunes"] = []
         for method, epochs in (("full", args.epochs), ("lora", args.lora_epochs)):

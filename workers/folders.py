@@ -11,6 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def folder_bytes(*folders: str | Path) -> int:
+    """The bytes of every file under these folders: a model's size on disk."""
+    return sum(p.stat().st_size for folder in folders for p in Path(folder).rglob("*") if p.is_file())
+
+
 def write_in_place(target: Path, write: Callable[[Path], None], label: str = "writing") -> Path:
     """`write(tmp)` fills a temporary folder beside `target`, which then replaces `target`.
     If another process put `target` in place first (the same build raced), theirs is kept."""

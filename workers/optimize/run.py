@@ -18,6 +18,7 @@ from transformers import set_seed
 
 from shared.optimization import OptimizationMessage, Recovery, root_model
 from shared.training import REGISTRY_METADATA, split_fine_tuned
+from workers.folders import folder_bytes
 from workers.optimize import artifact, strategies
 from workers.optimize.strategies import Data, StrategyError
 from workers.optimize.tune import fine_tune
@@ -47,10 +48,6 @@ def run_optimization(message: OptimizationMessage, settings: TrainerSettings, ho
     except Stopped:
         hooks.event("Optimization stopped before its end", "info", {})
         return JobResult("stopped")
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 class _Run:
