@@ -63,6 +63,31 @@ def make_consumer(settings: ServiceSettings, group_id: str | None = None, **opti
     )
 
 
+# How long fetched records the application hasn't taken may hold up the next fetch: see below.
+PREFETCH_BACKOFF_SECONDS = 0.005
+
+
+def shorten_prefetch_backoff(consumer: AIOKafkaConsumer, seconds: float = PREFETCH_BACKOFF_SECONDS) -> bool:
+    """Make a started consumer's fetcher hold up new fetches for `seconds` at most.
+
+    aiokafka's fetcher sends no fetch to a broker while a partition it leads holds
+    fetched records the application hasn't taken yet, for up to its `prefetch_backoff`
+    (0.1 s, which AIOKafkaConsumer doesn't expose). A worker leaves bulk records there
+    whenever bulk is at its share, so an interactive request produced meanwhile waited
+    up to 100 ms to be fetched (measured in `python -m bench.batch`: 50-108 ms of the
+    slowest interactive calls' 118). With a few ms, the next fetch names the partitions
+    that hold nothing, the interactive ones, and the buffered bulk records keep their
+    place. The attribute is aiokafka's own (checked by tests/unit/test_kafka_client.py);
+    False, with a warning, where an aiokafka version lacks it."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is None or not hasattr(fetcher, "_prefetch_backoff"):
+        log.warning("prefetch_backoff_not_set", detail="this aiokafka's fetcher has no _prefetch_backoff: "
+                    "an interactive request may wait up to 100 ms behind fetched bulk records")
+        return False
+    fetcher._prefetch_backoff = seconds
+    return True
+
+
 async def ensure_topics(settings: ServiceSettings) -> None:
     """Create the request topics (both lanes), the webhooks topic, their dead-letter
     topics and the fine-tuning topic if they don't exist yet.

@@ -26,7 +26,13 @@ import structlog
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import IllegalStateError
 
-from shared.kafka import ensure_topics, make_consumer, make_producer, start_with_retry
+from shared.kafka import (
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    shorten_prefetch_backoff,
+    start_with_retry,
+)
 from shared.keys import Keys
 from shared.offsets import OffsetTracker
 from shared.schema import Lane
@@ -121,6 +127,9 @@ class Worker:
         cancels = CancelListener(self.redis, store.keys.cancel_channel, self.runner)
         self.consumer.subscribe(s.lane_topics, listener=_Rebalance(self))
         await start_with_retry(self.consumer, "consumer")
+        # The interactive lane is fetched at once even while bulk records wait in the fetcher:
+        # see shared/kafka.py.
+        shorten_prefetch_backoff(self.consumer)
         self._background = [asyncio.create_task(self.results.run(), name="llmq-result-writer"),
                             asyncio.create_task(progress.run(), name="llmq-progress-writer"),
                             asyncio.create_task(cancels.run(), name="llmq-cancel-listener"),
