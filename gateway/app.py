@@ -18,6 +18,7 @@ import math
 import re
 import time
 import uuid
+from contextlib import nullcontext
 from datetime import datetime, timezone
 
 import structlog
@@ -51,6 +52,7 @@ from gateway.optimization.routes import OptimizationRoutes
 from gateway.metrics import GatewayMetrics
 from gateway.openai_compat import OpenAIError
 from gateway.openai_routes import PATHS as OPENAI_PATHS
+from gateway.pacing import InteractivePacer
 from gateway.openai_routes import OpenAIRoutes, openai_error
 from gateway.openapi import openapi_document
 from gateway.settings import GatewaySettings
@@ -93,6 +95,11 @@ from shared.webhooks import WebhookEvents, WebhookSecrets, WebhookUrlError, chec
 
 log = structlog.get_logger(__name__)
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+# The routes a client waits on for a generation (submit, wait, stream, the OpenAI calls),
+# served ahead of the batch work this gateway runs (gateway/pacing.py).
+INTERACTIVE_PATHS = frozenset({"/v1/requests", "/v1/requests/{id}", "/v1/requests/{id}/stream", *OPENAI_PATHS})
+
+
 def _endpoint(request: web.Request) -> str:
     """The route's template (`/v1/requests/{id}`), so metrics and spans don't explode per id."""
     route = request.match_info.route.resource
@@ -122,6 +129,8 @@ class Gateway:
         self.training: TrainingStore | None = None
         self.fine_tuned: FineTunedModels | None = None
         self.batch_runner: BatchRunner | None = None
+        # Interactive requests first: the batch runner rests while they are in flight here.
+        self.pacer = InteractivePacer(settings.batch_busy_share)
         self._batch_loop: asyncio.Task | None = None
         self.webhook_events: WebhookEvents | None = None
         self.webhook_secrets: WebhookSecrets | None = None
@@ -178,7 +187,7 @@ class Gateway:
         self.bulk_producer = make_producer(s)
         await start_with_retry(self.bulk_producer, "bulk-producer")
         self.batch_runner = BatchRunner(s, self.batches, self.files, self.bulk_producer, self.served_models,
-                                        self.metrics, self.webhook_events, self.fine_tuned)
+                                        self.metrics, self.webhook_events, self.fine_tuned, self.pacer)
         self._batch_loop = asyncio.create_task(self.batch_runner.run(), name="batch-runner")
         if s.webhook_sender:
             self.webhook_sender = WebhookSender(s, self.store, self.webhook_secrets, self.metrics)
@@ -241,7 +250,9 @@ class Gateway:
         """The server span, JSON errors and metrics, in one middleware so each sees
         the final status. Hand-written rather than opentelemetry's aiohttp-server
         instrumentation, which would be a second middleware timing the same thing."""
-        with self.tracing.server_span(request.method, _endpoint(request), request.headers) as span:
+        endpoint = _endpoint(request)
+        with (self.tracing.server_span(request.method, endpoint, request.headers) as span,
+              self.pacer.interactive() if endpoint in INTERACTIVE_PATHS else nullcontext()):
             response = await self._answer(request, handler)
             span.set_attribute("http.response.status_code", response.status)
             if response.status >= 500:

@@ -45,6 +45,9 @@ class GatewaySettings(ServiceSettings):
     # How long a gateway's claim on a batch lasts unless renewed; a dead gateway's batch is
     # taken over by another this long after it stopped renewing.
     batch_lease_seconds: float = Field(default=30.0, gt=0)
+    # While interactive requests are in flight on a gateway, the most of its event loop's time
+    # the batch work it runs may take (it rests after each slice of lines); 1: no resting.
+    batch_busy_share: float = Field(default=0.2, gt=0, le=1)
     # How long a batch stays readable in Redis after it is created, and again after it ends.
     # Files are kept until deleted, as OpenAI keeps them.
     batch_ttl_seconds: int = Field(default=30 * 86_400, ge=1)

@@ -48,6 +48,7 @@ from gateway.batches.objects import NOT_RUN, batch_object, result_line
 from gateway.fine_tuning.serving import FineTunedModels, NotYours
 from gateway.metrics import GatewayMetrics
 from gateway.openai_compat import OpenAICall
+from gateway.pacing import InteractivePacer
 from gateway.settings import GatewaySettings
 from shared.kafka import JSON_HEADERS
 from shared.keys import Keys
@@ -86,11 +87,12 @@ def in_slices(items: Sequence[T]) -> Iterator[Sequence[T]]:
     return (items[i:i + LINES_PER_TURN] for i in range(0, len(items), LINES_PER_TURN))
 
 
-async def taking_turns(items: Iterable[T]) -> AsyncIterator[T]:
-    """`items`, letting the event loop run other tasks every LINES_PER_TURN of them."""
+async def taking_turns(items: Iterable[T], pacer: InteractivePacer) -> AsyncIterator[T]:
+    """`items`, handing the event loop back every LINES_PER_TURN of them (and resting
+    there while interactive requests are in flight: gateway/pacing.py)."""
     for index, item in enumerate(items):
         if index and index % LINES_PER_TURN == 0:
-            await asyncio.sleep(0)
+            await pacer.turn()
         yield item
 
 
@@ -101,8 +103,9 @@ def finished(batch: dict[str, str]) -> int:
 class BatchRunner:
     def __init__(self, settings: GatewaySettings, batches: BatchStore, files: FileStore,
                  producer: AIOKafkaProducer, served: ServedModels, metrics: GatewayMetrics,
-                 webhooks: WebhookEvents, fine_tuned: FineTunedModels) -> None:
+                 webhooks: WebhookEvents, fine_tuned: FineTunedModels, pacer: InteractivePacer) -> None:
         self.settings = settings
+        self.pacer = pacer
         self.batches = batches
         self.keys: Keys = batches.keys
         self.files = files
@@ -237,7 +240,7 @@ class BatchRunner:
                 errors.append(LineError("too_many_lines", f"the file has more than {self.settings.batch_max_lines} "
                                         "requests (LLMQ_BATCH_MAX_LINES)", raws[-1].line).entry())
                 break
-            async for raw in taking_turns(raws):
+            async for raw in taking_turns(raws, self.pacer):
                 model = self._check_line(raw, batch, seen, model, errors)
             if len(errors) >= MAX_ERRORS:
                 break
@@ -310,7 +313,8 @@ class BatchRunner:
             await self._hold(batch_id)
             if (await self.batches.get(batch_id) or {}).get("status") != "in_progress":
                 return  # cancelled (or gone) meanwhile: enqueue no more
-            lines = [parse_line(raw, batch["endpoint"], self.settings) async for raw in taking_turns(raws)]  # validated: no LineError
+            # validated already: no LineError
+            lines = [parse_line(raw, batch["endpoint"], self.settings) async for raw in taking_turns(raws, self.pacer)]
             await self._enqueue_chunk(batch_id, batch, lines)
             await self.batches.set(batch_id, {"cursor": after.index, "cursor_offset": after.offset,
                                               "cursor_line": after.line})
@@ -333,7 +337,7 @@ class BatchRunner:
     async def _enqueue_chunk(self, batch_id: str, batch: dict[str, str], lines: list[Line]) -> None:
         # 1) the records, where missing
         submitted_at = time.time()
-        made = [self._line_fields(batch_id, batch, line, submitted_at) async for line in taking_turns(lines)]
+        made = [self._line_fields(batch_id, batch, line, submitted_at) async for line in taking_turns(lines, self.pacer)]
         statuses = []
         for part in in_slices(made):
             statuses += await self.batches.create_lines([(line_id, record) for line_id, _, record in part],
@@ -341,7 +345,7 @@ class BatchRunner:
         # 2) the messages of lines no worker has taken yet, on the bulk lane, all acked
         tenant = batch.get("tenant") or None
         sent = []
-        async for (line_id, spec, _), status in taking_turns(zip(made, statuses)):
+        async for (line_id, spec, _), status in taking_turns(zip(made, statuses), self.pacer):
             if status not in ("created", "queued"):
                 continue  # a resumed chunk: a worker has it already
             message = RequestMessage.model_construct(
@@ -397,7 +401,7 @@ class BatchRunner:
         async for raws, _ in read_lines(path, self.settings.batch_enqueue_chunk):
             await self._hold(batch_id)
             made = [self._line_fields(batch_id, batch, parse_line(raw, batch["endpoint"], self.settings), now)
-                    async for raw in taking_turns(raws) if raw.index < total]
+                    async for raw in taking_turns(raws, self.pacer) if raw.index < total]
             await self.batches.settle_lines([(line_id, record) for line_id, _, record in made], status, counter,
                                             (code, NOT_RUN[code]), leave_running, self.keys.result_ttl_seconds)
 
@@ -418,7 +422,7 @@ class BatchRunner:
                 raws = [raw for raw in raws if raw.index < total]
                 ids = [Keys.batch_line(batch_id, raw.index) for raw in raws]
                 records = [record for part in in_slices(ids) for record in await self.batches.line_records(part)]
-                async for raw, line_id, record in taking_turns(zip(raws, ids, records)):
+                async for raw, line_id, record in taking_turns(zip(raws, ids, records), self.pacer):
                     ok, text = result_line(call, line_id, json.loads(raw.data)["custom_id"], record)
                     (output if ok else errors).add(text)
                 await output.flush()
