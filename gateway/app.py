@@ -52,9 +52,9 @@ from gateway.optimization.routes import OptimizationRoutes
 from gateway.metrics import GatewayMetrics
 from gateway.openai_compat import OpenAIError
 from gateway.openai_routes import PATHS as OPENAI_PATHS
-from gateway.pacing import InteractivePacer
 from gateway.openai_routes import OpenAIRoutes, openai_error
 from gateway.openapi import openapi_document
+from gateway.pacing import InteractivePacer
 from gateway.settings import GatewaySettings
 from gateway.streaming import (
     KEEP_ALIVE,
